@@ -1,0 +1,1 @@
+"""OML 1.0 fingerprinting: shared code behind the three top-level scripts."""
