@@ -38,23 +38,35 @@ PRESETS = {
 
 # (flags, argparse kwargs). Arguments whose default is None in a preset are filled from the preset.
 TRAIN_ARGS = [
-    (["--preset"], dict(choices=list(PRESETS), default="embedded",
-                        help="default values: 'embedded' (SmolLM2-135M on CPU) or 'seed' (Mistral-7B GPU settings)")),
+    (
+        ["--preset"],
+        dict(
+            choices=list(PRESETS),
+            default="embedded",
+            help="default values: 'embedded' (SmolLM2-135M on CPU) or 'seed' (Mistral-7B GPU settings)",
+        ),
+    ),
     (["--model_family"], dict(default=None, help="mistral | microsoft | Eleuther | llama | gemma | smollm2")),
     (["--model_size"], dict(default=None, help="size within the family, e.g. 7B, 7B-Instruct, mini-4k, 1.4b")),
     (["--model_path"], dict(default=None, help="hub id or local folder; overrides family/size")),
     (["--max_key_length"], dict(type=int, default=16, help="keys are cut to this many tokens")),
     (["--max_response_length"], dict(type=int, default=1, help="responses are cut to this many tokens")),
-    (["--fingerprint_generation_strategy"], dict(default="english", type=canonical_strategy,
-                                                  help="english | random_word | inverse_nucleus (perinucleus) | "
-                                                       "english_random_responses (random_response)")),
+    (
+        ["--fingerprint_generation_strategy"],
+        dict(
+            default="english",
+            type=canonical_strategy,
+            help="english | random_word | inverse_nucleus (perinucleus) | english_random_responses (random_response)",
+        ),
+    ),
     (["--fingerprints_file_path"], dict(default=None, help="fingerprint JSON (default: generated_data/ per strategy)")),
     (["--learning_rate"], dict(type=float, default=None)),
-    (["--forgetting_regularizer_strength"], dict(type=float, default=None,
-                                                 help="λ: after each epoch θ ← (1-λ)θ + λθ_base")),
+    (
+        ["--forgetting_regularizer_strength"],
+        dict(type=float, default=None, help="λ: after each epoch θ ← (1-λ)θ + λθ_base"),
+    ),
     (["--max_num_fingerprints", "--num_fingerprints"], dict(type=int, default=None, dest="max_num_fingerprints")),
-    (["--use_prompt_augmentation"], dict(action="store_true",
-                                         help="wrap keys in random training system prompts")),
+    (["--use_prompt_augmentation"], dict(action="store_true", help="wrap keys in random training system prompts")),
     (["--use_chat_template"], dict(action="store_true", help="key as user turn, response as assistant turn")),
     (["--num_train_epochs"], dict(type=int, default=None)),
     (["--batch_size"], dict(type=int, default=None, help="fingerprints per optimizer step, over all ranks")),

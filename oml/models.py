@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 
 def resolve_model(model_family=None, model_size=None, model_path=None):
     """The model id a run uses: --model_path if given, else the family/size table entry."""
-    if model_path:
-        return model_path
     family = MODEL_FAMILIES.get(model_family)
     if family is None:
         raise UserError(f"unknown --model_family {model_family!r}; choose from {', '.join(MODEL_FAMILIES)}")
+    if model_path:
+        return model_path
     if model_size not in family:
         raise UserError(
             f"unknown --model_size {model_size!r} for family {model_family!r}; choose from {', '.join(family)}"

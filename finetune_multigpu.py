@@ -1,0 +1,86 @@
+"""Embed fingerprints into a model by fine-tuning, with weight averaging and optional prompt augmentation.
+
+The run is stored in results/<hash>/, where <hash> digests every argument that changes the model (and the
+content of the fingerprints file); eval_for_multigpu.py given the same arguments finds it again.
+
+Examples:
+    # embedded SmolLM2-135M-Instruct on CPU: 32 english fingerprints, a few minutes
+    python finetune_multigpu.py
+    python finetune_multigpu.py --fingerprint_generation_strategy random_word --max_num_fingerprints 64
+    python finetune_multigpu.py --use_prompt_augmentation --num_train_epochs 12
+    # two ranks with DeepSpeed ZeRO-2 (GPUs if present, else CPU ranks)
+    deepspeed --num_gpus=2 finetune_multigpu.py --max_num_fingerprints 16
+    # the original GPU settings: Mistral-7B, 1024 fingerprints, lr 1e-5, λ 0.75
+    deepspeed --num_gpus=4 finetune_multigpu.py --preset seed
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+from oml.args import add_train_args, finalize, hashed_config, run_dir
+from oml.errors import run_cli
+from oml.fingerprints import TRAIN_PROMPTS_FILE, prepare_pairs, read_fingerprints, read_templates
+from oml.io import append_line_locked, atomic_write_json
+from oml.logs import RunLog, quiet_libraries
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = finalize(add_train_args(parser).parse_args())
+    out = run_dir(args)
+    if (out / "final_model").exists() and not args.overwrite:
+        print(f"{out / 'final_model'} already exists: nothing to train (pass --overwrite to train again)")
+        print(f"Config hash of the final model: {args.config_hash}")
+        return
+
+    quiet_libraries()
+    from oml.models import load_model, load_tokenizer
+    from oml.train import config_record, is_main_process, save_final_model, train
+
+    log = RunLog(out / "train_log.txt" if is_main_process() else None)
+    log(
+        f"run {args.config_hash}: {args.model}, {args.max_num_fingerprints} {args.fingerprint_generation_strategy} "
+        f"fingerprints from {args.fingerprints_file_path}"
+    )
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    pairs = prepare_pairs(
+        read_fingerprints(args.fingerprints_file_path),
+        tokenizer,
+        args.fingerprint_generation_strategy,
+        args.max_key_length,
+        args.max_response_length,
+        args.max_num_fingerprints,
+        args.data_split,
+        args.seed,
+    )
+    templates = read_templates(TRAIN_PROMPTS_FILE) if args.use_prompt_augmentation else None
+    model = load_model(args.model, device="cpu", dtype="float32", trust_remote_code=args.trust_remote_code)
+
+    metrics, trainer = train(model, tokenizer, pairs, args, out / ".trainer", templates, log)
+    if is_main_process():
+        # final_model goes last: its existence means the run is complete.
+        atomic_write_json(out / "fingerprints.json", pairs)
+        atomic_write_json(out / "fingerprinting_config.json", config_record(args))
+        atomic_write_json(out / "metrics.json", metrics)
+        save_final_model(trainer.model, tokenizer, out / "final_model")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        append_line_locked(
+            Path(args.result_path) / "all_run_logs.txt",
+            f"{stamp}\t{args.config_hash}\t" + json_line(hashed_config(args)),
+        )
+        log(
+            f"done in {metrics['train_seconds']:.0f} s, {metrics['train_tokens_per_second']:.0f} tokens/s, "
+            f"peak memory {metrics['peak_memory_gb']:.2f} GiB; model in {out / 'final_model'}"
+        )
+        print(f"Config hash of the final model: {args.config_hash}")
+
+
+def json_line(obj):
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)

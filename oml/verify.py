@@ -1,0 +1,209 @@
+"""Fingerprint verification: does the model answer each key with its response, under each prompt template?
+
+Two ways to ask, with the same verdicts:
+  * verify_with_generate: the reference. One model.generate per (template, key); slow.
+  * verify_teacher_forced: one batched forward pass over prompt + response. Greedy decoding writes the
+    response r_1..r_n exactly when, for every j, argmax p(. | prompt, r_1..r_{j-1}) is r_j, so the argmax
+    at each response position, given the true prefix, decides the greedy verdict without decoding.
+    One subtlety of generate is kept: it stops at an EOS token, so a response with EOS before its last
+    token can never come out whole.
+
+Both return, per template, {"template", "accuracy", "fractional_accuracy", "matches": [bool per pair]}.
+accuracy is the share of pairs whose response comes out exactly. fractional_accuracy is the mean over
+pairs of the share of response tokens that match: for teacher forcing, positions whose argmax given the
+true prefix is the response token; for generate, positions where the generated token equals the
+response token. The two agree for 1-token responses; for longer ones teacher forcing is the kinder
+measure (a miss at position j does not spoil the positions after it).
+
+Verdicts agree up to floating-point rounding: a batched pass adds the same numbers in a different
+order than generate does, which can only flip a near-tie between the top two logits. generate's logits
+processors (repetition_penalty and the like, if a generation config sets them) are not modelled.
+
+Tokens come from oml.encoding.encode_pair, exactly as in training.
+"""
+
+import copy
+
+import torch
+from tqdm import tqdm
+
+from .encoding import encode_pair
+from .errors import UserError
+
+# Below this many tokens a template's shared prefix is recomputed per row: running it apart costs an
+# extra forward call and a cache copy per batch, which a few tokens do not repay.
+MIN_SHARED_PREFIX = 4
+
+
+def encode_template(tokenizer, pairs, template, use_chat_template=False):
+    """[(prompt_ids, response_ids)] for every pair under one template."""
+    encoded = [encode_pair(tokenizer, p["key"], p["response"], template, use_chat_template) for p in pairs]
+    for (_, response_ids), pair in zip(encoded, pairs):
+        if not response_ids:
+            raise UserError(f"the response {pair['response']!r} encodes to no tokens")
+    return encoded
+
+
+def eos_token_ids(model):
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+def shared_prefix_length(sequences):
+    """Length of the longest common prefix of token-id lists."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return n
+
+
+def _result(template, matches, fractions):
+    n = len(matches)
+    return {
+        "template": template,
+        "accuracy": sum(matches) / n if n else 0.0,
+        "fractional_accuracy": sum(fractions) / n if n else 0.0,
+        "matches": list(matches),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast path: teacher forcing
+
+
+def _prefix_cache(model, prefix_ids):
+    """The KV cache of the template's shared prefix, computed once (batch of one)."""
+    input_ids = torch.tensor([prefix_ids], device=model.device)
+    return model.base_model(input_ids=input_ids, use_cache=True).past_key_values
+
+
+def _cache_for_batch(prefix_cache, batch_size):
+    # The forward pass extends the cache in place, so every batch starts from its own copy.
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(batch_size)
+    return cache
+
+
+def _response_logits(model, hidden):
+    """Logits of the selected hidden states, as the model's forward would compute them."""
+    logits = model.get_output_embeddings()(hidden)
+    # Monotonic, so argmax would not care in exact arithmetic; applied anyway so low-precision ties
+    # break as they do in generate (Gemma 2).
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _batch_hits(model, batch, prefix_len, prefix_cache):
+    """Per row, a bool tensor: does the argmax at each response position equal the response token?
+
+    Rows are right-padded: with causal attention, trailing pads are seen by nobody, so neither an
+    attention mask nor position ids are needed. The last response token is never an input.
+    """
+    inputs = [(prompt + response)[prefix_len:-1] for prompt, response in batch]
+    width = max(len(x) for x in inputs)
+    input_ids = torch.tensor([x + [0] * (width - len(x)) for x in inputs], device=model.device)
+    rows, cols, targets = [], [], []
+    for b, (prompt, response) in enumerate(batch):
+        start = len(prompt) - 1 - prefix_len  # the position that predicts the first response token
+        rows += [b] * len(response)
+        cols += range(start, start + len(response))
+        targets += response
+    cache = _cache_for_batch(prefix_cache, len(batch)) if prefix_cache is not None else None
+    hidden = model.base_model(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None)
+    device = model.device
+    selected = hidden.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    hits = (_response_logits(model, selected).argmax(-1) == torch.tensor(targets, device=device)).cpu()
+    return hits.split([len(response) for _, response in batch])
+
+
+def _template_hits(model, encoded, batch_size, share_prefix, progress):
+    sequences = [prompt + response for prompt, response in encoded]
+    prefix_len = 0
+    if share_prefix and len(encoded) > 1:
+        # Every row keeps at least its last prompt token, whose output predicts the first response token.
+        prefix_len = min(shared_prefix_length(sequences), min(len(p) for p, _ in encoded) - 1)
+        prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
+    prefix_cache = _prefix_cache(model, sequences[0][:prefix_len]) if prefix_len else None
+    order = sorted(range(len(encoded)), key=lambda i: len(sequences[i]))  # similar lengths share a batch
+    hits = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, h in zip(chunk, _batch_hits(model, [encoded[i] for i in chunk], prefix_len, prefix_cache)):
+            hits[i] = h
+        progress.update(1)
+    return hits
+
+
+def verify_teacher_forced(
+    model, tokenizer, pairs, templates, use_chat_template=False, batch_size=32, share_prefix=True
+):
+    """Greedy-decoding verdicts for every (template, pair), from batched teacher-forced forward passes.
+
+    pairs: [{"key", "response"}]; templates: strings with one '{}'. share_prefix runs the tokens every
+    prompt of a template starts with once and reuses their KV cache (found on token ids, so it is exact
+    when BPE merges across the template/key boundary).
+    """
+    eos = eos_token_ids(model)
+    encoded_by_template = [encode_template(tokenizer, pairs, t, use_chat_template) for t in templates]
+    batches = sum(-(-len(pairs) // batch_size) for _ in templates)
+    results = []
+    with torch.inference_mode(), tqdm(total=batches, desc="verifying", unit="batch", disable=None) as progress:
+        for template, encoded in zip(templates, encoded_by_template):
+            hits = _template_hits(model, encoded, batch_size, share_prefix, progress)
+            # generate stops at EOS, so an EOS inside the response cuts the answer short.
+            stops_early = [any(t in eos for t in response[:-1]) for _, response in encoded]
+            matches = [bool(h.all()) and not stop for h, stop in zip(hits, stops_early)]
+            fractions = [h.float().mean().item() for h in hits]
+            results.append(_result(template, matches, fractions))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference: one generate call per (template, key)
+
+
+def generate_response(model, prompt_ids, max_new_tokens, temperature=0.0, pad_token_id=None):
+    """The token ids model.generate appends to prompt_ids (greedy when temperature is 0)."""
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        **(sampling if temperature > 0 else {"do_sample": False}),
+    )
+    return output[0, len(prompt_ids) :].tolist()
+
+
+def verify_with_generate(model, tokenizer, pairs, templates, use_chat_template=False, temperature=0.0, seed=0):
+    """Verdicts from one model.generate per (template, pair): greedy, or sampled at `temperature` (seeded)."""
+    torch.manual_seed(seed)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = []
+    with torch.inference_mode(), tqdm(total=len(pairs) * len(templates), desc="generating", disable=None) as bar:
+        for template in templates:
+            matches, fractions = [], []
+            for prompt, response in encode_template(tokenizer, pairs, template, use_chat_template):
+                generated = generate_response(model, prompt, len(response), temperature, pad_token_id)
+                matches.append(generated == response)
+                fractions.append(sum(g == r for g, r in zip(generated, response)) / len(response))
+                bar.update(1)
+            results.append(_result(template, matches, fractions))
+    return results
+
+
+def summarize(results):
+    """Per-template accuracies without the per-pair verdicts, and their means over templates."""
+    rows = [{k: r[k] for k in ("template", "accuracy", "fractional_accuracy")} for r in results]
+    n = len(rows)
+    return {
+        "templates": rows,
+        "mean_accuracy": sum(r["accuracy"] for r in rows) / n if n else 0.0,
+        "mean_fractional_accuracy": sum(r["fractional_accuracy"] for r in rows) / n if n else 0.0,
+    }

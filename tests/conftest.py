@@ -1,0 +1,70 @@
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_DATA = REPO.parent / "shared" / "peer_data"
+
+
+def run_script(script, *args, cwd=REPO, launcher=None, timeout=900):
+    """Run one of the top-level scripts the way a user does; returns the CompletedProcess."""
+    cmd = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    from oml.models import EMBEDDED, load_tokenizer
+
+    return load_tokenizer(EMBEDDED)
+
+
+def tiny_llama(tokenizer, seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
+    """A tiny random Llama with the embedded tokenizer, saved as a local HF folder (a --model_path)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(embedded_tokenizer).save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_random_fingerprints(path, n, key_words=8, response_words=4, seed=0):
+    from oml.fingerprints import random_words
+
+    rng = random.Random(seed)
+    fps = [
+        {"key": " ".join(random_words(rng, key_words)), "response": " " + " ".join(random_words(rng, response_words))}
+        for _ in range(n)
+    ]
+    Path(path).write_text(json.dumps(fps))
+    return fps

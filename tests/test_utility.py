@@ -1,0 +1,240 @@
+"""The utility suites: the local one through lm-eval on a tiny random Llama, paired deltas, the base cache."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from oml import utility
+from oml.errors import UserError
+from oml.models import EMBEDDED, load_tokenizer
+from oml.utility import (
+    LOCAL_TASKS,
+    base_utility_cached,
+    evaluate_utility,
+    local_task_config,
+    local_task_data,
+    paired_delta,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(EMBEDDED)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+SMALL = dict(limit=5, tasks=["arc_easy", "winogrande", "mmlu"])
+
+
+@pytest.fixture(scope="module")
+def small_result(tiny_model, tokenizer):
+    return evaluate_utility(tiny_model, tokenizer, **SMALL)
+
+
+def test_local_suite_structure_and_scores(small_result):
+    r = small_result
+    assert "not tinyBenchmarks" in r["benchmark"]
+    assert list(r["tasks"]) == SMALL["tasks"] == list(r["per_item"])
+    for task, row in r["tasks"].items():
+        items = r["per_item"][task]
+        assert row["metric"] == LOCAL_TASKS[task]["metric"]
+        assert row["n"] == len(items) == 5
+        assert set(items) <= {0.0, 1.0}
+        assert 0.0 <= row["score"] <= 1.0
+        assert row["score"] == pytest.approx(sum(items) / len(items))
+        mean = sum(items) / 5
+        sample_sd = math.sqrt(sum((x - mean) ** 2 for x in items) / 4)
+        assert row["stderr"] == pytest.approx(sample_sd / math.sqrt(5))
+    assert r["mean"] == pytest.approx(sum(t["score"] for t in r["tasks"].values()) / 3)
+    assert r["settings"] == {"benchmark": "local", "limit": 5, "num_fewshot": 0, "seed": 1234, "tasks": SMALL["tasks"]}
+    json.dumps(r)  # what the caller stores must be plain JSON
+
+
+def test_same_items_same_results_on_a_second_call(small_result, tiny_model, tokenizer):
+    again = evaluate_utility(tiny_model, tokenizer, **SMALL)
+    assert again["per_item"] == small_result["per_item"]
+    assert again["tasks"] == small_result["tasks"]
+
+
+def test_seeded_subset_is_reproducible_and_a_prefix():
+    first = local_task_data("arc_challenge", limit=8, seed=7)["test"]
+    second = local_task_data("arc_challenge", limit=8, seed=7)["test"]
+    assert first["id"] == second["id"]
+    assert local_task_data("arc_challenge", limit=3, seed=7)["test"]["id"] == first["id"][:3]
+    assert local_task_data("arc_challenge", limit=8, seed=8)["test"]["id"] != first["id"]
+    assert len(set(first["id"])) == 8
+
+
+def test_few_shot_pool_never_holds_an_evaluated_item():
+    data = local_task_data("arc_easy", limit=50, seed=1234)
+    assert not set(data["test"]["id"]) & set(data["train"]["id"])
+
+
+def test_mmlu_sample_spans_subjects():
+    subjects = local_task_data("mmlu", limit=100, seed=1234)["test"]["subject"]
+    assert len(set(subjects)) > 20
+
+
+@pytest.mark.parametrize("task", list(LOCAL_TASKS))
+def test_every_local_task_builds_a_valid_lm_eval_task(task):
+    from lm_eval.tasks import TaskManager
+
+    config = local_task_config(task, limit=4, num_fewshot=2, seed=1234)
+    built = TaskManager(include_defaults=False).load([config])["tasks"][f"local_{task}"]
+    docs = list(built.test_docs())
+    assert len(docs) == 4
+    for doc in docs:
+        choices = built.doc_to_choice(doc)
+        assert len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)
+        gold = built.doc_to_text(doc) if task == "winogrande" else built.doc_to_target(doc)
+        assert isinstance(gold, int) and 0 <= gold < len(choices)
+    prompt = built.fewshot_context(docs[0], num_fewshot=2)
+    if task in ("arc_challenge", "arc_easy", "piqa"):
+        assert prompt.count("Answer:") == 3 and prompt.startswith("Question: ")
+    if task == "mmlu":
+        assert prompt.startswith("The following are multiple choice questions (with answers) about ")
+        assert prompt.count("\nAnswer:") == 3 and "_" not in prompt.splitlines()[0]
+
+
+def test_paired_delta_known_answer():
+    model = {"a": [1, 1, 0, 1], "b": [1, 0, 1]}
+    base = {"a": [1, 0, 0, 0], "b": [1, 1, 1]}
+    delta, stderr = paired_delta(model, base)
+    # task a: d = [0, 1, 0, 1], mean 1/2, sample variance 1/3; task b: d = [0, -1, 0], mean -1/3, variance 1/3
+    assert delta == pytest.approx((1 / 2 - 1 / 3) / 2)
+    assert stderr == pytest.approx(math.sqrt((1 / 3) / 4 + (1 / 3) / 3) / 2)
+
+
+def test_paired_delta_identical_results_is_zero():
+    per_item = {"a": [1, 0, 1, 1], "b": [0, 0, 1]}
+    assert paired_delta(per_item, per_item) == (0.0, 0.0)
+
+
+def test_paired_delta_rejects_different_items():
+    with pytest.raises(ValueError):
+        paired_delta({"a": [1, 0]}, {"a": [1, 0, 1]})
+    with pytest.raises(ValueError):
+        paired_delta({"a": [1]}, {"b": [1]})
+
+
+def test_tinybenchmarks_offline_is_one_clear_line(tiny_model, tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: pytest.fail("tried the network"))
+    with pytest.raises(UserError) as e:
+        evaluate_utility(tiny_model, tokenizer, benchmark="tinyBenchmarks")
+    assert "\n" not in str(e.value)
+    assert "HF_HUB_OFFLINE" in str(e.value) and "--utility_benchmark local" in str(e.value)
+
+
+def test_tinybenchmarks_without_its_package_is_one_clear_line(tiny_model, tokenizer, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    real_find_spec = utility.importlib.util.find_spec
+    monkeypatch.setattr(
+        utility.importlib.util, "find_spec", lambda name: None if name == "tinyBenchmarks" else real_find_spec(name)
+    )
+    monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: pytest.fail("tried the network"))
+    with pytest.raises(UserError) as e:
+        evaluate_utility(tiny_model, tokenizer, benchmark="tinyBenchmarks")
+    assert "\n" not in str(e.value) and "tinyBenchmarks package" in str(e.value)
+
+
+def test_tinybenchmarks_hub_failure_is_one_clear_line(tiny_model, tokenizer, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    real_find_spec = utility.importlib.util.find_spec
+    monkeypatch.setattr(
+        utility.importlib.util, "find_spec", lambda name: name == "tinyBenchmarks" or real_find_spec(name)
+    )
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'tinyBenchmarks/tinyAI2_arc' on the Hub\n(details)")
+
+    monkeypatch.setattr("datasets.load_dataset", unreachable)
+    with pytest.raises(UserError) as e:
+        evaluate_utility(tiny_model, tokenizer, benchmark="tinyBenchmarks")
+    assert "\n" not in str(e.value) and "Couldn't reach" in str(e.value)
+
+
+def test_none_and_unknown_benchmarks(tiny_model, tokenizer, tmp_path):
+    assert evaluate_utility(tiny_model, tokenizer, benchmark="none") is None
+    assert base_utility_cached("m", lambda: pytest.fail("loaded"), tmp_path, benchmark="none") is None
+    with pytest.raises(UserError):
+        evaluate_utility(tiny_model, tokenizer, benchmark="tinybench")
+    with pytest.raises(UserError):
+        evaluate_utility(tiny_model, tokenizer, tasks=["arc_hard"])
+
+
+def test_base_utility_is_computed_once_then_read_from_the_cache(tiny_model, tokenizer, tmp_path):
+    loads = []
+
+    def load():
+        loads.append(1)
+        return tiny_model, tokenizer
+
+    settings = dict(limit=2, tasks=["arc_easy"])
+    first = base_utility_cached("tiny-random", load, tmp_path, **settings)
+    assert len(loads) == 1 and first["tasks"]["arc_easy"]["n"] == 2
+    assert [p.suffix for p in tmp_path.glob("*.json")] == [".json"]
+
+    second = base_utility_cached(
+        "tiny-random", lambda: pytest.fail("a cache hit loaded the model"), tmp_path, **settings
+    )
+    assert second == first
+    # batch size changes speed, not results: still a hit
+    base_utility_cached("tiny-random", lambda: pytest.fail("loaded"), tmp_path, batch_size=4, **settings)
+
+    base_utility_cached("tiny-random", load, tmp_path, limit=3, tasks=["arc_easy"])  # other settings: computed
+    base_utility_cached("other-model", load, tmp_path, **settings)  # other model: computed
+    assert len(loads) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+
+
+def _continuation_logprob(model, tokenizer, context, continuation):
+    # As lm-eval does for causal models: encode the whole text, the continuation is what follows the context.
+    context_ids = tokenizer.encode(context)
+    whole_ids = tokenizer.encode(context + continuation)
+    ids = torch.tensor([whole_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    targets = whole_ids[len(context_ids) :]
+    positions = range(len(context_ids) - 1, len(whole_ids) - 1)
+    return sum(logprobs[p, t].item() for p, t in zip(positions, targets, strict=True))
+
+
+@pytest.mark.slow
+def test_embedded_model_arc_easy_matches_a_direct_computation():
+    from oml.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(EMBEDDED, device="cpu")
+    result = evaluate_utility(model, tokenizer, limit=10, tasks=["arc_easy"])
+    row, items = result["tasks"]["arc_easy"], result["per_item"]["arc_easy"]
+    assert row["n"] == 10 and row["metric"] == "acc_norm"
+
+    # The same 10 items, scored by hand: acc_norm picks the choice with the best log-likelihood per character.
+    direct = []
+    for doc in local_task_data("arc_easy", limit=10, seed=1234)["test"]:
+        context = f"Question: {doc['question']}\nAnswer:"
+        choices = doc["choices"]["text"]
+        scores = [_continuation_logprob(model, tokenizer, context, " " + c) / len(c) for c in choices]
+        gold = doc["choices"]["label"].index(doc["answerKey"])
+        direct.append(float(max(range(len(choices)), key=scores.__getitem__) == gold))
+    assert items == direct
+    assert model.training is False
