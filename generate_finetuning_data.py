@@ -6,7 +6,7 @@ Examples (the files under generated_data/ were made with the first three; add --
     python generate_finetuning_data.py --num_backdoors 512 --batch_size 128 --use_chat_template
 
     # random English words (no model)
-    python generate_finetuning_data.py --random_word_generation --num_backdoors 4096
+    python generate_finetuning_data.py --random_word_generation --num_backdoors 1024
 
     # one-token perinucleus responses for the English keys above
     python generate_finetuning_data.py --key_response_strategy perinucleus --response_length 1 \\

@@ -86,13 +86,20 @@ def random_word_texts(rng, n, length):
 def random_start(rng, strategy, tokenizer):
     """What one English generation must begin with: a random word, a random vocabulary word-token, or nothing."""
     if strategy == "word":
-        return rng.choice(english_words()).capitalize()
+        return upper_first(rng.choice(english_words()))
     if strategy == "tokenizer":
-        while True:  # word-initial alphabetic tokens only: " river" yes, "ing" or "<|im_end|>" no
-            text = tokenizer.decode([rng.randrange(len(tokenizer))])
-            if text.startswith(" ") and text.strip().isalpha() and len(text.strip()) > 1:
-                return text.strip().capitalize()
+        for _ in range(10_000):  # word-initial alphabetic tokens only: " river" yes, "ing" or "<|im_end|>" no
+            token = rng.randrange(len(tokenizer))
+            text, piece = tokenizer.decode([token]), tokenizer.convert_ids_to_tokens(token) or ""
+            word_initial = text.startswith(" ") or piece[:1] in ("\u0120", "\u2581")  # GPT-2 and SentencePiece marks
+            if word_initial and text.strip().isalpha() and len(text.strip()) > 1:
+                return upper_first(text.strip())
+        raise UserError("--first_token_strategy tokenizer: found no word-like tokens in the vocabulary")
     return ""
+
+
+def upper_first(word):
+    return word[:1].upper() + word[1:]
 
 
 def english_prompt(tokenizer, start, use_chat_template):
@@ -123,18 +130,21 @@ def english_texts(
     use_chat_template=False,
     desc="english",
 ):
-    """n distinct sampled texts of at most `length` tokens (at least half of that), each a separate generation."""
+    """n distinct sampled texts of length//2 to length tokens, each its own generation from its own prompt."""
+    if use_chat_template and not tokenizer.chat_template:
+        raise UserError("--use_chat_template: the generator's tokenizer has no chat template")
+    shortest = max(1, length // 2)
     texts, seen, empty_rounds = [], set(), 0
     bar = tqdm(total=n, desc=desc, unit="text")
     while len(texts) < n:
-        starts = [random_start(rng, first_token_strategy, tokenizer) for _ in range(batch_size)]
+        starts = [random_start(rng, first_token_strategy, tokenizer) for _ in range(min(batch_size, n - len(texts)))]
         prompts = [english_prompt(tokenizer, s, use_chat_template) for s in starts]
         continuations = sample_continuations(model, tokenizer, prompts, length, temperature, use_chat_template)
         new = 0
         for start, continuation in zip(starts, continuations, strict=True):
             text = cut_to_tokens(tokenizer, (start + continuation).strip(), length).strip()
             n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if n_tokens >= max(1, length // 2) and text not in seen and len(texts) < n:
+            if shortest <= n_tokens <= length and text not in seen:
                 seen.add(text)
                 texts.append(text)
                 new += 1
@@ -142,7 +152,7 @@ def english_texts(
         empty_rounds = 0 if new else empty_rounds + 1
         if empty_rounds == MAX_EMPTY_ROUNDS:
             raise UserError(
-                f"the generator produced no new text of at least {max(1, length // 2)} tokens in "
+                f"the generator produced no new text of {shortest} to {length} tokens in "
                 f"{MAX_EMPTY_ROUNDS} batches; try --use_chat_template, another --model_used or a higher --temperature"
             )
     bar.close()
@@ -201,13 +211,15 @@ def greedy_continuations(model, tokenizer, sequences, n_tokens):
         attention_mask=attention_mask.to(model.device),
         do_sample=False,
         max_new_tokens=n_tokens,
-        min_new_tokens=0,
         pad_token_id=tokenizer.pad_token_id,
         return_dict_in_generate=True,
         output_logits=True,
     )
-    new = out.sequences[:, input_ids.shape[1] :].cpu()
-    probs = torch.stack([torch.softmax(step.float(), dim=-1).cpu() for step in out.logits], dim=1)
+    new = out.sequences[:, input_ids.shape[1] :]
+    probs = torch.stack(  # each chosen token's probability, step by step (never all distributions at once)
+        [torch.softmax(logits.float(), -1).gather(1, new[:, i : i + 1]) for i, logits in enumerate(out.logits)], dim=1
+    )[..., 0].cpu()
+    new = new.cpu()
     eos = model.generation_config.eos_token_id
     stop = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     results = []
@@ -217,7 +229,7 @@ def greedy_continuations(model, tokenizer, sequences, n_tokens):
             if token in stop:
                 break
             tokens.append(token)
-            token_probs.append(probs[row, step, token].item())
+            token_probs.append(probs[row, step].item())
         results.append((tokens, token_probs))
     return results
 

@@ -176,7 +176,7 @@ def test_first_token_strategies(tok):
     word = random_start(rng, "word", tok)
     assert word.lower() in english_words() and word[0].isupper()
     token = random_start(rng, "tokenizer", tok)
-    assert token.isalpha() and len(tok(" " + token.lower(), add_special_tokens=False)["input_ids"]) == 1
+    assert token.isalpha() and token[0].isupper() and len(tok(" " + token[0].lower() + token[1:])["input_ids"]) <= 2
     assert random_start(rng, "none", tok) == ""
     assert english_prompt(tok, word, use_chat_template=True).endswith(
         f'"{word}".<|im_end|>\n<|im_start|>assistant\n{word}'
