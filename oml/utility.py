@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -91,8 +92,6 @@ def _mmlu(split):
 def _hellaswag_doc(doc):
     # As lm-eval's hellaswag/tinyHellaswag process_docs: strip the WikiHow bracket artifacts.
     def clean(text):
-        import re
-
         text = text.strip().replace(" [title]", ". ")
         return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
 

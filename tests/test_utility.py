@@ -238,3 +238,16 @@ def test_embedded_model_arc_easy_matches_a_direct_computation():
         direct.append(float(max(range(len(choices)), key=scores.__getitem__) == gold))
     assert items == direct
     assert model.training is False
+
+
+def test_cache_key_defaults_are_evaluate_utilitys_defaults():
+    import inspect
+
+    defaults = {
+        k: p.default for k, p in inspect.signature(evaluate_utility).parameters.items() if k in utility.SUITE_DEFAULTS
+    }
+    assert defaults == utility.SUITE_DEFAULTS
+    assert utility.suite_key("m") == utility.suite_key("m", limit=100, batch_size=8)
+    assert utility.suite_key("m") != utility.suite_key("m", num_fewshot=5)
+    with pytest.raises(TypeError):
+        utility.suite_key("m", limt=5)
