@@ -217,8 +217,8 @@ def peak_memory_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=print):
-    """Fine-tune `model` in place on the pairs; returns training metrics."""
+def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=print, extra_callbacks=()):
+    """Fine-tune `model` in place on the pairs; returns (training metrics, the Trainer)."""
     dataset = FingerprintDataset(pairs, tokenizer, templates, args.use_chat_template, seed=args.seed + rank())
     base_weights = snapshot_weights(model) if args.forgetting_regularizer_strength > 0 else None
     epoch_callback = EpochCallback(base_weights, args.forgetting_regularizer_strength, log_fn)
@@ -227,7 +227,7 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
         args=training_arguments(args, output_dir),
         train_dataset=dataset,
         data_collator=PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),
-        callbacks=[epoch_callback],
+        callbacks=[epoch_callback, *extra_callbacks],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())

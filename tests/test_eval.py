@@ -1,0 +1,129 @@
+import json
+
+import pytest
+from conftest import run_script, write_random_fingerprints
+
+
+def train_args(model_dir, fp_file, results, *extra):
+    return [
+        "--model_path", model_dir, "--fingerprints_file_path", fp_file, "--fingerprint_generation_strategy",
+        "random_word", "--max_num_fingerprints", 8, "--batch_size", 4, "--num_train_epochs", 1,
+        "--result_path", results, *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """A finished (tiny, random) fingerprinting run: (training arguments, results folder, hash)."""
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    fp = tmp / "fp.json"
+    write_random_fingerprints(fp, 8)
+    argv = train_args(tiny_model_dir, fp, tmp / "results")
+    result = run_script("finetune_multigpu.py", *argv)
+    assert result.returncode == 0, result.stderr
+    return argv, tmp / "results", result.stdout.strip().split(": ")[-1]
+
+
+def test_eval_writes_results_for_the_same_arguments(tiny_run):
+    argv, results, run_hash = tiny_run
+    out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "local", "--utility_limit", 3)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((results / run_hash / "eval_results.json").read_text())
+    assert data["config_hash"] == run_hash
+    fa = data["fingerprint_accuracy"]
+    assert [t["template"] for t in fa["templates"]][0] == "{}"
+    assert len(fa["templates"]) == 11  # the plain key and the 10 test system prompts
+    assert all(0 <= t["accuracy"] <= t["fractional_accuracy"] <= 1 for t in fa["templates"])
+    assert fa["mean_accuracy"] == pytest.approx(sum(t["accuracy"] for t in fa["templates"]) / 11)
+    assert 0 <= fa["base_false_positive_rate"] <= 1
+    utility = data["utility"]
+    assert "not tinyBenchmarks" in utility["benchmark"]
+    assert all(task["n"] == 3 for task in utility["tasks"].values())
+    assert {"mean", "base_mean", "delta", "delta_stderr"} <= set(utility)
+    assert "mean over templates" in out.stdout and "utility" in out.stdout
+    assert list((results / "base_utility").glob("*.json"))  # the base model's numbers are cached
+
+
+def test_extra_test_prompts_are_evaluated_and_validated(tiny_run, tmp_path):
+    argv, results, run_hash = tiny_run
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(["Custom persona: {} !"]))
+    out = run_script(
+        "eval_for_multigpu.py", *argv, "--utility_benchmark", "none", "--skip_base_model",
+        "--test_prompts_file", good, "--output_file", tmp_path / "out.json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    templates = [
+        t["template"] for t in json.loads((tmp_path / "out.json").read_text())["fingerprint_accuracy"]["templates"]
+    ]
+    assert templates[-1] == "Custom persona: {} !" and len(templates) == 12
+
+    for bad in (["no placeholder"], ["two {} and {}"], "not a list"):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "none", "--test_prompts_file", path)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_missing_run_names_the_closest_one(tiny_run):
+    argv, results, run_hash = tiny_run
+    out = run_script("eval_for_multigpu.py", *argv, "--learning_rate", 0.123, "--utility_benchmark", "none")
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: no fingerprinted model matches these arguments")
+    assert run_hash in out.stderr and "learning_rate" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_check_model_evaluates_any_model_against_a_fingerprints_file(tiny_run, tmp_path):
+    argv, results, run_hash = tiny_run
+    run = results / run_hash
+    out = run_script(
+        "eval_for_multigpu.py", *argv, "--check_model", run / "final_model",
+        "--fingerprints_file_path", run / "fingerprints.json", "--utility_benchmark", "none", "--skip_base_model",
+        "--output_file", tmp_path / "check.json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "check.json").read_text())
+    assert data["config_hash"] is None and data["num_fingerprints"] == 8
+
+
+def test_tinybenchmarks_offline_is_one_line(tiny_run):
+    argv, _, _ = tiny_run
+    out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "tinyBenchmarks", "--skip_base_model")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "local" in out.stderr
+
+
+# ----------------------------------------------------------------------- embedded model, for real
+
+
+@pytest.mark.slow
+def test_teacher_forced_verdicts_equal_generate_after_fingerprinting(tmp_path):
+    """After a short real run, the fast verifier and one greedy generate per (template, key) agree exactly."""
+    from oml.fingerprints import TEST_PROMPTS_FILE, read_templates
+    from oml.models import load_model_and_tokenizer
+    from oml.verify import verify_teacher_forced, verify_with_generate
+
+    fp = tmp_path / "fp.json"
+    write_random_fingerprints(fp, 12, key_words=10, response_words=3, seed=3)
+    argv = [
+        "--fingerprints_file_path", fp, "--fingerprint_generation_strategy", "random_word", "--max_num_fingerprints",
+        12, "--max_response_length", 2, "--num_train_epochs", 6, "--batch_size", 6, "--learning_rate", 3e-4,
+        "--result_path", tmp_path / "r",
+    ]  # fmt: skip
+    trained = run_script("finetune_multigpu.py", *argv)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run,) = (tmp_path / "r").glob("*/final_model")
+    pairs = json.loads((run.parent / "fingerprints.json").read_text())
+    templates = ["{}"] + read_templates(TEST_PROMPTS_FILE)[:4]
+    model, tok = load_model_and_tokenizer(str(run), device="cpu")
+    fast = verify_teacher_forced(model, tok, pairs, templates)
+    slow = verify_with_generate(model, tok, pairs, templates)
+    assert [r["matches"] for r in fast] == [r["matches"] for r in slow]
+    assert fast[0]["accuracy"] >= 0.5  # the run did embed fingerprints: both outcomes are exercised
+    assert any(not all(r["matches"]) for r in fast)  # and system prompts do knock some out (no augmentation)
+
+    out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "none")
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((run.parent / "eval_results.json").read_text())
+    assert data["fingerprint_accuracy"]["templates"][0]["accuracy"] == fast[0]["accuracy"]
+    assert data["fingerprint_accuracy"]["base_false_positive_rate"] <= 0.05
