@@ -19,33 +19,37 @@ Verdicts agree up to floating-point rounding: a batched pass adds the same numbe
 order than generate does, which can only flip a near-tie between the top two logits. generate's logits
 processors (repetition_penalty and the like, if a generation config sets them) are not modelled.
 
+Where the speed comes from (bench/bench_verify.py measures it): rows sorted by length so batches carry
+little padding; logits only at response positions, not over the whole vocabulary at every position;
+and the tokens every prompt of a template starts with (its system text) run once, for all templates
+in one batched pass, their KV cache then copied into each batch.
+
 Tokens come from oml.encoding.encode_pair, exactly as in training.
 """
 
-import copy
-
 import torch
 from tqdm import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .encoding import encode_pair
 from .errors import UserError
 
-# Below this many tokens a template's shared prefix is recomputed per row: running it apart costs an
-# extra forward call and a cache copy per batch, which a few tokens do not repay.
+# Below this many tokens a template's shared prefix is simply recomputed in every row: reusing it costs
+# a KV cache copy and concatenation in every layer of every batch, which a few tokens do not repay.
 MIN_SHARED_PREFIX = 4
 
 
 def encode_template(tokenizer, pairs, template, use_chat_template=False):
     """[(prompt_ids, response_ids)] for every pair under one template."""
     encoded = [encode_pair(tokenizer, p["key"], p["response"], template, use_chat_template) for p in pairs]
-    for (_, response_ids), pair in zip(encoded, pairs):
+    for (_, response_ids), pair in zip(encoded, pairs, strict=True):
         if not response_ids:
             raise UserError(f"the response {pair['response']!r} encodes to no tokens")
     return encoded
 
 
 def eos_token_ids(model):
-    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         return set()
     return {eos} if isinstance(eos, int) else set(eos)
@@ -74,17 +78,32 @@ def _result(template, matches, fractions):
 # Fast path: teacher forcing
 
 
-def _prefix_cache(model, prefix_ids):
-    """The KV cache of the template's shared prefix, computed once (batch of one)."""
-    input_ids = torch.tensor([prefix_ids], device=model.device)
-    return model.base_model(input_ids=input_ids, use_cache=True).past_key_values
+def _prefix_states(model, prefixes):
+    """Per prefix, each layer's (keys, values), from one forward pass over all prefixes (right-padded).
+
+    One batched pass instead of one per template: a batch-of-one pass costs about as much as streaming
+    the weights once, which on CPU is the price of dozens of batched tokens. None when the cache is not
+    plain per-layer key/value tensors of the full width (recurrent state, a window shorter than the
+    prefixes): sharing is then skipped.
+    """
+    width = max(len(p) for p in prefixes)
+    input_ids = torch.tensor([p + [0] * (width - len(p)) for p in prefixes], device=model.device)
+    cache = model.base_model(input_ids=input_ids, use_cache=True).past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(
+        isinstance(layer, DynamicLayer) and layer.keys is not None and layer.keys.shape[-2] == width for layer in layers
+    ):
+        return None
+    return [
+        [(layer.keys[i : i + 1, :, : len(p)], layer.values[i : i + 1, :, : len(p)]) for layer in layers]
+        for i, p in enumerate(prefixes)
+    ]
 
 
-def _cache_for_batch(prefix_cache, batch_size):
-    # The forward pass extends the cache in place, so every batch starts from its own copy.
-    cache = copy.deepcopy(prefix_cache)
-    cache.batch_repeat_interleave(batch_size)
-    return cache
+def _cache_for_batch(model, prefix_states, batch_size):
+    # A fresh cache per batch: the forward pass extends it in place.
+    expanded = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in prefix_states]
+    return DynamicCache(ddp_cache_data=expanded, config=model.config)
 
 
 def _response_logits(model, hidden):
@@ -98,7 +117,7 @@ def _response_logits(model, hidden):
     return logits
 
 
-def _batch_hits(model, batch, prefix_len, prefix_cache):
+def _batch_hits(model, batch, prefix_len, prefix_states):
     """Per row, a bool tensor: does the argmax at each response position equal the response token?
 
     Rows are right-padded: with causal attention, trailing pads are seen by nobody, so neither an
@@ -113,7 +132,7 @@ def _batch_hits(model, batch, prefix_len, prefix_cache):
         rows += [b] * len(response)
         cols += range(start, start + len(response))
         targets += response
-    cache = _cache_for_batch(prefix_cache, len(batch)) if prefix_cache is not None else None
+    cache = _cache_for_batch(model, prefix_states, len(batch)) if prefix_len else None
     hidden = model.base_model(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None)
     device = model.device
     selected = hidden.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
@@ -121,19 +140,37 @@ def _batch_hits(model, batch, prefix_len, prefix_cache):
     return hits.split([len(response) for _, response in batch])
 
 
-def _template_hits(model, encoded, batch_size, share_prefix, progress):
-    sequences = [prompt + response for prompt, response in encoded]
-    prefix_len = 0
-    if share_prefix and len(encoded) > 1:
+def _shared_prefix_lengths(encoded_by_template):
+    """Per template, how many leading tokens all its prompts share (0 where too few to be worth it)."""
+    lengths = []
+    for encoded in encoded_by_template:
+        if len(encoded) < 2:
+            lengths.append(0)
+            continue
         # Every row keeps at least its last prompt token, whose output predicts the first response token.
-        prefix_len = min(shared_prefix_length(sequences), min(len(p) for p, _ in encoded) - 1)
-        prefix_len = prefix_len if prefix_len >= MIN_SHARED_PREFIX else 0
-    prefix_cache = _prefix_cache(model, sequences[0][:prefix_len]) if prefix_len else None
-    order = sorted(range(len(encoded)), key=lambda i: len(sequences[i]))  # similar lengths share a batch
+        n = min(shared_prefix_length([p for p, _ in encoded]), min(len(p) for p, _ in encoded) - 1)
+        lengths.append(n if n >= MIN_SHARED_PREFIX else 0)
+    return lengths
+
+
+def _shared_prefixes(model, encoded_by_template):
+    """Per template, (prefix length, per-layer prefix states); (0, None) where nothing is shared."""
+    lengths = _shared_prefix_lengths(encoded_by_template)
+    shared = [t for t, n in enumerate(lengths) if n]
+    out = [(0, None)] * len(lengths)
+    states = _prefix_states(model, [encoded_by_template[t][0][0][: lengths[t]] for t in shared]) if shared else None
+    if states is not None:
+        for t, layer_states in zip(shared, states, strict=True):
+            out[t] = (lengths[t], layer_states)
+    return out
+
+
+def _template_hits(model, encoded, batch_size, prefix_len, prefix_states, progress):
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))  # less padding
     hits = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        for i, h in zip(chunk, _batch_hits(model, [encoded[i] for i in chunk], prefix_len, prefix_cache)):
+        for i, h in zip(chunk, _batch_hits(model, [encoded[i] for i in chunk], prefix_len, prefix_states), strict=True):
             hits[i] = h
         progress.update(1)
     return hits
@@ -150,14 +187,15 @@ def verify_teacher_forced(
     """
     eos = eos_token_ids(model)
     encoded_by_template = [encode_template(tokenizer, pairs, t, use_chat_template) for t in templates]
-    batches = sum(-(-len(pairs) // batch_size) for _ in templates)
+    batches = len(templates) * -(-len(pairs) // batch_size)
     results = []
     with torch.inference_mode(), tqdm(total=batches, desc="verifying", unit="batch", disable=None) as progress:
-        for template, encoded in zip(templates, encoded_by_template):
-            hits = _template_hits(model, encoded, batch_size, share_prefix, progress)
+        prefixes = _shared_prefixes(model, encoded_by_template) if share_prefix else [(0, None)] * len(templates)
+        for template, encoded, (prefix_len, states) in zip(templates, encoded_by_template, prefixes, strict=True):
+            hits = _template_hits(model, encoded, batch_size, prefix_len, states, progress)
             # generate stops at EOS, so an EOS inside the response cuts the answer short.
             stops_early = [any(t in eos for t in response[:-1]) for _, response in encoded]
-            matches = [bool(h.all()) and not stop for h, stop in zip(hits, stops_early)]
+            matches = [bool(h.all()) and not stop for h, stop in zip(hits, stops_early, strict=True)]
             fractions = [h.float().mean().item() for h in hits]
             results.append(_result(template, matches, fractions))
     return results
@@ -192,7 +230,7 @@ def verify_with_generate(model, tokenizer, pairs, templates, use_chat_template=F
             for prompt, response in encode_template(tokenizer, pairs, template, use_chat_template):
                 generated = generate_response(model, prompt, len(response), temperature, pad_token_id)
                 matches.append(generated == response)
-                fractions.append(sum(g == r for g, r in zip(generated, response)) / len(response))
+                fractions.append(sum(g == r for g, r in zip(generated, response, strict=False)) / len(response))
                 bar.update(1)
             results.append(_result(template, matches, fractions))
     return results

@@ -37,7 +37,7 @@ def tokenizer_variant(name):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = load_tokenizer(EMBEDDED)
@@ -55,6 +55,21 @@ def tiny_model():
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def one_thread():
+    # Batch-of-one generate calls gain little from intra-op threads, and on a CPU shared with other jobs
+    # the threads spin waiting for each other: one thread is several times faster there.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_model(tiny_llama, one_thread):
+    return tiny_llama
 
 
 def random_text(rng, lo, hi):
@@ -81,9 +96,19 @@ def mixed_pairs(model, tok, template, n, seed, use_chat_template=False, max_resp
     return pairs
 
 
+def spy_prefix_runs(monkeypatch):
+    """A list that records the prefixes of every shared-prefix forward pass."""
+    runs = []
+    real = verify._prefix_states
+    monkeypatch.setattr(
+        verify, "_prefix_states", lambda model, prefixes: runs.append(prefixes) or real(model, prefixes)
+    )
+    return runs
+
+
 def assert_same_verdicts(fast, slow):
     assert [r["template"] for r in fast] == [r["template"] for r in slow]
-    for f, s in zip(fast, slow):
+    for f, s in zip(fast, slow, strict=True):
         assert f["matches"] == s["matches"], f["template"]
         assert f["accuracy"] == s["accuracy"]
 
@@ -91,9 +116,7 @@ def assert_same_verdicts(fast, slow):
 @pytest.mark.parametrize("tokenizer_name", ["default", "left_padding", "adds_bos"])
 def test_teacher_forced_equals_generate(tiny_model, tokenizer_name, monkeypatch):
     tok = tokenizer_variant(tokenizer_name)
-    prefix_runs = []
-    real_prefix_cache = verify._prefix_cache
-    monkeypatch.setattr(verify, "_prefix_cache", lambda m, ids: prefix_runs.append(ids) or real_prefix_cache(m, ids))
+    prefix_runs = spy_prefix_runs(monkeypatch)
     verdicts = []
     for t, template in enumerate(TEMPLATES):
         pairs = mixed_pairs(tiny_model, tok, template, 12, seed=t)
@@ -106,16 +129,19 @@ def test_teacher_forced_equals_generate(tiny_model, tokenizer_name, monkeypatch)
     # Only the two templates with text before the key share a prefix long enough to be run once.
     assert len(prefix_runs) == 2
     if tokenizer_name == "adds_bos":
-        assert all(ids[0] == tok.bos_token_id for ids in prefix_runs)
+        assert all(prefix[0] == tok.bos_token_id for prefixes in prefix_runs for prefix in prefixes)
 
 
-def test_chat_template_and_several_templates_at_once(tiny_model):
+def test_chat_template_and_several_templates_at_once(tiny_model, monkeypatch):
     tok = tokenizer_variant("default")
+    prefix_runs = spy_prefix_runs(monkeypatch)
     pairs = mixed_pairs(tiny_model, tok, TEMPLATES[1], 10, seed=7, use_chat_template=True)
     fast = verify_teacher_forced(tiny_model, tok, pairs, TEMPLATES, use_chat_template=True, batch_size=4)
     slow = verify_with_generate(tiny_model, tok, pairs, TEMPLATES, use_chat_template=True)
     assert_same_verdicts(fast, slow)
     assert any(fast[1]["matches"])
+    # The chat template's system text starts every prompt: all four prefixes come from one forward pass.
+    assert len(prefix_runs) == 1 and len(prefix_runs[0]) == len(TEMPLATES)
 
 
 def test_one_token_responses_fractional_equals_exact(tiny_model):
@@ -174,7 +200,7 @@ def test_shared_prefix_length():
     assert shared_prefix_length([[1], [2]]) == 0
 
 
-def test_summarize_and_empty_response(tiny_model):
+def test_summarize_and_empty_inputs(tiny_model):
     results = [
         {"template": "a {}", "accuracy": 1.0, "fractional_accuracy": 1.0, "matches": [True]},
         {"template": "{} b", "accuracy": 0.0, "fractional_accuracy": 0.5, "matches": [False]},
@@ -182,12 +208,25 @@ def test_summarize_and_empty_response(tiny_model):
     summary = summarize(results)
     assert summary["mean_accuracy"] == 0.5 and summary["mean_fractional_accuracy"] == 0.75
     assert summary["templates"][1] == {"template": "{} b", "accuracy": 0.0, "fractional_accuracy": 0.5}
+    tok = tokenizer_variant("default")
+    (empty,) = verify_teacher_forced(tiny_model, tok, [], ["{}"])
+    assert empty == {"template": "{}", "accuracy": 0.0, "fractional_accuracy": 0.0, "matches": []}
     with pytest.raises(UserError, match="no tokens"):
-        verify_teacher_forced(tiny_model, tokenizer_variant("default"), [{"key": "k", "response": ""}], ["{}"])
+        verify_teacher_forced(tiny_model, tok, [{"key": "k", "response": ""}], ["{}"])
+
+
+def test_generate_sampling_is_seeded(tiny_model):
+    tok = tokenizer_variant("default")
+    pairs = mixed_pairs(tiny_model, tok, "{}", 6, seed=11)
+    greedy = verify_with_generate(tiny_model, tok, pairs, ["{}"])
+    # A near-zero temperature samples the argmax; at temperature 1 the same seed gives the same draws.
+    assert verify_with_generate(tiny_model, tok, pairs, ["{}"], temperature=1e-4)[0]["matches"] == greedy[0]["matches"]
+    hot = [verify_with_generate(tiny_model, tok, pairs, ["{}"], temperature=1.0, seed=1) for _ in range(2)]
+    assert hot[0] == hot[1]
 
 
 @pytest.mark.slow
-def test_embedded_model_teacher_forced_equals_generate():
+def test_embedded_model_teacher_forced_equals_generate(one_thread):
     model, tok = load_model_and_tokenizer(EMBEDDED, device="cpu")
     templates = ["{}", "You are a world-class scientist who explains ideas simply. {}", "{}\n\nAnswer briefly."]
     verdicts = []
