@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Fingerprint a model over a grid of settings. For every point of the grid:
+#   1. make the strategy's fingerprints file under generated_data/ if it is missing (generate_finetuning_data.py),
+#   2. fine-tune with DeepSpeed (finetune_multigpu.py; skipped when results/<hash>/final_model exists),
+#   3. evaluate with the same arguments (eval_for_multigpu.py; skipped when results/<hash>/eval_results.json exists).
+# A point that fails is logged and the sweep goes on. At the end a table (one row per point) is printed and
+# written to results/sweep_summary.{csv,md}, the figures are redrawn into fig/, and the exit status is non-zero
+# if any point failed. Rerunning the same command resumes an interrupted sweep. Logs: results/sweep_logs/.
+#
+# The default grid is a CPU demo on the embedded SmolLM2-135M-Instruct (what `make run` does, ~7 min on
+# 2 cores): 32 English fingerprints without and with prompt augmentation. PRESET=seed selects the original
+# GPU grid: Mistral-7B, 1024 fingerprints, lr 1e-5, λ 0.75, `--preset seed`, utility on tinyBenchmarks.
+#
+# Every list below can be overridden from the environment (space-separated), without editing this file:
+#   bash launch_multigpu.sh                                            # the CPU demo
+#   PRESET=seed bash launch_multigpu.sh                                # the original grid on all GPUs
+#   NUM_GPUS=4 MODEL_FAMILIES="mistral" MODEL_SIZES="7B 7B-Instruct" USE_PROMPT_AUGMENTATION="false true" \
+#     LEARNING_RATES=1e-5 FORGETTING_REGULARIZER_STRENGTHS=0.75 MAX_NUM_FINGERPRINTS="256 1024" bash launch_multigpu.sh
+#   GPUS=0,2 PRESET=seed bash launch_multigpu.sh                       # only GPUs 0 and 2 (--include localhost:0,2);
+#                                                                      # CUDA_VISIBLE_DEVICES=0,2 does the same
+#   HOSTFILE=hostfile PRESET=seed bash launch_multigpu.sh              # several nodes (DeepSpeed hostfile, ssh)
+#   LAUNCHER=python bash launch_multigpu.sh                            # plain python, no DeepSpeed
+#   MODEL_PATHS="/models/my-llama" EVAL_ARGS="--utility_benchmark none" RESULT_PATH=/scratch/r bash launch_multigpu.sh
+# Other knobs: EPOCHS, BATCH_SIZE, MAX_KEY_LENGTHS, MAX_RESPONSE_LENGTHS, FINGERPRINT_GENERATION_STRATEGIES,
+# EXTRA_ARGS (added to training and evaluation), EVAL_ARGS (evaluation only), MASTER_PORT, INCLUDE (a raw
+# deepspeed --include for several nodes), NUM_NODES, REDO_EVAL=1 (evaluate again), FIG_DIR (default fig).
+set -uo pipefail
+set -f # the lists are split on spaces; never glob them
+here=$(cd "$(dirname "$0")" && pwd)
+if [[ -z ${VIRTUAL_ENV:-} && -f $here/.venv/bin/activate ]]; then source "$here/.venv/bin/activate"; fi
+export PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
+
+# ------------------------------------------------------------------------------------------ the grid
+PRESET=${PRESET:-embedded}
+case $PRESET in
+embedded)
+  model_families=(smollm2)
+  model_sizes=(135M-Instruct)
+  max_key_lengths=(16)
+  max_response_lengths=(1)
+  fingerprint_generation_strategies=(english)
+  learning_rates=(2e-4)
+  forgetting_regularizer_strengths=(0.0)
+  max_num_fingerprints=(32)
+  use_prompt_augmentation=(false true)
+  epochs=(12)
+  batch_size=8
+  eval_args="--utility_benchmark local --utility_limit 30"
+  ;;
+seed)
+  model_families=(mistral)
+  model_sizes=(7B)
+  max_key_lengths=(16)
+  max_response_lengths=(1)
+  fingerprint_generation_strategies=(english)
+  learning_rates=(1e-5)
+  forgetting_regularizer_strengths=(0.75)
+  max_num_fingerprints=(1024)
+  use_prompt_augmentation=(false)
+  epochs=(10)
+  batch_size=16
+  eval_args="--utility_benchmark tinyBenchmarks"
+  ;;
+*) echo "error: PRESET must be embedded or seed, got '$PRESET'" >&2 && exit 2 ;;
+esac
+model_families=(${MODEL_FAMILIES:-${model_families[*]}})
+model_sizes=(${MODEL_SIZES:-${model_sizes[*]}})
+max_key_lengths=(${MAX_KEY_LENGTHS:-${max_key_lengths[*]}})
+max_response_lengths=(${MAX_RESPONSE_LENGTHS:-${max_response_lengths[*]}})
+fingerprint_generation_strategies=(${FINGERPRINT_GENERATION_STRATEGIES:-${fingerprint_generation_strategies[*]}})
+learning_rates=(${LEARNING_RATES:-${learning_rates[*]}})
+forgetting_regularizer_strengths=(${FORGETTING_REGULARIZER_STRENGTHS:-${forgetting_regularizer_strengths[*]}})
+max_num_fingerprints=(${MAX_NUM_FINGERPRINTS:-${max_num_fingerprints[*]}})
+use_prompt_augmentation=(${USE_PROMPT_AUGMENTATION:-${use_prompt_augmentation[*]}})
+epochs=(${EPOCHS:-${epochs[*]}})
+batch_size=${BATCH_SIZE:-$batch_size}
+extra_args=(${EXTRA_ARGS:-})
+eval_args=(${EVAL_ARGS:-$eval_args})
+RESULT_PATH=${RESULT_PATH:-results}
+FIG_DIR=${FIG_DIR:-fig}
+
+# Models: family × size, or MODEL_PATHS (local folders or hub ids) instead.
+models=() model_tags=()
+if [[ -n ${MODEL_PATHS:-} ]]; then
+  for path in $MODEL_PATHS; do models+=("--model_path $path") model_tags+=("$(basename "$path")"); done
+else
+  for family in "${model_families[@]}"; do
+    for size in "${model_sizes[@]}"; do
+      models+=("--model_family $family --model_size $size") model_tags+=("$family-$size")
+    done
+  done
+fi
+for augment in "${use_prompt_augmentation[@]}"; do
+  if [[ $augment != true && $augment != false ]]; then
+    echo "error: USE_PROMPT_AUGMENTATION takes true/false values, got '$augment'" >&2 && exit 2
+  fi
+done
+
+# ------------------------------------------------------------------------------- GPUs and the launcher
+# d = ranks per node. GPUS picks which GPUs of this machine (deepspeed --include localhost:$GPUS); without it
+# deepspeed --num_gpus=$d takes the first d. Without GPUs, DeepSpeed runs d CPU ranks (no --include then).
+# DeepSpeed ignores CUDA_VISIBLE_DEVICES once it is given --num_gpus, so a CUDA_VISIBLE_DEVICES list becomes GPUS.
+gpu_count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+GPUS=${GPUS:-}
+if [[ -z $GPUS && -n ${CUDA_VISIBLE_DEVICES:-} ]] && ((gpu_count > 0)); then GPUS=$CUDA_VISIBLE_DEVICES; fi
+if [[ -n $GPUS ]]; then
+  d=$(($(tr -cd ',' <<<"$GPUS" | wc -c) + 1))
+else
+  d=${NUM_GPUS:-$((gpu_count > 0 ? gpu_count : 1))}
+fi
+LAUNCHER=${LAUNCHER:-deepspeed}
+case $LAUNCHER in
+python) launch=(python) ;;
+deepspeed)
+  launch=(deepspeed --master_port "${MASTER_PORT:-29500}")
+  if [[ -n ${HOSTFILE:-} ]]; then
+    launch+=(--hostfile "$HOSTFILE")
+    if [[ -n ${INCLUDE:-} ]]; then launch+=(--include "$INCLUDE"); fi
+    if [[ -n ${NUM_NODES:-} ]]; then launch+=(--num_nodes "$NUM_NODES"); fi
+    if [[ -n ${NUM_GPUS:-} && -z ${INCLUDE:-} ]]; then launch+=(--num_gpus "$NUM_GPUS"); fi
+  elif [[ -n $GPUS ]]; then
+    if ((gpu_count == 0)); then echo "error: GPUS=$GPUS but this machine has no GPU" >&2 && exit 2; fi
+    launch+=(--include "localhost:$GPUS")
+  else
+    launch+=(--num_gpus "$d")
+  fi
+  ;;
+*) echo "error: LAUNCHER must be deepspeed or python, got '$LAUNCHER'" >&2 && exit 2 ;;
+esac
+# Evaluation runs in one process on one GPU: the first selected one.
+eval_env=()
+if [[ -n $GPUS ]]; then eval_env=(CUDA_VISIBLE_DEVICES="${GPUS%%,*}"); fi
+
+LOG_DIR=$RESULT_PATH/sweep_logs
+mkdir -p "$LOG_DIR"
+MANIFEST=$LOG_DIR/sweep-$(date +%Y%m%d-%H%M%S)-$$.jsonl
+total=$((${#models[@]} * ${#max_key_lengths[@]} * ${#max_response_lengths[@]} * ${#fingerprint_generation_strategies[@]} * ${#learning_rates[@]} * ${#forgetting_regularizer_strengths[@]} * ${#max_num_fingerprints[@]} * ${#use_prompt_augmentation[@]} * ${#epochs[@]}))
+echo "sweep: $total points, launcher: ${launch[*]}, results: $RESULT_PATH, logs: $LOG_DIR"
+
+# ------------------------------------------------------------------------------------------ one point
+count=0
+run_point() { # $1: the point's name; the rest: the arguments training and evaluation share
+  local name=$1 hash="" train="not run" eval="not run" start=$SECONDS
+  shift
+  local log=$LOG_DIR/$name.log
+  count=$((count + 1))
+  echo "[$count/$total] $name (log: $log)"
+  echo "===== $(date '+%F %T') $name: $*" >>"$log"
+  if hash=$(python -m oml.sweep prepare -- "$@" 2>>"$log"); then
+    if [[ -d $RESULT_PATH/$hash/final_model ]]; then
+      train=reused
+      echo "skip training: $RESULT_PATH/$hash/final_model exists" >>"$log"
+    elif "${launch[@]}" "$here/finetune_multigpu.py" "$@" >>"$log" 2>&1; then
+      train=done
+    else
+      train=failed
+    fi
+  fi
+  if [[ $train == done || $train == reused ]]; then
+    if [[ -f $RESULT_PATH/$hash/eval_results.json && -z ${REDO_EVAL:-} ]]; then
+      eval=reused
+      echo "skip evaluation: $RESULT_PATH/$hash/eval_results.json exists" >>"$log"
+    elif env "${eval_env[@]}" python "$here/eval_for_multigpu.py" "$@" "${eval_args[@]}" >>"$log" 2>&1; then
+      eval=done
+    else
+      eval=failed
+    fi
+  fi
+  echo "    run ${hash:-?}: training $train, evaluation $eval ($((SECONDS - start)) s)"
+  if [[ $train == failed || $train == "not run" || $eval == failed ]]; then tail -n 2 "$log" | sed 's/^/    | /'; fi
+  python -m oml.sweep record --manifest "$MANIFEST" --name "$name" --hash "$hash" --train "$train" --eval "$eval" \
+    --log "$log" -- "$@"
+}
+
+# ------------------------------------------------------------------------------------------- the sweep
+for m in "${!models[@]}"; do
+for key_length in "${max_key_lengths[@]}"; do
+for response_length in "${max_response_lengths[@]}"; do
+for strategy in "${fingerprint_generation_strategies[@]}"; do
+for lr in "${learning_rates[@]}"; do
+for lambda in "${forgetting_regularizer_strengths[@]}"; do
+for num in "${max_num_fingerprints[@]}"; do
+for augment in "${use_prompt_augmentation[@]}"; do
+for epoch in "${epochs[@]}"; do
+  args=(${models[m]} --max_key_length "$key_length" --max_response_length "$response_length"
+    --fingerprint_generation_strategy "$strategy" --learning_rate "$lr" --forgetting_regularizer_strength "$lambda"
+    --max_num_fingerprints "$num" --num_train_epochs "$epoch" --batch_size "$batch_size" --preset "$PRESET"
+    --result_path "$RESULT_PATH" "${extra_args[@]}")
+  if [[ $augment == true ]]; then args+=(--use_prompt_augmentation); fi
+  run_point "${model_tags[m]}_${strategy}_n${num}_k${key_length}_r${response_length}_lr${lr}_lam${lambda}_aug-${augment}_ep${epoch}_bs${batch_size}" "${args[@]}"
+done; done; done; done; done; done; done; done; done
+
+# ----------------------------------------------------------------------------------- summary and figures
+echo
+python -m oml.sweep summary --results "$RESULT_PATH" --manifest "$MANIFEST"
+status=$?
+python -m oml.plots --results "$RESULT_PATH" --out "$FIG_DIR" || status=1
+exit $status

@@ -1,0 +1,368 @@
+"""The logic behind launch_multigpu.sh: fingerprint data for a grid point, its run hash, and the summary table.
+
+The bash script keeps the grid and the launch commands in view; everything else happens here:
+
+    python -m oml.sweep prepare -- ARGS...      # make the default fingerprints file if missing, print the run hash
+    python -m oml.sweep record --manifest M --name N --hash H --train done --eval failed --log L -- ARGS...
+    python -m oml.sweep summary --manifest M    # one row per recorded point -> results/sweep_summary.{csv,md}
+    python -m oml.sweep summary --results results/   # every evaluated run found there
+
+`summary` exits with status 1 when a point failed, so the sweep's own exit status says so too.
+"""
+
+import argparse
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .args import PRESETS, add_train_args, finalize
+from .errors import UserError, run_cli
+from .fingerprints import DEFAULT_FINGERPRINT_FILES, canonical_strategy
+from .io import atomic_write_text
+
+REPO = Path(__file__).resolve().parent.parent
+GENERATE = REPO / "generate_finetuning_data.py"
+# How many fingerprints a missing default file gets: what the committed files hold, or more if a point needs it.
+GENERATED_COUNT = {"english": 512, "random_word": 4096}
+
+SETTING_COLUMNS = [
+    "model", "strategy", "num_fingerprints", "max_key_length", "max_response_length", "learning_rate",
+    "forgetting_regularizer_strength", "use_prompt_augmentation", "num_train_epochs", "batch_size",
+]  # fmt: skip
+RESULT_COLUMNS = [
+    "fp_accuracy_plain", "fp_accuracy_test_prompts", "base_false_positive_rate", "utility", "utility_base",
+    "utility_delta", "utility_delta_stderr", "train_seconds", "eval_seconds",
+]  # fmt: skip
+COLUMNS = ["point", "status", "hash", *SETTING_COLUMNS, *RESULT_COLUMNS, "train", "eval", "log"]
+
+
+# ------------------------------------------------------------------------------ one grid point
+
+
+def train_parser():
+    from .evaluate import add_eval_args
+
+    parser = argparse.ArgumentParser(prog="launch_multigpu.sh point", add_help=False, exit_on_error=False)
+    return add_eval_args(add_train_args(parser))
+
+
+def fill_preset(args):
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def parse_point(argv):
+    """The arguments of a grid point as finetune_multigpu.py/eval_for_multigpu.py will read them (not finalized)."""
+    return fill_preset(train_parser().parse_known_args(argv)[0])
+
+
+def generate_command(strategy, needed, max_response_length):
+    """generate_finetuning_data.py arguments that write the default fingerprints file of a strategy."""
+    if strategy in ("english", "english_random_responses"):
+        count = max(GENERATED_COUNT["english"], needed)
+        return ["--num_backdoors", count, "--batch_size", 128, "--use_chat_template"]
+    if strategy == "random_word":
+        return ["--random_word_generation", "--num_backdoors", max(GENERATED_COUNT["random_word"], needed)]
+    return [
+        "--key_response_strategy", "perinucleus", "--response_length", max_response_length,
+        "--keys_file", DEFAULT_FINGERPRINT_FILES["english"],
+    ]  # fmt: skip
+
+
+def ensure_fingerprints(args):
+    """Generate the strategy's default fingerprints file when the point uses it and it is missing."""
+    if args.fingerprints_file_path is not None:
+        return
+    strategy = canonical_strategy(args.fingerprint_generation_strategy)
+    needed = args.max_num_fingerprints * (args.data_split + 1)
+    if strategy == "inverse_nucleus":  # its keys come from the English file
+        ensure_file(DEFAULT_FINGERPRINT_FILES["english"], generate_command("english", needed, 1))
+    ensure_file(DEFAULT_FINGERPRINT_FILES[strategy], generate_command(strategy, needed, args.max_response_length))
+
+
+def ensure_file(path, generate_args):
+    if path.is_file():
+        return
+    cmd = [sys.executable, str(GENERATE), *map(str, generate_args), "--output_file_path", str(path)]
+    print(f"{path} is missing: generating it with {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    # The generator's output goes to stderr: stdout carries only the run hash.
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
+        raise UserError(f"generating {path} failed (see the messages above)")
+
+
+def prepare(argv):
+    """Make sure the point's data exists; returns its run hash (the folder under --result_path)."""
+    # Parsed strictly, as finetune_multigpu.py will: a typo fails here, before anything is launched.
+    args = fill_preset(add_train_args(argparse.ArgumentParser(prog="finetune_multigpu.py")).parse_args(argv))
+    ensure_fingerprints(args)
+    return finalize(args).config_hash
+
+
+def record(manifest, name, run_hash, train, evaluation, log, argv):
+    """Append one point's outcome to the sweep's manifest (a JSON line per point)."""
+    entry = {
+        "point": name,
+        "hash": run_hash or None,
+        "train": train,
+        "eval": evaluation,
+        "log": log,
+        "args": list(argv),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    Path(manifest).parent.mkdir(parents=True, exist_ok=True)
+    with open(manifest, "a") as f:  # one sweep, one writer: no lock needed
+        f.write(json.dumps(entry) + "\n")
+
+
+# ------------------------------------------------------------------------------ reading runs
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_run(run_dir):
+    """{"hash", "config" (fingerprinting_config.json or None), "eval" (eval_results.json or None), "metrics"}."""
+    run_dir = Path(run_dir)
+    return {
+        "hash": run_dir.name,
+        "dir": run_dir,
+        "config": read_json(run_dir / "fingerprinting_config.json"),
+        "eval": read_json(run_dir / "eval_results.json"),
+        "metrics": read_json(run_dir / "metrics.json"),
+    }
+
+
+def find_runs(result_path):
+    """Every trained run under result_path (folders with a fingerprinting_config.json), oldest first."""
+    dirs = [p.parent for p in Path(result_path).glob("*/fingerprinting_config.json")]
+    return [read_run(d) for d in sorted(dirs, key=lambda d: d.stat().st_mtime)]
+
+
+def accuracy_split(eval_results):
+    """(plain-key accuracy, mean accuracy under the system-prompt templates) from eval_results.json."""
+    templates = eval_results["fingerprint_accuracy"]["templates"]
+    plain = [t["accuracy"] for t in templates if t["template"] == "{}"]
+    prompted = [t["accuracy"] for t in templates if t["template"] != "{}"]
+    return (plain[0] if plain else None), (sum(prompted) / len(prompted) if prompted else None)
+
+
+# Summary column -> the argument it shows (names as in fingerprinting_config.json's "hashed").
+SETTING_SOURCES = {
+    "model": "model",
+    "strategy": "fingerprint_generation_strategy",
+    "num_fingerprints": "max_num_fingerprints",
+    "max_key_length": "max_key_length",
+    "max_response_length": "max_response_length",
+    "learning_rate": "learning_rate",
+    "forgetting_regularizer_strength": "forgetting_regularizer_strength",
+    "use_prompt_augmentation": "use_prompt_augmentation",
+    "num_train_epochs": "num_train_epochs",
+    "batch_size": "batch_size",
+}
+
+
+def run_settings(run):
+    """The run's key arguments, from its fingerprinting_config.json."""
+    hashed = run["config"]["hashed"]
+    return {column: hashed.get(name) for column, name in SETTING_SOURCES.items()}
+
+
+def point_settings(argv):
+    """Key arguments of a point that has no run folder (it failed early), read from its command line."""
+    from .models import resolve_model
+
+    try:
+        args = vars(parse_point(argv))
+    except (argparse.ArgumentError, SystemExit):  # a value the scripts reject: show what we can
+        return dict.fromkeys(SETTING_SOURCES, None) | {"model": "?"}
+    try:
+        args["model"] = resolve_model(args["model_family"], args["model_size"], args["model_path"])
+    except UserError:
+        args["model"] = f"{args['model_family']}/{args['model_size']}"
+    return {column: args.get(name) for column, name in SETTING_SOURCES.items()}
+
+
+def result_columns(run):
+    """Accuracy, utility and timing columns of a run (None where not measured)."""
+    out = dict.fromkeys(RESULT_COLUMNS)
+    if run is None:
+        return out
+    if run["metrics"]:
+        out["train_seconds"] = run["metrics"].get("train_seconds")
+    results = run["eval"]
+    if not results:
+        return out
+    out["fp_accuracy_plain"], out["fp_accuracy_test_prompts"] = accuracy_split(results)
+    out["base_false_positive_rate"] = results["fingerprint_accuracy"].get("base_false_positive_rate")
+    utility = results.get("utility")
+    if utility:
+        out["utility"] = utility.get("mean")
+        out["utility_base"] = utility.get("base_mean")
+        out["utility_delta"] = utility.get("delta")
+        out["utility_delta_stderr"] = utility.get("delta_stderr")
+    out["eval_seconds"] = (results.get("seconds") or {}).get("total")
+    return out
+
+
+# ------------------------------------------------------------------------------ the summary table
+
+
+def point_status(train, evaluation):
+    """ok when the point has a trained model and its evaluation; else the stage that failed."""
+    if train == "not run":
+        return "failed (prepare)"  # bad arguments or no fingerprint data: see the point's log
+    if train == "failed":
+        return "failed (train)"
+    if evaluation == "failed":
+        return "failed (eval)"
+    return "ok" if evaluation in ("done", "reused") else "not evaluated"
+
+
+def summary_rows(result_path, manifest=None):
+    """One row per point of the manifest (in sweep order), or per trained run in result_path without one."""
+    rows = []
+    if manifest is None:
+        for run in find_runs(result_path):
+            if run["config"] is None:
+                continue
+            status = "ok" if run["eval"] else "not evaluated"
+            row = {"point": run["hash"], "status": status, "hash": run["hash"], **run_settings(run)}
+            rows.append({**row, **result_columns(run), "train": "done", "eval": "done" if run["eval"] else "-"})
+        return rows
+    for entry in read_manifest(manifest).values():
+        run = read_run(Path(result_path) / entry["hash"]) if entry["hash"] else None
+        settings = run_settings(run) if run and run["config"] else point_settings(entry["args"])
+        results = result_columns(run)
+        rows.append(
+            {
+                "point": entry["point"],
+                "status": point_status(entry["train"], entry["eval"]),
+                "hash": entry["hash"] or "",
+                **settings,
+                **results,
+                "train": entry["train"],
+                "eval": entry["eval"],
+                "log": entry["log"],
+            }
+        )
+    return rows
+
+
+def read_manifest(path):
+    """The manifest's entries by point name; a point recorded twice (a rerun) keeps its last entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep manifest {path} does not exist")
+    entries = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            entries[entry["point"]] = entry
+    return entries
+
+
+def csv_text(rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in COLUMNS})
+    return buffer.getvalue()
+
+
+def percent(x):
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def number(x, fmt=".3f"):
+    return "–" if x is None else format(x, fmt)
+
+
+def yes_no(x):
+    return "–" if x is None else ("yes" if x else "no")
+
+
+def short_model(model):
+    return model.split(":")[-1].rstrip("/").split("/")[-1]
+
+
+def markdown_text(rows):
+    header = [
+        "hash", "model", "strategy", "N", "lr", "λ", "aug", "epochs", "acc plain %", "acc test prompts %",
+        "base FP %", "utility", "Δ utility", "status",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        delta = "–"
+        if r.get("utility_delta") is not None:
+            delta = f"{r['utility_delta']:+.3f} ± {number(r.get('utility_delta_stderr'))}"
+        cells = [
+            r["hash"] or "–", short_model(str(r["model"])), r["strategy"] or "–", number(r["num_fingerprints"], "d"),
+            number(r["learning_rate"], "g"), number(r["forgetting_regularizer_strength"], "g"),
+            yes_no(r["use_prompt_augmentation"]), number(r["num_train_epochs"], "d"),
+            percent(r.get("fp_accuracy_plain")), percent(r.get("fp_accuracy_test_prompts")),
+            percent(r.get("base_false_positive_rate")), number(r.get("utility")), delta, r["status"],
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(rows, out_dir):
+    """Write sweep_summary.csv and sweep_summary.md into out_dir; returns their paths."""
+    csv_path, md_path = Path(out_dir) / "sweep_summary.csv", Path(out_dir) / "sweep_summary.md"
+    atomic_write_text(csv_path, csv_text(rows))
+    atomic_write_text(md_path, markdown_text(rows))
+    return csv_path, md_path
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="make the point's fingerprints file if missing; print its run hash")
+    r = sub.add_parser("record", help="append a point's outcome to the sweep manifest")
+    r.add_argument("--manifest", required=True)
+    r.add_argument("--name", required=True)
+    r.add_argument("--hash", default="")
+    r.add_argument("--train", required=True, choices=["done", "reused", "failed", "not run"])
+    r.add_argument("--eval", required=True, choices=["done", "reused", "failed", "not run"])
+    r.add_argument("--log", default="")
+    s = sub.add_parser("summary", help="write sweep_summary.csv/.md and print the table")
+    s.add_argument("--results", default="results/", help="the sweep's --result_path")
+    s.add_argument("--manifest", default=None, help="the sweep's manifest (default: every run in --results)")
+    s.add_argument("--out", default=None, help="where the summary files go (default: --results)")
+    # The point's own arguments come after "--", untouched by this parser.
+    argv = sys.argv[1:] if argv is None else list(argv)
+    point_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.command == "prepare":
+        print(prepare(point_args))
+    elif args.command == "record":
+        record(args.manifest, args.name, args.hash, args.train, args.eval, args.log, point_args)
+    else:
+        rows = summary_rows(args.results, args.manifest)
+        if not rows:
+            raise UserError(f"nothing to summarise in {args.manifest or args.results}")
+        csv_path, md_path = write_summary(rows, args.out or args.results)
+        print(markdown_text(rows), end="")
+        failed = [r["point"] for r in rows if r["status"] != "ok"]
+        print(f"summary written to {csv_path} and {md_path}")
+        if failed:
+            print(f"{len(failed)} of {len(rows)} points did not finish: {', '.join(failed)}", file=sys.stderr)
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
