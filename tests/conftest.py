@@ -28,15 +28,15 @@ def embedded_tokenizer():
     return load_tokenizer(EMBEDDED)
 
 
-def tiny_llama(tokenizer, seed=0):
+def tiny_llama(tokenizer, seed=0, **overrides):
+    """A tiny randomly initialised Llama over the given tokenizer's vocabulary (no download), in eval mode."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = dict(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -44,9 +44,9 @@ def tiny_llama(tokenizer, seed=0):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**config, **overrides})).eval()
 
 
 @pytest.fixture(scope="session")

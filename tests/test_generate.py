@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PEER_DATA, REPO
+from conftest import PEER_DATA, REPO, tiny_llama
 
 from oml.encoding import encode_prompt
 from oml.errors import UserError
@@ -51,22 +51,7 @@ def tok(embedded_tokenizer):
 @pytest.fixture(scope="module")
 def peaked_model(tok):
     """A tiny random Llama whose next-token distributions are peaked enough for a small nucleus."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        initializer_range=0.3,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tok, initializer_range=0.3)
 
 
 def nucleus_size(probs, p):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from oml import utility
 from oml.errors import UserError
@@ -26,19 +27,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer)
 
 
 SMALL = dict(limit=5, tasks=["arc_easy", "winogrande", "mmlu"])

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 import oml.verify as verify
 from oml.encoding import encode_pair
@@ -37,24 +38,9 @@ def tokenizer_variant(name):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = load_tokenizer(EMBEDDED)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        initializer_range=0.1,  # sharper than the default, so the top two logits are rarely near-tied
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+def random_llama():
+    # sharper than the default initialisation, so the top two logits are rarely near-tied
+    return tiny_llama(load_tokenizer(EMBEDDED), initializer_range=0.1)
 
 
 @pytest.fixture
@@ -68,8 +54,8 @@ def one_thread():
 
 
 @pytest.fixture
-def tiny_model(tiny_llama, one_thread):
-    return tiny_llama
+def tiny_model(random_llama, one_thread):
+    return random_llama
 
 
 def random_text(rng, lo, hi):
