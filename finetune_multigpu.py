@@ -15,6 +15,7 @@ Examples:
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -67,19 +68,13 @@ def main():
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         append_line_locked(
             Path(args.result_path) / "all_run_logs.txt",
-            f"{stamp}\t{args.config_hash}\t" + json_line(hashed_config(args)),
+            f"{stamp}\t{args.config_hash}\t" + json.dumps(hashed_config(args), sort_keys=True),
         )
         log(
             f"done in {metrics['train_seconds']:.0f} s, {metrics['train_tokens_per_second']:.0f} tokens/s, "
             f"peak memory {metrics['peak_memory_gb']:.2f} GiB; model in {out / 'final_model'}"
         )
         print(f"Config hash of the final model: {args.config_hash}")
-
-
-def json_line(obj):
-    import json
-
-    return json.dumps(obj, sort_keys=True)
 
 
 if __name__ == "__main__":
