@@ -235,7 +235,8 @@ def launch(tmp_path, model_dir, fp, **env):
         EPOCHS="2", BATCH_SIZE="4", LEARNING_RATES="1e-3", EVAL_ARGS="--utility_benchmark none",
         RESULT_PATH=str(tmp_path / "results"), FIG_DIR=str(tmp_path / "fig"),
     )  # fmt: skip
-    settings.update(env)
+    # The suite's Python is already active: the script must not put .venv/bin (a real deepspeed) before stand-ins.
+    settings.update(VIRTUAL_ENV=sys.prefix, **env)
     return subprocess.run(
         ["bash", str(REPO / "launch_multigpu.sh")],
         cwd=tmp_path,
