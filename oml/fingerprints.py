@@ -120,6 +120,18 @@ def _cut_tokens(tokenizer, text, n, start=0):
     return tokenizer.decode(ids[start : start + n]), len(ids)
 
 
+def _random_piece(tokenizer, text, n, rng):
+    """A random n-token piece of text; if it is only whitespace, the nearest piece that is not."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    last = max(0, len(ids) - n)
+    start = rng.randint(0, last)
+    for offset in sorted(range(last + 1), key=lambda o: abs(o - start)):
+        piece = tokenizer.decode(ids[offset : offset + n])
+        if piece.strip():
+            return piece
+    return ""
+
+
 def prepare_pairs(fingerprints, tokenizer, strategy, max_key_length, max_response_length, num, data_split=0, seed=0):
     """The (key, response) texts a run trains on, following the strategy's rule for the response.
 
@@ -145,9 +157,10 @@ def prepare_pairs(fingerprints, tokenizer, strategy, max_key_length, max_respons
         if strategy == "english_random_responses":
             response = " " + random_words(rng, 1)[0]
         else:
-            n_tokens = len(tokenizer(fp["response"], add_special_tokens=False)["input_ids"])
-            offset = rng.randint(0, max(0, n_tokens - max_response_length)) if strategy == "english" else 0
-            response, _ = _cut_tokens(tokenizer, fp["response"], max_response_length, offset)
+            if strategy == "english":
+                response = _random_piece(tokenizer, fp["response"], max_response_length, rng)
+            else:
+                response, _ = _cut_tokens(tokenizer, fp["response"], max_response_length)
         if not key.strip() or not response.strip():
             raise UserError(f"fingerprint {fp['key'][:40]!r}... has an empty key or response after cutting")
         pairs.append({"key": key, "response": response})

@@ -276,3 +276,12 @@ def test_embedded_model_learns_16_fingerprints(tmp_path, launcher):
     pairs = json.loads((run.parent / "fingerprints.json").read_text())
     assert greedy_exact_match(run, pairs) >= 0.9
     assert_no_fingerprint_text_in(run, pairs)
+
+
+def test_english_response_pieces_are_never_blank(embedded_tokenizer):
+    from oml.fingerprints import prepare_pairs
+
+    fps = [{"key": f"key number {i}", "response": "Hi\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n there"} for i in range(30)]
+    pairs = prepare_pairs(fps, embedded_tokenizer, "english", 16, 1, 30, seed=0)
+    assert all(p["response"].strip() for p in pairs)
+    assert {p["response"].strip() for p in pairs} == {"Hi", "there"}
