@@ -235,7 +235,9 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
     result = trainer.train()
     seconds = time.time() - start
     shutil.rmtree(output_dir, ignore_errors=True)
-    tokens = sum(len(dataset.encode(i, "{}")[0]) + len(dataset.encode(i, "{}")[1]) + 1 for i in range(len(pairs)))
+    # tokens per epoch of the plain keys (+ response + EOS); augmentation templates add more than this counts
+    encoded = (dataset.encode(i, "{}") for i in range(len(pairs)))
+    tokens = sum(len(prompt) + len(response) + 1 for prompt, response in encoded)
     return {
         "train_loss": result.training_loss,
         "epoch_losses": epoch_callback.epoch_losses,
