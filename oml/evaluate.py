@@ -17,12 +17,26 @@ EVAL_ARGS = [
     (["--temperature"], dict(type=float, default=0.0, help="with --verify_with_generate: sample at this temperature")),
     (["--utility_benchmark"], dict(default="local", choices=["local", "tinyBenchmarks", "none"])),
     (["--utility_limit"], dict(type=int, default=100, help="items per task of the local suite")),
+    (["--utility_tasks"], dict(default=None, type=lambda text: local_task_list(text),
+                               help="local suite tasks, comma-separated (default: all six)")),
     (["--num_fewshot"], dict(type=int, default=0)),
     (["--eval_batch_size"], dict(type=int, default=32)),
     (["--skip_base_model"], dict(action="store_true",
                                  help="don't evaluate the base model (no false-positive rate, no utility delta)")),
     (["--output_file"], dict(default=None, help="where to write the results JSON (default: the run's folder)")),
 ]  # fmt: skip
+
+
+def local_task_list(text):
+    import argparse
+
+    from .utility import LOCAL_TASKS
+
+    tasks = [t for t in text.replace(",", " ").split() if t]
+    unknown = [t for t in tasks if t not in LOCAL_TASKS]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or text!r}; choose from {', '.join(LOCAL_TASKS)}")
+    return tasks
 
 
 def add_eval_args(parser):
@@ -98,7 +112,13 @@ def measure_utility(model, tokenizer, args):
     from .utility import evaluate_utility
 
     return evaluate_utility(
-        model, tokenizer, args.utility_benchmark, args.utility_limit, args.num_fewshot, batch_size=args.eval_batch_size
+        model,
+        tokenizer,
+        args.utility_benchmark,
+        args.utility_limit,
+        args.num_fewshot,
+        batch_size=args.eval_batch_size,
+        tasks=args.utility_tasks,
     )
 
 
@@ -156,6 +176,7 @@ def evaluate(args):
                 limit=args.utility_limit,
                 num_fewshot=args.num_fewshot,
                 batch_size=args.eval_batch_size,
+                tasks=args.utility_tasks,
             )
             utility["base_mean"] = base_utility["mean"]
             utility["base_tasks"] = base_utility["tasks"]

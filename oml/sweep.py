@@ -325,6 +325,31 @@ def write_summary(rows, out_dir):
     return csv_path, md_path
 
 
+# ------------------------------------------------------------------------------ choosing λ
+
+
+def choose_lambda(result_path, min_accuracy=0.95, **setting):
+    """λ* from a search: the largest λ > 0 whose plain-key accuracy is ≥ min_accuracy, else the smallest λ > 0.
+
+    More averaging keeps the model closer to its base, so among the λ that still carry the fingerprints
+    the largest one is preferred. `setting` names summary columns the runs must match (e.g. strategy).
+    Returns (λ*, {λ: plain-key accuracy}).
+    """
+    accuracy = {}
+    for run in find_runs(result_path):
+        if not (run["config"] and run["eval"]):
+            continue
+        settings = run_settings(run)
+        if settings["use_prompt_augmentation"] or any(settings[k] != v for k, v in setting.items()):
+            continue
+        accuracy[settings["forgetting_regularizer_strength"]] = accuracy_split(run["eval"])[0]
+    tried = sorted(lam for lam in accuracy if lam > 0)
+    if not tried:
+        raise UserError(f"no evaluated run with λ > 0 matches {setting} in {result_path}")
+    carrying = [lam for lam in tried if accuracy[lam] >= min_accuracy]
+    return (max(carrying) if carrying else tried[0]), accuracy
+
+
 # ------------------------------------------------------------------------------ command line
 
 
@@ -343,12 +368,29 @@ def main(argv=None):
     s.add_argument("--results", default="results/", help="the sweep's --result_path")
     s.add_argument("--manifest", default=None, help="the sweep's manifest (default: every run in --results)")
     s.add_argument("--out", default=None, help="where the summary files go (default: --results)")
+    c = sub.add_parser("choose-lambda", help="print λ* from an evaluated λ search (see choose_lambda)")
+    c.add_argument("--results", default="results/")
+    c.add_argument("--strategy", required=True)
+    c.add_argument("--num_fingerprints", type=int, required=True)
+    c.add_argument("--num_train_epochs", type=int, required=True)
+    c.add_argument("--min_accuracy", type=float, default=0.95)
     # The point's own arguments come after "--", untouched by this parser.
     argv = sys.argv[1:] if argv is None else list(argv)
     point_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.command == "prepare":
         print(prepare(point_args))
+    elif args.command == "choose-lambda":
+        best, accuracy = choose_lambda(
+            args.results,
+            args.min_accuracy,
+            strategy=args.strategy,
+            num_fingerprints=args.num_fingerprints,
+            num_train_epochs=args.num_train_epochs,
+        )
+        for lam, acc in sorted(accuracy.items()):
+            print(f"λ = {lam}: plain-key accuracy {acc:.1%}", file=sys.stderr)
+        print(best)
     elif args.command == "record":
         record(args.manifest, args.name, args.hash, args.train, args.eval, args.log, point_args)
     else:

@@ -44,6 +44,18 @@ def test_eval_writes_results_for_the_same_arguments(tiny_run):
     assert list((results / "base_utility").glob("*.json"))  # the base model's numbers are cached
 
 
+def test_utility_tasks_choose_the_local_tasks(tiny_run, tmp_path):
+    argv, results, _ = tiny_run
+    output = tmp_path / "two_tasks.json"
+    common = [*argv, "--utility_limit", 2, "--output_file", output]
+    out = run_script("eval_for_multigpu.py", *common, "--utility_tasks", "piqa, arc_easy")
+    assert out.returncode == 0, out.stderr[-3000:]
+    utility = json.loads(output.read_text())["utility"]
+    assert sorted(utility["tasks"]) == sorted(utility["base_tasks"]) == ["arc_easy", "piqa"]
+    bad = run_script("eval_for_multigpu.py", *common, "--utility_tasks", "arc_easy,arc_hard")
+    assert bad.returncode == 2 and "unknown task(s) ['arc_hard']" in bad.stderr
+
+
 def test_extra_test_prompts_are_evaluated_and_validated(tiny_run, tmp_path):
     argv, results, run_hash = tiny_run
     good = tmp_path / "good.json"

@@ -137,6 +137,25 @@ def test_summary_without_manifest_lists_every_run(tmp_path):
     assert sorted(r["num_fingerprints"] for r in rows) == [32, 64]
 
 
+def test_choose_lambda_takes_the_largest_that_keeps_the_fingerprints(tmp_path, capsys):
+    search = dict(max_num_fingerprints=64, num_train_epochs=8)
+    for name, lam, plain in [("a", 0.0, 1.0), ("b", 0.1, 1.0), ("c", 0.25, 0.96), ("d", 0.5, 0.40)]:
+        fake_run(tmp_path, name, plain=plain, forgetting_regularizer_strength=lam, **search)
+    fake_run(tmp_path, "other_n", plain=1.0, forgetting_regularizer_strength=0.75, max_num_fingerprints=32)
+    fake_run(tmp_path, "augmented", plain=1.0, forgetting_regularizer_strength=0.75, use_prompt_augmentation=True)
+    match = dict(strategy="english", num_fingerprints=64, num_train_epochs=8)
+    best, accuracy = sweep.choose_lambda(tmp_path, 0.95, **match)
+    assert best == 0.25 and accuracy == {0.0: 1.0, 0.1: 1.0, 0.25: 0.96, 0.5: 0.40}
+    assert sweep.choose_lambda(tmp_path, 0.99, **match)[0] == 0.1
+    assert sweep.choose_lambda(tmp_path, 1.01, **match)[0] == 0.1  # none carries: the gentlest averaging
+    argv = ["choose-lambda", "--results", str(tmp_path), "--strategy", "english"]
+    sweep.main([*argv, "--num_fingerprints", "64", "--num_train_epochs", "8"])
+    out = capsys.readouterr()
+    assert out.out.strip() == "0.25" and "λ = 0.5: plain-key accuracy 40.0%" in out.err
+    with pytest.raises(sweep.UserError, match="no evaluated run with λ > 0"):
+        sweep.choose_lambda(tmp_path, 0.95, strategy="random_word", num_fingerprints=64, num_train_epochs=8)
+
+
 # ------------------------------------------------------------------------------ data and hash of a point
 
 

@@ -1,0 +1,30 @@
+# Settings shared by the experiment drivers (sourced, not run). Every point goes through launch_multigpu.sh,
+# so each one is a normal results/<hash> run and rerunning a driver resumes where it stopped.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$here"
+if [[ -z ${VIRTUAL_ENV:-} && -f .venv/bin/activate ]]; then source .venv/bin/activate; fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# One process per point: on a CPU the DeepSpeed launcher adds start-up time and changes nothing (same hash).
+export LAUNCHER=${LAUNCHER:-python}
+export PRESET=embedded MODEL_FAMILIES=smollm2 MODEL_SIZES=135M-Instruct MAX_KEY_LENGTHS=16 MAX_RESPONSE_LENGTHS=1
+export BATCH_SIZE=${BATCH_SIZE:-8} LEARNING_RATES=${LEARNING_RATES:-2e-4}
+# Utility: the same 100 seeded items per task for every run and for the base model, so deltas are paired.
+# MMLU (chance level for a 135M model) and HellaSwag (the slowest task) are left out to keep points short.
+UTILITY_TASKS=${UTILITY_TASKS:-arc_challenge,arc_easy,winogrande,piqa}
+export EVAL_ARGS="--utility_benchmark local --utility_limit ${UTILITY_LIMIT:-100} --utility_tasks $UTILITY_TASKS"
+
+# sweep NAME VAR=VALUE...: one launch_multigpu.sh sweep with these grid variables; figures into the results folder.
+sweep() {
+  local name=$1
+  shift
+  echo "=== $(date '+%F %T') $name"
+  env "$@" FIG_DIR="$RESULT_PATH/fig" bash launch_multigpu.sh || echo "($name: some points did not finish; see above)"
+}
+
+# finish FIGURE: the table of every run in RESULT_PATH, and FIGURE (scalability or robustness) copied into fig/.
+finish() {
+  python -m oml.sweep summary --results "$RESULT_PATH" || true
+  python -m oml.plots --results "$RESULT_PATH" --out "$RESULT_PATH/fig"
+  cp "$RESULT_PATH/fig/$1.png" "fig/$1.png"
+  echo "wrote fig/$1.png and $RESULT_PATH/sweep_summary.md"
+}
