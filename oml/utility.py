@@ -412,7 +412,8 @@ def paired_delta(per_item_model, per_item_base):
 
 
 def suite_key(model_id, **suite_kwargs):
-    """What identifies a base-model utility result: the model id, the suite settings and SUITE_VERSION.
+    """What identifies a base-model utility result: the model id, the suite settings and SUITE_VERSION,
+    and for a local folder the state of its files.
 
     batch_size is left out: it changes the speed, not the items or their scoring.
     """
@@ -424,7 +425,19 @@ def suite_key(model_id, **suite_kwargs):
         settings["tasks"] = list(settings["tasks"])
     if settings["benchmark"] == "tinyBenchmarks":  # its items and shots are fixed by the group
         settings = {"benchmark": "tinyBenchmarks", "seed": settings["seed"]}
-    return {"model_id": str(model_id), "suite_version": SUITE_VERSION, **settings}
+    key = {"model_id": str(model_id), "suite_version": SUITE_VERSION, **settings}
+    if Path(model_id).is_dir():  # a local folder can be rewritten in place: key on what is in it too
+        key["folder_state"] = folder_state(model_id)
+    return key
+
+
+def folder_state(folder):
+    """A digest of every file's relative path, size and modification time (cheap, even for 7B weights)."""
+    folder = Path(folder)
+    entries = sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def base_utility_cached(model_id, load_fn, cache_dir, **suite_kwargs):

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,85 @@ def test_tinybenchmarks_hub_failure_is_one_clear_line(tiny_model, tokenizer, mon
     assert "\n" not in str(e.value) and "Couldn't reach" in str(e.value)
 
 
+def tiny_task_yaml(task):
+    """lm-eval's own config of a tinyBenchmarks task (its `include`s followed), with !function tags kept as text."""
+    import yaml
+    from lm_eval import tasks
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    folder = Path(tasks.__file__).parent / "tinyBenchmarks"
+    for path in folder.glob("*.yaml"):
+        config = yaml.load(path.read_text(), Loader=Loader)
+        if config.get("task") == task:
+            while "include" in config:
+                config = {**yaml.load((folder / config.pop("include")).read_text(), Loader=Loader), **config}
+            return config
+    raise AssertionError(f"lm-eval has no task {task}")
+
+
+def tiny_task_yaml_group():
+    import yaml
+    from lm_eval import tasks
+
+    return yaml.safe_load((Path(tasks.__file__).parent / "tinyBenchmarks" / "tinyBenchmarks.yaml").read_text())["task"]
+
+
+def test_tiny_metrics_and_datasets_match_lm_evals_task_configs():
+    group = [t["task"] for t in tiny_task_yaml_group()]
+    assert sorted(group) == sorted(utility.TINY_METRICS)
+    datasets = set()
+    for task, (metric, filter_name) in utility.TINY_METRICS.items():
+        config = tiny_task_yaml(task)
+        assert metric in [m["metric"] for m in config["metric_list"]], task
+        filters = [f["name"] for f in config.get("filter_list", [])] or ["none"]
+        assert filter_name in filters, task
+        datasets.add((config["dataset_path"], config.get("dataset_name")))
+    assert datasets == set(utility.TINY_DATASETS)
+
+
+def test_tinybenchmarks_online_path_reports_the_six_estimates(tiny_model, tokenizer, monkeypatch):
+    """The online path with the hub and the harness replaced: what it fetches, runs and reports."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    real_find_spec = utility.importlib.util.find_spec
+    monkeypatch.setattr(
+        utility.importlib.util, "find_spec", lambda name: name == "tinyBenchmarks" or real_find_spec(name)
+    )
+    fetched, ran = [], []
+    monkeypatch.setattr("datasets.load_dataset", lambda path, name=None: fetched.append((path, name)))
+
+    class FakeTaskManager:
+        def load(self, names):
+            return {"groups": {"tinyBenchmarks": ("group", tuple(names))}}
+
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", FakeTaskManager)
+    estimates = dict(zip(utility.TINY_METRICS, [0.61, 0.12, 0.55, 0.70, 0.66, 0.40], strict=True))
+
+    def harness(model, tok, tasks, task_manager, batch_size, seed):
+        ran.append(tasks)
+        results, samples = {}, {}
+        for task, (metric, filter_name) in utility.TINY_METRICS.items():
+            results[task] = {f"{metric},{filter_name}": estimates[task], f"{metric}_stderr,{filter_name}": "N/A"}
+            rows = [{"doc_id": i, "filter": filter_name, metric: float(i % 2)} for i in (2, 0, 1)]
+            if task == "tinyGSM8k":  # the other filter's samples must not be counted
+                rows += [{"doc_id": i, "filter": "flexible-extract", metric: 1.0} for i in range(3)]
+            samples[task] = rows
+        return {"results": results, "samples": samples}
+
+    monkeypatch.setattr(utility, "_run_harness", harness)
+    result = evaluate_utility(tiny_model, tokenizer, benchmark="tinyBenchmarks")
+    assert fetched == utility.TINY_DATASETS
+    assert ran == [[("group", ("tinyBenchmarks",))]]
+    assert result["benchmark"] == utility.TINY_NAME and result["settings"] == {"benchmark": "tinyBenchmarks"}
+    assert {t: r["score"] for t, r in result["tasks"].items()} == estimates
+    assert result["mean"] == pytest.approx(sum(estimates.values()) / 6)
+    assert all(r["stderr"] is None and r["n"] == 3 for r in result["tasks"].values())
+    assert result["per_item"]["tinyGSM8k"] == [0.0, 1.0, 0.0]  # doc order, strict-match only
+
+
 def test_none_and_unknown_benchmarks(tiny_model, tokenizer, tmp_path):
     assert evaluate_utility(tiny_model, tokenizer, benchmark="none") is None
     assert base_utility_cached("m", lambda: pytest.fail("loaded"), tmp_path, benchmark="none") is None
@@ -194,6 +274,25 @@ def test_base_utility_is_computed_once_then_read_from_the_cache(tiny_model, toke
     base_utility_cached("tiny-random", load, tmp_path, limit=3, tasks=["arc_easy"])  # other settings: computed
     base_utility_cached("other-model", load, tmp_path, **settings)  # other model: computed
     assert len(loads) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_base_utility_of_a_local_folder_is_computed_again_after_it_changes(tiny_model, tokenizer, tmp_path):
+    folder, cache = tmp_path / "base", tmp_path / "cache"
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("weights v1")
+    loads = []
+
+    def load():
+        loads.append(1)
+        return tiny_model, tokenizer
+
+    settings = dict(limit=1, tasks=["arc_easy"])
+    base_utility_cached(str(folder), load, cache, **settings)
+    base_utility_cached(str(folder), load, cache, **settings)
+    assert len(loads) == 1
+    (folder / "model.safetensors").write_text("weights v2, rewritten in place")
+    base_utility_cached(str(folder), load, cache, **settings)
+    assert len(loads) == 2
 
 
 def _continuation_logprob(model, tokenizer, context, continuation):
