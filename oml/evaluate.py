@@ -108,6 +108,51 @@ def check_fingerprints(model, tokenizer, pairs, templates, args):
     return summarize(results)
 
 
+# Ordinary requests a chat model should answer. Likelihood benchmarks never ask the model to stop or go on,
+# so they miss a fingerprinted model that ends every chat turn at once (EOS is trained after each response).
+CHAT_QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "How many legs does a spider have?",
+    "Give me a synonym for happy.",
+    "What is 12 plus 7?",
+    "Write one sentence about the sea.",
+    "Which planet is known as the red planet?",
+    "What do bees make?",
+]
+
+
+def chat_answers(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=24):
+    """Greedy answers through the chat template (None when the tokenizer has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    answers = []
+    for question in questions:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        )["input_ids"].to(model.device)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
+def chat_check(answers, base_answers=None):
+    """How many ordinary chat questions get a non-empty answer, and how many the same answer as the base."""
+    if answers is None:
+        return None
+    out = {"questions": CHAT_QUESTIONS[: len(answers)], "answers": answers, "answered": mean(map(bool, answers))}
+    if base_answers is not None:
+        out["base_answers"] = base_answers
+        out["base_answered"] = mean(map(bool, base_answers))
+        out["same_as_base"] = mean(a == b for a, b in zip(answers, base_answers, strict=True))
+    return out
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
 def measure_utility(model, tokenizer, args):
     from .utility import evaluate_utility
 
@@ -152,6 +197,8 @@ def evaluate(args):
     model, tokenizer = load_model_and_tokenizer(model_id, trust_remote_code=args.trust_remote_code)
     fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args)
     seconds["fingerprint_accuracy"] = time.time() - t0
+    answers = chat_answers(model, tokenizer)
+    base_answers = None
     utility = None
     if args.utility_benchmark != "none":
         t = time.time()
@@ -165,6 +212,7 @@ def evaluate(args):
         fingerprint["base_false_positive_rate"] = check_fingerprints(base, base_tok, pairs, templates, args)[
             "mean_accuracy"
         ]
+        base_answers = chat_answers(base, base_tok) if answers is not None else None
         seconds["base_fingerprint_accuracy"] = time.time() - t
         if utility is not None:
             t = time.time()
@@ -186,6 +234,7 @@ def evaluate(args):
     seconds["total"] = time.time() - t0
     results = {
         "fingerprint_accuracy": fingerprint,
+        "chat": chat_check(answers, base_answers),
         "utility": utility,
         "config_hash": None if args.check_model else args.config_hash,
         "model": model_id,
@@ -210,6 +259,13 @@ def format_table(results):
     lines.append(f"{'mean over templates':<{width}} {fa['mean_accuracy']:>7.1%} {fa['mean_fractional_accuracy']:>7.1%}")
     if "base_false_positive_rate" in fa:
         lines.append(f"{'base model (false positives)':<{width}} {fa['base_false_positive_rate']:>7.1%}")
+    chat = results.get("chat")
+    if chat:
+        n = len(chat["answers"])
+        line = f"chat check: {round(chat['answered'] * n)}/{n} ordinary questions answered"
+        if "base_answered" in chat:
+            line += f" (base {round(chat['base_answered'] * n)}/{n}), {round(chat['same_as_base'] * n)}/{n} as the base"
+        lines += ["", line]
     utility = results["utility"]
     if utility:
         lines.append("")

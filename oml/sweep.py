@@ -35,7 +35,7 @@ SETTING_COLUMNS = [
 ]  # fmt: skip
 RESULT_COLUMNS = [
     "fp_accuracy_plain", "fp_accuracy_test_prompts", "base_false_positive_rate", "utility", "utility_base",
-    "utility_delta", "utility_delta_stderr", "train_seconds", "eval_seconds",
+    "utility_delta", "utility_delta_stderr", "chat_answered", "train_seconds", "eval_seconds",
 ]  # fmt: skip
 COLUMNS = ["point", "status", "hash", *SETTING_COLUMNS, *RESULT_COLUMNS, "train", "eval", "log"]
 
@@ -210,6 +210,7 @@ def result_columns(run):
         out["utility_base"] = utility.get("base_mean")
         out["utility_delta"] = utility.get("delta")
         out["utility_delta_stderr"] = utility.get("delta_stderr")
+    out["chat_answered"] = (results.get("chat") or {}).get("answered")
     out["eval_seconds"] = (results.get("seconds") or {}).get("total")
     return out
 
@@ -299,7 +300,7 @@ def short_model(model):
 def markdown_text(rows):
     header = [
         "hash", "model", "strategy", "N", "lr", "λ", "aug", "epochs", "acc plain %", "acc test prompts %",
-        "base FP %", "utility", "Δ utility", "status",
+        "base FP %", "utility", "Δ utility", "chat answered %", "status",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -311,7 +312,8 @@ def markdown_text(rows):
             number(r["learning_rate"], "g"), number(r["forgetting_regularizer_strength"], "g"),
             yes_no(r["use_prompt_augmentation"]), number(r["num_train_epochs"], "d"),
             percent(r.get("fp_accuracy_plain")), percent(r.get("fp_accuracy_test_prompts")),
-            percent(r.get("base_false_positive_rate")), number(r.get("utility")), delta, r["status"],
+            percent(r.get("base_false_positive_rate")), number(r.get("utility")), delta,
+            percent(r.get("chat_answered")), r["status"],
         ]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"

@@ -42,6 +42,17 @@ def test_eval_writes_results_for_the_same_arguments(tiny_run):
     assert {"mean", "base_mean", "delta", "delta_stderr"} <= set(utility)
     assert "mean over templates" in out.stdout and "utility" in out.stdout
     assert list((results / "base_utility").glob("*.json"))  # the base model's numbers are cached
+    chat = data["chat"]
+    assert len(chat["answers"]) == len(chat["base_answers"]) == len(chat["questions"]) == 8
+    assert 0 <= chat["answered"] <= 1 and 0 <= chat["same_as_base"] <= 1
+
+
+def test_chat_check_counts_empty_answers_and_agreement_with_the_base():
+    from oml.evaluate import chat_check
+
+    check = chat_check(["", "Paris.", "", "Eight."], ["Paris is the capital.", "Paris.", "Red.", "Eight."])
+    assert check["answered"] == 0.5 and check["base_answered"] == 1.0 and check["same_as_base"] == 0.5
+    assert chat_check(None) is None and "base_answers" not in chat_check(["a"])
 
 
 def test_utility_tasks_choose_the_local_tasks(tiny_run, tmp_path):
@@ -139,3 +150,6 @@ def test_teacher_forced_verdicts_equal_generate_after_fingerprinting(tmp_path):
     data = json.loads((run.parent / "eval_results.json").read_text())
     assert data["fingerprint_accuracy"]["templates"][0]["accuracy"] == fast[0]["accuracy"]
     assert data["fingerprint_accuracy"]["base_false_positive_rate"] <= 0.05
+    chat = data["chat"]
+    assert chat["base_answered"] == 1.0 and "Paris" in chat["base_answers"][0]  # the real base model chats
+    assert "chat check:" in out.stdout
