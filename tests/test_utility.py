@@ -134,13 +134,20 @@ def test_tinybenchmarks_offline_is_one_clear_line(tiny_model, tokenizer, monkeyp
     assert "HF_HUB_OFFLINE" in str(e.value) and "--utility_benchmark local" in str(e.value)
 
 
-def test_tinybenchmarks_without_its_package_is_one_clear_line(tiny_model, tokenizer, monkeypatch):
+def go_online(monkeypatch, tiny_benchmarks_installed):
+    """As on a machine with the hub: offline flags unset, the tinyBenchmarks package present or not."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     real_find_spec = utility.importlib.util.find_spec
-    monkeypatch.setattr(
-        utility.importlib.util, "find_spec", lambda name: None if name == "tinyBenchmarks" else real_find_spec(name)
-    )
+
+    def find_spec(name):
+        return (object() if tiny_benchmarks_installed else None) if name == "tinyBenchmarks" else real_find_spec(name)
+
+    monkeypatch.setattr(utility.importlib.util, "find_spec", find_spec)
+
+
+def test_tinybenchmarks_without_its_package_is_one_clear_line(tiny_model, tokenizer, monkeypatch):
+    go_online(monkeypatch, tiny_benchmarks_installed=False)
     monkeypatch.setattr("datasets.load_dataset", lambda *a, **k: pytest.fail("tried the network"))
     with pytest.raises(UserError) as e:
         evaluate_utility(tiny_model, tokenizer, benchmark="tinyBenchmarks")
@@ -148,12 +155,7 @@ def test_tinybenchmarks_without_its_package_is_one_clear_line(tiny_model, tokeni
 
 
 def test_tinybenchmarks_hub_failure_is_one_clear_line(tiny_model, tokenizer, monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    real_find_spec = utility.importlib.util.find_spec
-    monkeypatch.setattr(
-        utility.importlib.util, "find_spec", lambda name: name == "tinyBenchmarks" or real_find_spec(name)
-    )
+    go_online(monkeypatch, tiny_benchmarks_installed=True)
 
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'tinyBenchmarks/tinyAI2_arc' on the Hub\n(details)")
@@ -205,12 +207,7 @@ def test_tiny_metrics_and_datasets_match_lm_evals_task_configs():
 
 def test_tinybenchmarks_online_path_reports_the_six_estimates(tiny_model, tokenizer, monkeypatch):
     """The online path with the hub and the harness replaced: what it fetches, runs and reports."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    real_find_spec = utility.importlib.util.find_spec
-    monkeypatch.setattr(
-        utility.importlib.util, "find_spec", lambda name: name == "tinyBenchmarks" or real_find_spec(name)
-    )
+    go_online(monkeypatch, tiny_benchmarks_installed=True)
     fetched, ran = [], []
     monkeypatch.setattr("datasets.load_dataset", lambda path, name=None: fetched.append((path, name)))
 
