@@ -68,6 +68,10 @@ TRAIN_ARGS = [
     (["--max_num_fingerprints", "--num_fingerprints"], dict(type=int, default=None, dest="max_num_fingerprints")),
     (["--use_prompt_augmentation"], dict(action="store_true", help="wrap keys in random training system prompts")),
     (["--use_chat_template"], dict(action="store_true", help="key as user turn, response as assistant turn")),
+    (
+        ["--append_eos"],
+        dict(action="store_true", help="also train EOS after each response (the seed does not; it can cost utility)"),
+    ),
     (["--num_train_epochs"], dict(type=int, default=None)),
     (["--batch_size"], dict(type=int, default=None, help="fingerprints per optimizer step, over all ranks")),
     (["--weight_decay"], dict(type=float, default=1e-4)),
@@ -94,6 +98,7 @@ HASHED = [
     "use_prompt_augmentation",
     "augmentation_prompts_digest",
     "use_chat_template",
+    "append_eos",
     "num_train_epochs",
     "batch_size",
     "weight_decay",

@@ -1,6 +1,8 @@
 """Fingerprint fine-tuning: data, the HF Trainer run, weight averaging toward the base model, saving.
 
-Each example is prompt tokens + response tokens + EOS; the loss covers the response and EOS only.
+Each example is prompt tokens + response tokens (+ EOS with --append_eos); the loss covers the response
+(and EOS) only. Like the seed, EOS is not trained by default: on a chat model, a few steps of EOS after short
+raw-text responses teach it to end every chat turn at once and cost utility (see the README's results).
 With --use_prompt_augmentation every draw of a fingerprint wraps its key in a random training system
 prompt. After every epoch the weights are pulled toward the base model, θ ← (1-λ)θ + λθ_base, on every
 rank and on the copy the optimizer steps from (DeepSpeed's fp32 master weights), so it really sticks.
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
 class FingerprintDataset(Dataset):
     """(key, response) pairs as token ids; with templates, each draw picks a random one for the key."""
 
-    def __init__(self, pairs, tokenizer, templates=None, use_chat_template=False, seed=0):
+    def __init__(self, pairs, tokenizer, templates=None, use_chat_template=False, seed=0, append_eos=False):
         self.pairs, self.tokenizer, self.use_chat_template = pairs, tokenizer, use_chat_template
+        self.append_eos = append_eos
         self.templates = templates or ["{}"]
         self.rng = random.Random(seed)
         self.cache = {}
@@ -51,7 +54,7 @@ class FingerprintDataset(Dataset):
     def __getitem__(self, i):
         template = self.rng.choice(self.templates) if len(self.templates) > 1 else self.templates[0]
         prompt_ids, response_ids = self.encode(i, template)
-        target = response_ids + [self.tokenizer.eos_token_id]
+        target = response_ids + ([self.tokenizer.eos_token_id] if self.append_eos else [])
         return {"input_ids": prompt_ids + target, "labels": [-100] * len(prompt_ids) + target}
 
 
@@ -219,7 +222,9 @@ def peak_memory_gb():
 
 def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=print, extra_callbacks=()):
     """Fine-tune `model` in place on the pairs; returns (training metrics, the Trainer)."""
-    dataset = FingerprintDataset(pairs, tokenizer, templates, args.use_chat_template, seed=args.seed + rank())
+    dataset = FingerprintDataset(
+        pairs, tokenizer, templates, args.use_chat_template, seed=args.seed + rank(), append_eos=args.append_eos
+    )
     base_weights = snapshot_weights(model) if args.forgetting_regularizer_strength > 0 else None
     epoch_callback = EpochCallback(base_weights, args.forgetting_regularizer_strength, log_fn)
     trainer = FingerprintTrainer(
@@ -235,9 +240,9 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
     result = trainer.train()
     seconds = time.time() - start
     shutil.rmtree(output_dir, ignore_errors=True)
-    # tokens per epoch of the plain keys (+ response + EOS); augmentation templates add more than this counts
+    # tokens per epoch of the plain keys (+ response, + EOS); augmentation templates add more than this counts
     encoded = (dataset.encode(i, "{}") for i in range(len(pairs)))
-    tokens = sum(len(prompt) + len(response) + 1 for prompt, response in encoded)
+    tokens = sum(len(prompt) + len(response) + args.append_eos for prompt, response in encoded)
     return {
         "train_loss": result.training_loss,
         "epoch_losses": epoch_callback.epoch_losses,

@@ -40,16 +40,17 @@ def max_abs_diff(a, b):
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("add_bos", [False, True])
-def test_loss_covers_response_and_eos_only(embedded_tokenizer, padding_side, add_bos):
+@pytest.mark.parametrize("append_eos", [False, True])
+def test_loss_covers_the_response_only(embedded_tokenizer, padding_side, add_bos, append_eos):
     tok = embedded_tokenizer
     tok.add_bos_token = add_bos
     try:
-        dataset = FingerprintDataset(PAIRS, tok)
+        dataset = FingerprintDataset(PAIRS, tok, append_eos=append_eos)
         batch = PadCollator(tok.pad_token_id, padding_side)([dataset[0], dataset[1]])
         for row, pair in enumerate(PAIRS):
             mask = batch["attention_mask"][row].bool()
             ids, labels = batch["input_ids"][row][mask], batch["labels"][row][mask]
-            response = tok(pair["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            response = tok(pair["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * append_eos
             prompt = tok(pair["key"])["input_ids"]
             assert (ids[0].item() == tok.bos_token_id) == add_bos
             assert ids.tolist() == prompt + response
