@@ -3,15 +3,17 @@
 # fingerprints, random-word and english fingerprints, without averaging (λ = 0) and with it (λ*).
 #   1. λ search: 64 english fingerprints, λ in LAMBDAS; λ* is the largest λ whose plain-key accuracy stays
 #      ≥ 95% (the more averaging, the closer to the base model), else the smallest λ > 0 tried.
-#   2. the grid: N in 16 64 256, then 512 english / 1024 random words, each with λ = 0 and λ = λ*.
+#   2. the grid, largest first where it matters: N in 256 64 16, then 512 english / 1024 random words,
+#      each with λ = 0 and λ = λ*. lr 1e-4, 8 epochs, batch 8 (the README says why).
 #   bash experiments/scalability.sh           # resumable; hours on 2 CPU cores (256: ~15 min a point)
-#   NUMS="16 64" bash experiments/scalability.sh
+#   NUMS="64 16" bash experiments/scalability.sh
 # Writes results/scalability/sweep_summary.md and fig/scalability.png.
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 export RESULT_PATH=${RESULT_PATH:-results/scalability}
 EPOCHS=${EPOCHS:-8}
-LAMBDAS=${LAMBDAS:-0.0 0.1 0.25 0.5}
+export LEARNING_RATES=${LEARNING_RATES_SCALABILITY:-1e-4}
+LAMBDAS=${LAMBDAS:-0.0 0.1 0.25}
 
 sweep "λ search (64 english)" FINGERPRINT_GENERATION_STRATEGIES=english MAX_NUM_FINGERPRINTS=64 \
   FORGETTING_REGULARIZER_STRENGTHS="$LAMBDAS" USE_PROMPT_AUGMENTATION=false EPOCHS="$EPOCHS"
@@ -19,7 +21,7 @@ best=$(python -m oml.sweep choose-lambda --results "$RESULT_PATH" --strategy eng
   --num_train_epochs "$EPOCHS" --min_accuracy 0.95) || exit 1
 echo "λ* = $best"
 
-for n in ${NUMS:-16 64 256 512 1024}; do
+for n in ${NUMS:-256 64 16 512 1024}; do
   for strategy in english random_word; do
     if [[ $strategy == english && $n -gt 512 ]] || [[ $strategy == random_word && $n == 512 ]]; then continue; fi
     sweep "$strategy, $n fingerprints" FINGERPRINT_GENERATION_STRATEGIES=$strategy MAX_NUM_FINGERPRINTS=$n \
