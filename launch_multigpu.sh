@@ -7,8 +7,8 @@
 # written to results/sweep_summary.{csv,md}, the figures are redrawn into fig/, and the exit status is non-zero
 # if any point failed. Rerunning the same command resumes an interrupted sweep. Logs: results/sweep_logs/.
 #
-# The default grid is a CPU demo on the embedded SmolLM2-135M-Instruct (what `make run` does, ~7 min on
-# 2 cores): 32 English fingerprints without and with prompt augmentation. PRESET=seed selects the original
+# The default grid is a CPU demo on the embedded SmolLM2-135M-Instruct (what `make run` does, ~10 min on
+# 2 cores): 32 English fingerprints without and with prompt augmentation, lr 1e-4, λ 0.1, 16 epochs. PRESET=seed selects the original
 # GPU grid: Mistral-7B, 1024 fingerprints, lr 1e-5, λ 0.75, `--preset seed`, utility on tinyBenchmarks.
 #
 # Every list below can be overridden from the environment (space-separated), without editing this file:
@@ -39,11 +39,11 @@ embedded)
   max_key_lengths=(16)
   max_response_lengths=(1)
   fingerprint_generation_strategies=(english)
-  learning_rates=(2e-4)
-  forgetting_regularizer_strengths=(0.0)
+  learning_rates=(1e-4)
+  forgetting_regularizer_strengths=(0.1)
   max_num_fingerprints=(32)
   use_prompt_augmentation=(false true)
-  epochs=(12)
+  epochs=(16)
   batch_size=8
   eval_args="--utility_benchmark local --utility_limit 30"
   ;;
