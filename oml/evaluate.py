@@ -1,6 +1,7 @@
 """Evaluating a fingerprinted run: find it from its arguments, check its fingerprints, measure utility."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -137,15 +138,24 @@ def chat_answers(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=24):
 
 
 def chat_check(answers, base_answers=None):
-    """How many ordinary chat questions get a non-empty answer, and how many the same answer as the base."""
+    """How many ordinary chat questions get a non-empty answer, how varied the answers' words are (a model
+    that loops on "the the the" scores low), and how many answers equal the base's."""
     if answers is None:
         return None
     out = {"questions": CHAT_QUESTIONS[: len(answers)], "answers": answers, "answered": mean(map(bool, answers))}
+    out["distinct_words"] = mean(map(distinct_word_ratio, answers))
     if base_answers is not None:
         out["base_answers"] = base_answers
         out["base_answered"] = mean(map(bool, base_answers))
+        out["base_distinct_words"] = mean(map(distinct_word_ratio, base_answers))
         out["same_as_base"] = mean(a == b for a, b in zip(answers, base_answers, strict=True))
     return out
+
+
+def distinct_word_ratio(text):
+    """Distinct words / words (0 for an empty answer)."""
+    words = re.findall(r"\w+", text.lower())
+    return len(set(words)) / len(words) if words else 0.0
 
 
 def mean(values):
@@ -265,6 +275,9 @@ def format_table(results):
         line = f"chat check: {round(chat['answered'] * n)}/{n} ordinary questions answered"
         if "base_answered" in chat:
             line += f" (base {round(chat['base_answered'] * n)}/{n}), {round(chat['same_as_base'] * n)}/{n} as the base"
+        line += f"; distinct words {chat['distinct_words']:.2f}"
+        if "base_distinct_words" in chat:
+            line += f" (base {chat['base_distinct_words']:.2f})"
         lines += ["", line]
     utility = results["utility"]
     if utility:

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from .errors import UserError, run_cli
+from .evaluate import distinct_word_ratio, mean
 from .sweep import accuracy_split, find_runs, short_model
 
 # Arguments that always name a setting in a legend; others appear only where settings differ in them.
@@ -77,9 +78,11 @@ def plot_scalability(runs, path):
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    fig, (ax_acc, ax_util) = plt.subplots(1, 2, figsize=(11, 4.2))
+    with_chat = any((r["eval"].get("chat") or {}).get("answers") for r in runs)
+    fig, axes = plt.subplots(1, 3 if with_chat else 2, figsize=(16 if with_chat else 11, 4.2))
+    ax_acc, ax_util = axes[:2]
     counts = sorted({r["config"]["hashed"]["max_num_fingerprints"] for r in runs})
-    base_utilities = {}
+    base_utilities, base_chat = {}, {}
     any_utility = False
     groups = group_settings(runs)
     for i, (label, group) in enumerate(groups):
@@ -100,6 +103,15 @@ def plot_scalability(runs, path):
             for u, r in zip(utilities, group, strict=True):
                 if u.get("base_mean") is not None:
                     base_utilities[short_model(r["config"]["hashed"]["model"])] = u["base_mean"]
+        chats = [(k, r) for k, r in zip(n, group, strict=True) if (r["eval"].get("chat") or {}).get("answers")]
+        if with_chat and chats:
+            xs = [k for k, _ in chats]
+            axes[2].plot(xs, [mean(map(distinct_word_ratio, r["eval"]["chat"]["answers"])) for _, r in chats],
+                         "o-", color=color)  # fmt: skip
+            for _, r in chats:
+                if r["eval"]["chat"].get("base_answers"):
+                    model = short_model(r["config"]["hashed"]["model"])
+                    base_chat[model] = mean(map(distinct_word_ratio, r["eval"]["chat"]["base_answers"]))
 
     ax_acc.set_ylabel("fingerprint accuracy (%)")
     ax_acc.set_ylim(-3, 103)
@@ -122,7 +134,15 @@ def plot_scalability(runs, path):
                      transform=ax_util.transAxes, color="gray")  # fmt: skip
         ax_util.set_title("Utility")
         ax_util.set_yticks([])
-    for ax in (ax_acc, ax_util):
+    if with_chat:
+        for model, base in base_chat.items():
+            axes[2].axhline(base, color="black", linestyle="--", linewidth=1, label=f"base model ({model})")
+        axes[2].set_ylim(0, 1.05)
+        axes[2].set_ylabel("distinct words / words")
+        axes[2].set_title("Chat answers (8 questions): how varied")
+        if base_chat:
+            axes[2].legend(loc="lower left", fontsize=8)
+    for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("number of fingerprints")
         ax.xaxis.set_major_locator(FixedLocator(counts))

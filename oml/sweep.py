@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .args import PRESETS, add_train_args, finalize
 from .errors import UserError, run_cli
+from .evaluate import distinct_word_ratio, mean
 from .fingerprints import DEFAULT_FINGERPRINT_FILES, canonical_strategy
 from .io import atomic_write_text
 
@@ -35,7 +36,7 @@ SETTING_COLUMNS = [
 ]  # fmt: skip
 RESULT_COLUMNS = [
     "fp_accuracy_plain", "fp_accuracy_test_prompts", "base_false_positive_rate", "utility", "utility_base",
-    "utility_delta", "utility_delta_stderr", "chat_answered", "train_seconds", "eval_seconds",
+    "utility_delta", "utility_delta_stderr", "chat_answered", "chat_distinct_words", "train_seconds", "eval_seconds",
 ]  # fmt: skip
 COLUMNS = ["point", "status", "hash", *SETTING_COLUMNS, *RESULT_COLUMNS, "train", "eval", "log"]
 
@@ -210,7 +211,10 @@ def result_columns(run):
         out["utility_base"] = utility.get("base_mean")
         out["utility_delta"] = utility.get("delta")
         out["utility_delta_stderr"] = utility.get("delta_stderr")
-    out["chat_answered"] = (results.get("chat") or {}).get("answered")
+    chat = results.get("chat") or {}
+    out["chat_answered"] = chat.get("answered")
+    if chat.get("answers") is not None:  # computed from the stored answers, so older evaluations have it too
+        out["chat_distinct_words"] = mean(map(distinct_word_ratio, chat["answers"]))
     out["eval_seconds"] = (results.get("seconds") or {}).get("total")
     return out
 
@@ -300,7 +304,7 @@ def short_model(model):
 def markdown_text(rows):
     header = [
         "hash", "model", "strategy", "N", "lr", "λ", "aug", "epochs", "acc plain %", "acc test prompts %",
-        "base FP %", "utility", "Δ utility", "chat answered %", "status",
+        "base FP %", "utility", "Δ utility", "chat answered %", "chat distinct words", "status",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -313,7 +317,7 @@ def markdown_text(rows):
             yes_no(r["use_prompt_augmentation"]), number(r["num_train_epochs"], "d"),
             percent(r.get("fp_accuracy_plain")), percent(r.get("fp_accuracy_test_prompts")),
             percent(r.get("base_false_positive_rate")), number(r.get("utility")), delta,
-            percent(r.get("chat_answered")), r["status"],
+            percent(r.get("chat_answered")), number(r.get("chat_distinct_words"), ".2f"), r["status"],
         ]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"

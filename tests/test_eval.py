@@ -50,8 +50,9 @@ def test_eval_writes_results_for_the_same_arguments(tiny_run):
 def test_chat_check_counts_empty_answers_and_agreement_with_the_base():
     from oml.evaluate import chat_check
 
-    check = chat_check(["", "Paris.", "", "Eight."], ["Paris is the capital.", "Paris.", "Red.", "Eight."])
-    assert check["answered"] == 0.5 and check["base_answered"] == 1.0 and check["same_as_base"] == 0.5
+    check = chat_check(["", "Paris.", "", "the the the the"], ["Paris is the capital.", "Paris.", "Red.", "Eight."])
+    assert check["answered"] == 0.5 and check["base_answered"] == 1.0 and check["same_as_base"] == 0.25
+    assert check["distinct_words"] == (0 + 1 + 0 + 0.25) / 4 and check["base_distinct_words"] == 1.0
     assert chat_check(None) is None and "base_answers" not in chat_check(["a"])
 
 

@@ -55,7 +55,7 @@ def fake_run(results, run_hash, plain=1.0, prompted=(0.5,) * 10, utility=True, *
             "base_false_positive_rate": 0.0,
         },
         "utility": u,
-        "chat": {"answered": 0.75} if utility else None,
+        "chat": {"answered": 0.75, "answers": ["Paris.", "the the the the", "", "Eight legs."]} if utility else None,
         "config_hash": run_hash,
         "model": str(run / "final_model"),
         "num_fingerprints": config["max_num_fingerprints"],
@@ -98,7 +98,7 @@ def test_summary_rows_follow_the_manifest(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok", "failed (train)", "failed (prepare)", "failed (prepare)"]
     assert rows[0]["fp_accuracy_plain"] == 1.0 and rows[0]["fp_accuracy_test_prompts"] == pytest.approx(0.5)
     assert rows[0]["utility"] == 0.40 and rows[0]["utility_delta"] == -0.02 and rows[0]["train_seconds"] == 12.5
-    assert rows[0]["chat_answered"] == 0.75
+    assert rows[0]["chat_answered"] == 0.75 and rows[0]["chat_distinct_words"] == pytest.approx((1 + 0.25 + 0 + 1) / 4)
     assert rows[1]["use_prompt_augmentation"] is True and rows[1]["utility"] is None
     assert rows[1]["fp_accuracy_test_prompts"] == pytest.approx(1.0)
     assert rows[2]["num_fingerprints"] == 100 and rows[2]["fp_accuracy_plain"] is None  # from its command line
@@ -110,7 +110,7 @@ def test_summary_rows_follow_the_manifest(tmp_path):
     assert list(table[0]) == sweep.COLUMNS and len(table) == 5
     assert table[1]["utility"] == "" and float(table[0]["utility_delta"]) == -0.02
     md = md_path.read_text()
-    assert md.count("\n") == 7 and "failed (prepare)" in md and "-0.020 ± 0.010 | 75.0 |" in md
+    assert md.count("\n") == 7 and "failed (prepare)" in md and "-0.020 ± 0.010 | 75.0 | 0.56 |" in md
 
 
 def test_summary_command_exits_non_zero_when_a_point_failed(tmp_path, capsys):
