@@ -270,7 +270,8 @@ def test_embedded_model_learns_16_fingerprints(tmp_path, launcher):
     result = run_script(
         "finetune_multigpu.py", "--fingerprints_file_path", fp, "--fingerprint_generation_strategy", "random_word",
         "--max_num_fingerprints", 16, "--max_response_length", 2, "--num_train_epochs", 10, "--batch_size", 8,
-        "--learning_rate", 3e-4, "--result_path", tmp_path / "r", launcher=launcher,
+        "--learning_rate", 3e-4, "--forgetting_regularizer_strength", 0, "--result_path", tmp_path / "r",
+        launcher=launcher,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run,) = (tmp_path / "r").glob("*/final_model")
