@@ -2,7 +2,7 @@
 # The seed's second result on the embedded model: fingerprints that survive unseen system prompts thanks to
 # prompt augmentation. 32 english fingerprints. The evaluation reports the plain-key accuracy, the accuracy
 # under each of the 10 test prompts (never used in training), the chat check and the paired utility delta.
-#   1. recipe search with augmentation on: learning rate × λ, 16 epochs;
+#   1. recipe search with augmentation on: learning rate × λ at 16 epochs, and 32 epochs at λ 0.1;
 #   2. augmentation off and on with the chosen recipe (LR, LAMBDA, EPOCHS below; the README says why),
 #      and the same recipe with EOS trained after each response (--append_eos), to show what that costs.
 #   bash experiments/robustness.sh            # resumable; about 45 min on 2 CPU cores
@@ -16,7 +16,9 @@ sweep "recipe search: λ > 0" "${point[@]}" USE_PROMPT_AUGMENTATION=true LEARNIN
   FORGETTING_REGULARIZER_STRENGTHS="0.25 0.1" EPOCHS=16
 sweep "recipe search: λ 0" "${point[@]}" USE_PROMPT_AUGMENTATION=true LEARNING_RATES=3e-5 \
   FORGETTING_REGULARIZER_STRENGTHS=0.0 EPOCHS=16
-recipe=(LEARNING_RATES="${LR:-1e-4}" FORGETTING_REGULARIZER_STRENGTHS="${LAMBDA:-0.25}" EPOCHS="${EPOCHS:-16}")
+sweep "recipe search: λ 0.1, twice the epochs" "${point[@]}" USE_PROMPT_AUGMENTATION=true LEARNING_RATES=1e-4 \
+  FORGETTING_REGULARIZER_STRENGTHS=0.1 EPOCHS=32
+recipe=(LEARNING_RATES="${LR:-1e-4}" FORGETTING_REGULARIZER_STRENGTHS="${LAMBDA:-0.1}" EPOCHS="${EPOCHS:-16}")
 sweep "augmentation off/on" "${point[@]}" "${recipe[@]}" USE_PROMPT_AUGMENTATION="false true"
 sweep "augmentation on, EOS trained" "${point[@]}" "${recipe[@]}" USE_PROMPT_AUGMENTATION=true EXTRA_ARGS=--append_eos
 finish robustness
