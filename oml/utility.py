@@ -30,7 +30,7 @@ from .errors import UserError
 from .io import atomic_write_json
 
 BENCHMARKS = ("tinyBenchmarks", "local", "none")
-LOCAL_NAME = "local (offline ARC-C/ARC-E/HellaSwag/MMLU/Winogrande/PIQA subset, not tinyBenchmarks)"
+LOCAL_NAME = "local (offline {} subset, not tinyBenchmarks)"
 TINY_NAME = "tinyBenchmarks (lm-eval group, IRT estimates)"
 
 # Bump when prompts, subsets or scoring of a suite change: cached base-model results then miss.
@@ -365,7 +365,7 @@ def evaluate_utility(
         name, settings = TINY_NAME, {"benchmark": benchmark}
     else:
         task_scores, per_item = _run_local(model, tokenizer, limit, num_fewshot, seed, batch_size, tasks)
-        name = LOCAL_NAME
+        name = LOCAL_NAME.format("/".join(task_scores))
         settings = {"benchmark": benchmark, "limit": limit, "num_fewshot": num_fewshot, "seed": seed}
         settings["tasks"] = list(task_scores)
     return {

@@ -64,6 +64,7 @@ def test_utility_tasks_choose_the_local_tasks(tiny_run, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     utility = json.loads(output.read_text())["utility"]
     assert sorted(utility["tasks"]) == sorted(utility["base_tasks"]) == ["arc_easy", "piqa"]
+    assert utility["benchmark"] == "local (offline piqa/arc_easy subset, not tinyBenchmarks)"
     bad = run_script("eval_for_multigpu.py", *common, "--utility_tasks", "arc_easy,arc_hard")
     assert bad.returncode == 2 and "unknown task(s) ['arc_hard']" in bad.stderr
 
