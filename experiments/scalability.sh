@@ -4,7 +4,7 @@
 #   1. λ search: 64 english fingerprints, λ in LAMBDAS; λ* is the largest λ whose plain-key accuracy stays
 #      ≥ 95% (the more averaging, the closer to the base model), else the smallest λ > 0 tried.
 #   2. the grid, largest first where it matters: N in 256 64 16, then 512 english / 1024 random words,
-#      each with λ = 0 and λ = λ*. lr 1e-4, 8 epochs, batch 8 (the README says why).
+#      each with λ = 0 and λ = λ*, and 256 english at λ 0.1. lr 1e-4, 8 epochs, batch 8 (the README says why).
 #   bash experiments/scalability.sh           # resumable; hours on 2 CPU cores (256: ~15 min a point)
 #   NUMS="64 16" bash experiments/scalability.sh
 # Writes results/scalability/sweep_summary.md and fig/scalability.png.
@@ -28,4 +28,7 @@ for n in ${NUMS:-256 64 16 512 1024}; do
       FORGETTING_REGULARIZER_STRENGTHS="0.0 $best" USE_PROMPT_AUGMENTATION=false EPOCHS="$EPOCHS"
   done
 done
+# λ = 0.1 at 256 english fingerprints: between no averaging and λ*, where the two part ways.
+sweep "english, 256 fingerprints, λ 0.1" FINGERPRINT_GENERATION_STRATEGIES=english MAX_NUM_FINGERPRINTS=256 \
+  FORGETTING_REGULARIZER_STRENGTHS=0.1 USE_PROMPT_AUGMENTATION=false EPOCHS="$EPOCHS"
 finish scalability
