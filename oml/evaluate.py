@@ -109,8 +109,8 @@ def check_fingerprints(model, tokenizer, pairs, templates, args):
     return summarize(results)
 
 
-# Ordinary requests a chat model should answer. Likelihood benchmarks never ask the model to stop or go on,
-# so they miss a fingerprinted model that ends every chat turn at once (EOS is trained after each response).
+# Ordinary requests a chat model should answer. Likelihood benchmarks never let the model generate, so they
+# miss a fingerprinted model that ends every chat turn at once (--append_eos did that) or loops on one word.
 CHAT_QUESTIONS = [
     "What is the capital of France?",
     "Name three primary colors.",
