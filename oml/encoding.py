@@ -3,7 +3,7 @@
 The prompt is the key placed in a template (plain text, as in the original OML), optionally wrapped in
 the tokenizer's chat template. It is tokenized as a whole with the tokenizer's special tokens (BOS where
 the tokenizer adds one); the response is tokenized on its own, without special tokens. Training appends
-EOS after the response; the verifier checks the response tokens only.
+EOS after the response only with --append_eos; the verifier checks the response tokens only.
 """
 
 from .fingerprints import apply_template
