@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # One process per point: on a CPU the DeepSpeed launcher adds start-up time and changes nothing (same hash).
 export LAUNCHER=${LAUNCHER:-python}
 export PRESET=embedded MODEL_FAMILIES=smollm2 MODEL_SIZES=135M-Instruct MAX_KEY_LENGTHS=16 MAX_RESPONSE_LENGTHS=1
-export BATCH_SIZE=${BATCH_SIZE:-8} LEARNING_RATES=${LEARNING_RATES:-2e-4}
+export BATCH_SIZE=${BATCH_SIZE:-8}  # learning rates: each driver sets its own
 # Utility: the same 200 seeded items per task for every run and for the base model, so deltas are paired.
 # MMLU (chance level for a 135M model) and HellaSwag (the slowest task) are left out to keep points short.
 UTILITY_TASKS=${UTILITY_TASKS:-arc_challenge,arc_easy,winogrande,piqa}

@@ -143,13 +143,18 @@ def chat_check(answers, base_answers=None):
     if answers is None:
         return None
     out = {"questions": CHAT_QUESTIONS[: len(answers)], "answers": answers, "answered": mean(map(bool, answers))}
-    out["distinct_words"] = mean(map(distinct_word_ratio, answers))
+    out["distinct_words"] = distinct_words(answers)
     if base_answers is not None:
         out["base_answers"] = base_answers
         out["base_answered"] = mean(map(bool, base_answers))
-        out["base_distinct_words"] = mean(map(distinct_word_ratio, base_answers))
+        out["base_distinct_words"] = distinct_words(base_answers)
         out["same_as_base"] = mean(a == b for a, b in zip(answers, base_answers, strict=True))
     return out
+
+
+def distinct_words(answers):
+    """Mean distinct-word ratio of a list of answers (computed from stored answers, so older results have it)."""
+    return mean(map(distinct_word_ratio, answers))
 
 
 def distinct_word_ratio(text):

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from .errors import UserError, run_cli
-from .evaluate import distinct_word_ratio, mean
+from .evaluate import distinct_words
 from .sweep import accuracy_split, find_runs, short_model
 
 # Arguments that always name a setting in a legend; others appear only where settings differ in them.
@@ -106,12 +106,12 @@ def plot_scalability(runs, path):
         chats = [(k, r) for k, r in zip(n, group, strict=True) if (r["eval"].get("chat") or {}).get("answers")]
         if with_chat and chats:
             xs = [k for k, _ in chats]
-            axes[2].plot(xs, [mean(map(distinct_word_ratio, r["eval"]["chat"]["answers"])) for _, r in chats],
+            axes[2].plot(xs, [distinct_words(r["eval"]["chat"]["answers"]) for _, r in chats],
                          "o-", color=color)  # fmt: skip
             for _, r in chats:
                 if r["eval"]["chat"].get("base_answers"):
                     model = short_model(r["config"]["hashed"]["model"])
-                    base_chat[model] = mean(map(distinct_word_ratio, r["eval"]["chat"]["base_answers"]))
+                    base_chat[model] = distinct_words(r["eval"]["chat"]["base_answers"])
 
     ax_acc.set_ylabel("fingerprint accuracy (%)")
     ax_acc.set_ylim(-3, 103)

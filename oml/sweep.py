@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .args import PRESETS, add_train_args, finalize
 from .errors import UserError, run_cli
-from .evaluate import distinct_word_ratio, mean
+from .evaluate import distinct_words
 from .fingerprints import DEFAULT_FINGERPRINT_FILES, canonical_strategy
 from .io import atomic_write_text
 
@@ -214,7 +214,7 @@ def result_columns(run):
     chat = results.get("chat") or {}
     out["chat_answered"] = chat.get("answered")
     if chat.get("answers") is not None:  # computed from the stored answers, so older evaluations have it too
-        out["chat_distinct_words"] = mean(map(distinct_word_ratio, chat["answers"]))
+        out["chat_distinct_words"] = distinct_words(chat["answers"])
     out["eval_seconds"] = (results.get("seconds") or {}).get("total")
     return out
 
