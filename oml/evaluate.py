@@ -16,6 +16,9 @@ EVAL_ARGS = [
     (["--verify_with_generate"], dict(action="store_true",
                                       help="slow reference: one model.generate per (template, key)")),
     (["--temperature"], dict(type=float, default=0.0, help="with --verify_with_generate: sample at this temperature")),
+    (["--screen_bf16"], dict(action="store_true",
+                             help="fp32 model: decide verdicts on a bf16 copy and recompute near-ties in fp32 "
+                                  "(~2x faster on CPUs with AMX; see oml/verify.py)")),
     (["--utility_benchmark"], dict(default="local", choices=["local", "tinyBenchmarks", "none"])),
     (["--utility_limit"], dict(type=int, default=100, help="items per task of the local suite")),
     (["--utility_tasks"], dict(default=None, type=lambda text: local_task_list(text),
@@ -103,9 +106,22 @@ def check_fingerprints(model, tokenizer, pairs, templates, args):
             model, tokenizer, pairs, templates, args.use_chat_template, args.temperature, args.seed
         )
     else:
+        import torch
+
         results = verify_teacher_forced(
-            model, tokenizer, pairs, templates, args.use_chat_template, batch_size=args.eval_batch_size
+            model,
+            tokenizer,
+            pairs,
+            templates,
+            args.use_chat_template,
+            batch_size=args.eval_batch_size,
+            screen_dtype=torch.bfloat16 if args.screen_bf16 else None,
         )
+        if any("rechecked" in r for r in results):
+            print(
+                f"bf16 screen: {sum(r['rechecked'] for r in results)} of {len(pairs) * len(templates)} pairs "
+                f"near a tie, recomputed in {model.dtype}"
+            )
     return summarize(results)
 
 

@@ -24,8 +24,15 @@ little padding; logits only at response positions, not over the whole vocabulary
 and the tokens every prompt of a template starts with (its system text) run once, for all templates
 in one batched pass, their KV cache then copied into each batch.
 
+On a CPU with bf16 matrix units (AMX), screen_dtype=torch.bfloat16 runs that pass on a bf16 copy of the
+model and recomputes in the model's own dtype only the pairs where some response position has its top two
+logits within SCREEN_MARGIN of each other: only there can bf16 rounding have flipped the argmax. The margin
+is a measured bound, not a proven one (see SCREEN_MARGIN), which is why the screen is opt-in.
+
 Tokens come from oml.encoding.encode_pair, exactly as in training.
 """
+
+import copy
 
 import torch
 from tqdm import tqdm
@@ -37,6 +44,10 @@ from .errors import UserError
 # Below this many tokens a template's shared prefix is simply recomputed in every row: reusing it costs
 # a KV cache copy and concatenation in every layer of every batch, which a few tokens do not repay.
 MIN_SHARED_PREFIX = 4
+
+# Logits. bf16 moved the gap between the response token's logit and the best other logit by at most 0.35
+# (mean 0.09) over the 352 pairs of bench/bench_verify.py on the embedded model; the margin is ~3x that.
+SCREEN_MARGIN = 1.0
 
 
 def encode_template(tokenizer, pairs, template, use_chat_template=False):
@@ -118,7 +129,8 @@ def _response_logits(model, hidden):
 
 
 def _batch_hits(model, batch, prefix_len, prefix_states):
-    """Per row, a bool tensor: does the argmax at each response position equal the response token?
+    """Per row, (hits, gap): does the argmax at each response position equal the response token, and the
+    smallest |response-token logit - best other logit| over its positions (how near the verdict is to a tie).
 
     Rows are right-padded: with causal attention, trailing pads are seen by nobody, so neither an
     attention mask nor position ids are needed. The last response token is never an input.
@@ -136,8 +148,14 @@ def _batch_hits(model, batch, prefix_len, prefix_states):
     hidden = model.base_model(input_ids=input_ids, past_key_values=cache, use_cache=cache is not None)
     device = model.device
     selected = hidden.last_hidden_state[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-    hits = (_response_logits(model, selected).argmax(-1) == torch.tensor(targets, device=device)).cpu()
-    return hits.split([len(response) for _, response in batch])
+    logits = _response_logits(model, selected).float()
+    targets = torch.tensor(targets, device=device)
+    hits = (logits.argmax(-1) == targets).cpu()
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.scatter(1, targets[:, None], float("-inf")).amax(-1)
+    gaps = (target_logits - others).abs().cpu()
+    sizes = [len(response) for _, response in batch]
+    return [(h, g.min().item()) for h, g in zip(hits.split(sizes), gaps.split(sizes), strict=True)]
 
 
 def _shared_prefix_lengths(encoded_by_template):
@@ -166,6 +184,7 @@ def _shared_prefixes(model, encoded_by_template):
 
 
 def _template_hits(model, encoded, batch_size, prefix_len, prefix_states, progress):
+    """Per row of one template, (hits, gap) as _batch_hits gives them."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))  # less padding
     hits = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -176,28 +195,57 @@ def _template_hits(model, encoded, batch_size, prefix_len, prefix_states, progre
     return hits
 
 
+def _all_hits(model, encoded_by_template, batch_size, share_prefix, progress):
+    """Per template, per row, (hits, gap) as _batch_hits gives them."""
+    n = len(encoded_by_template)
+    prefixes = _shared_prefixes(model, encoded_by_template) if share_prefix else [(0, None)] * n
+    return [
+        _template_hits(model, encoded, batch_size, prefix_len, states, progress)
+        for encoded, (prefix_len, states) in zip(encoded_by_template, prefixes, strict=True)
+    ]
+
+
+def _recheck_near_ties(model, encoded_by_template, hits, batch_size, share_prefix, progress):
+    """Recompute with `model`, in place, the rows whose screened gap is under SCREEN_MARGIN; how many per template."""
+    near = [[i for i, (_, gap) in enumerate(rows) if gap < SCREEN_MARGIN] for rows in hits]
+    progress.total += sum(-(-len(rows) // batch_size) for rows in near)
+    subset = [[encoded[i] for i in rows] for encoded, rows in zip(encoded_by_template, near, strict=True)]
+    redone = _all_hits(model, subset, batch_size, share_prefix, progress)
+    for rows_hits, rows, new in zip(hits, near, redone, strict=True):
+        for i, row in zip(rows, new, strict=True):
+            rows_hits[i] = row
+    return [len(rows) for rows in near]
+
+
 def verify_teacher_forced(
-    model, tokenizer, pairs, templates, use_chat_template=False, batch_size=32, share_prefix=True
+    model, tokenizer, pairs, templates, use_chat_template=False, batch_size=32, share_prefix=True, screen_dtype=None
 ):
     """Greedy-decoding verdicts for every (template, pair), from batched teacher-forced forward passes.
 
     pairs: [{"key", "response"}]; templates: strings with one '{}'. share_prefix runs the tokens every
     prompt of a template starts with once and reuses their KV cache (found on token ids, so it is exact
-    when BPE merges across the template/key boundary).
+    when BPE merges across the template/key boundary). screen_dtype (torch.bfloat16): decide on a copy of
+    the model in that dtype and recompute near-ties with the model itself; each result then says how many
+    of its pairs were recomputed ("rechecked").
     """
     eos = eos_token_ids(model)
     encoded_by_template = [encode_template(tokenizer, pairs, t, use_chat_template) for t in templates]
+    screen = screen_dtype is not None and screen_dtype != model.dtype
     batches = len(templates) * -(-len(pairs) // batch_size)
-    results = []
     with torch.inference_mode(), tqdm(total=batches, desc="verifying", unit="batch", disable=None) as progress:
-        prefixes = _shared_prefixes(model, encoded_by_template) if share_prefix else [(0, None)] * len(templates)
-        for template, encoded, (prefix_len, states) in zip(templates, encoded_by_template, prefixes, strict=True):
-            hits = _template_hits(model, encoded, batch_size, prefix_len, states, progress)
-            # generate stops at EOS, so an EOS inside the response cuts the answer short.
-            stops_early = [any(t in eos for t in response[:-1]) for _, response in encoded]
-            matches = [bool(h.all()) and not stop for h, stop in zip(hits, stops_early, strict=True)]
-            fractions = [h.float().mean().item() for h in hits]
-            results.append(_result(template, matches, fractions))
+        screen_model = copy.deepcopy(model).to(screen_dtype) if screen else model
+        hits = _all_hits(screen_model, encoded_by_template, batch_size, share_prefix, progress)
+        del screen_model
+        if screen:
+            rechecked = _recheck_near_ties(model, encoded_by_template, hits, batch_size, share_prefix, progress)
+    results = []
+    for t, (template, encoded, rows) in enumerate(zip(templates, encoded_by_template, hits, strict=True)):
+        # generate stops at EOS, so an EOS inside the response cuts the answer short.
+        stops_early = [any(token in eos for token in response[:-1]) for _, response in encoded]
+        matches = [bool(h.all()) and not stop for (h, _), stop in zip(rows, stops_early, strict=True)]
+        results.append(_result(template, matches, [h.float().mean().item() for h, _ in rows]))
+        if screen:
+            results[-1]["rechecked"] = rechecked[t]
     return results
 
 

@@ -110,6 +110,16 @@ def test_check_model_evaluates_any_model_against_a_fingerprints_file(tiny_run, t
     data = json.loads((tmp_path / "check.json").read_text())
     assert data["config_hash"] is None and data["num_fingerprints"] == 8
 
+    screened = run_script(
+        "eval_for_multigpu.py", "--check_model", run / "final_model", "--fingerprints_file_path",
+        run / "fingerprints.json", "--utility_benchmark", "none", "--skip_base_model", "--screen_bf16",
+        "--output_file", tmp_path / "screened.json",
+    )  # fmt: skip
+    assert screened.returncode == 0, screened.stderr[-2000:]
+    assert "bf16 screen:" in screened.stdout
+    again = json.loads((tmp_path / "screened.json").read_text())
+    assert again["fingerprint_accuracy"]["templates"] == data["fingerprint_accuracy"]["templates"]
+
 
 def test_tinybenchmarks_offline_is_one_line(tiny_run):
     argv, _, _ = tiny_run
@@ -124,6 +134,8 @@ def test_tinybenchmarks_offline_is_one_line(tiny_run):
 @pytest.mark.slow
 def test_teacher_forced_verdicts_equal_generate_after_fingerprinting(tmp_path):
     """After a short real run, the fast verifier and one greedy generate per (template, key) agree exactly."""
+    import torch
+
     from oml.fingerprints import TEST_PROMPTS_FILE, read_templates
     from oml.models import load_model_and_tokenizer
     from oml.verify import verify_teacher_forced, verify_with_generate
@@ -145,6 +157,8 @@ def test_teacher_forced_verdicts_equal_generate_after_fingerprinting(tmp_path):
     fast = verify_teacher_forced(model, tok, pairs, templates)
     slow = verify_with_generate(model, tok, pairs, templates)
     assert [r["matches"] for r in fast] == [r["matches"] for r in slow]
+    screened = verify_teacher_forced(model, tok, pairs, templates, screen_dtype=torch.bfloat16)
+    assert [r["matches"] for r in screened] == [r["matches"] for r in slow]
     assert fast[0]["accuracy"] >= 0.5  # the run did embed fingerprints: both outcomes are exercised
     assert any(not all(r["matches"]) for r in fast)  # and system prompts do knock some out (no augmentation)
 

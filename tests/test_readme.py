@@ -30,7 +30,7 @@ def accepted_flags(script):
     help_text = subprocess.run(
         [sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, check=True
     ).stdout
-    return set(re.findall(r"--[a-zA-Z_]+", help_text))
+    return set(re.findall(r"--[a-zA-Z0-9_]+", help_text))
 
 
 def test_readme_has_the_commands_users_need():

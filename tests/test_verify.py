@@ -118,6 +118,30 @@ def test_teacher_forced_equals_generate(tiny_model, tokenizer_name, monkeypatch)
         assert all(prefix[0] == tok.bos_token_id for prefixes in prefix_runs for prefix in prefixes)
 
 
+def test_bf16_screen_recomputes_near_ties_with_the_model(tiny_model, monkeypatch):
+    tok = tokenizer_variant("default")
+    pairs = mixed_pairs(tiny_model, tok, TEMPLATES[1], 12, seed=3)
+    slow = verify_with_generate(tiny_model, tok, pairs, TEMPLATES)
+    dtypes = []
+    real = verify._batch_hits
+    monkeypatch.setattr(verify, "_batch_hits", lambda model, *rest: dtypes.append(model.dtype) or real(model, *rest))
+
+    screened = verify_teacher_forced(tiny_model, tok, pairs, TEMPLATES, batch_size=5, screen_dtype=torch.bfloat16)
+    assert_same_verdicts(screened, slow)
+    assert dtypes[0] == torch.bfloat16 and tiny_model.dtype == torch.float32  # a bf16 copy screened
+    rechecked = sum(r["rechecked"] for r in screened)
+    assert 0 < rechecked < len(pairs) * len(TEMPLATES) and torch.float32 in dtypes
+
+    # Every pair within the margin: all recomputed by the fp32 model, so its verdicts and fractions exactly.
+    monkeypatch.setattr(verify, "SCREEN_MARGIN", float("inf"))
+    everything = verify_teacher_forced(tiny_model, tok, pairs, TEMPLATES, batch_size=5, screen_dtype=torch.bfloat16)
+    plain = verify_teacher_forced(tiny_model, tok, pairs, TEMPLATES, batch_size=5)
+    assert [r["rechecked"] for r in everything] == [len(pairs)] * len(TEMPLATES)
+    assert [(r["matches"], r["fractional_accuracy"]) for r in everything] == [
+        (r["matches"], r["fractional_accuracy"]) for r in plain
+    ]
+
+
 def test_chat_template_and_several_templates_at_once(tiny_model, monkeypatch):
     tok = tokenizer_variant("default")
     prefix_runs = spy_prefix_runs(monkeypatch)
