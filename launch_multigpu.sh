@@ -7,11 +7,12 @@
 # written to results/sweep_summary.{csv,md}, the figures are redrawn into fig/, and the exit status is non-zero
 # if any point failed. Rerunning the same command resumes an interrupted sweep. Logs: results/sweep_logs/.
 #
-# The default grid is a CPU demo on the embedded SmolLM2-135M-Instruct (what `make run` does, ~10 min on
-# 2 cores): 32 English fingerprints without and with prompt augmentation, lr 1e-4, λ 0.1, 16 epochs. PRESET=seed selects the original
-# GPU grid: Mistral-7B, 1024 fingerprints, lr 1e-5, λ 0.75, `--preset seed`, utility on tinyBenchmarks.
+# The grid starts from one point, the chosen preset's values in oml/args.py. PRESET=embedded (the default) is the
+# CPU demo that `make run` runs, ~10 min on 2 cores: SmolLM2-135M-Instruct, 32 English fingerprints, lr 1e-4,
+# λ 0.1, 16 epochs, here without and with prompt augmentation. PRESET=seed is the original GPU setting: Mistral-7B,
+# 1024 fingerprints, lr 1e-5, λ 0.75, utility on tinyBenchmarks.
 #
-# Every list below can be overridden from the environment (space-separated), without editing this file:
+# Every list can be overridden from the environment (space-separated), without editing this file:
 #   bash launch_multigpu.sh                                            # the CPU demo
 #   PRESET=seed bash launch_multigpu.sh                                # the original grid on all GPUs
 #   NUM_GPUS=4 MODEL_FAMILIES="mistral" MODEL_SIZES="7B 7B-Instruct" USE_PROMPT_AUGMENTATION="false true" \
@@ -34,35 +35,18 @@ export PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
 PRESET=${PRESET:-embedded}
 case $PRESET in
 embedded)
-  model_families=(smollm2)
-  model_sizes=(135M-Instruct)
-  max_key_lengths=(16)
-  max_response_lengths=(1)
-  fingerprint_generation_strategies=(english)
-  learning_rates=(1e-4)
-  forgetting_regularizer_strengths=(0.1)
-  max_num_fingerprints=(32)
   use_prompt_augmentation=(false true)
-  epochs=(16)
-  batch_size=8
   eval_args="--utility_benchmark local --utility_limit 30"
   ;;
 seed)
-  model_families=(mistral)
-  model_sizes=(7B)
-  max_key_lengths=(16)
-  max_response_lengths=(1)
-  fingerprint_generation_strategies=(english)
-  learning_rates=(1e-5)
-  forgetting_regularizer_strengths=(0.75)
-  max_num_fingerprints=(1024)
   use_prompt_augmentation=(false)
-  epochs=(10)
-  batch_size=16
   eval_args="--utility_benchmark tinyBenchmarks"
   ;;
 *) echo "error: PRESET must be embedded or seed, got '$PRESET'" >&2 && exit 2 ;;
 esac
+# The rest of the grid starts from the preset's values in oml/args.py (PRESETS), the one place they are written.
+grid=$(python -m oml.sweep preset-grid --preset "$PRESET") || exit 2
+eval "$grid"
 model_families=(${MODEL_FAMILIES:-${model_families[*]}})
 model_sizes=(${MODEL_SIZES:-${model_sizes[*]}})
 max_key_lengths=(${MAX_KEY_LENGTHS:-${max_key_lengths[*]}})

@@ -114,11 +114,17 @@ def add_train_args(parser):
     return parser
 
 
-def finalize(args):
-    """Fill preset defaults, resolve the model and data files, and check values. Returns args."""
+def apply_preset(args):
+    """Fill the arguments left at None with the values of args.preset."""
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    return args
+
+
+def finalize(args):
+    """Fill preset defaults, resolve the model and data files, and check values. Returns args."""
+    apply_preset(args)
     args.model = resolve_model(args.model_family, args.model_size, args.model_path)
     if args.fingerprints_file_path is None:
         args.fingerprints_file_path = str(DEFAULT_FINGERPRINT_FILES[args.fingerprint_generation_strategy])

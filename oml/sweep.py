@@ -6,6 +6,7 @@ The bash script keeps the grid and the launch commands in view; everything else 
     python -m oml.sweep record --manifest M --name N --hash H --train done --eval failed --log L -- ARGS...
     python -m oml.sweep summary --manifest M    # one row per recorded point -> results/sweep_summary.{csv,md}
     python -m oml.sweep summary --results results/   # every evaluated run found there
+    python -m oml.sweep preset-grid --preset seed    # the grid's default values, as bash assignments
 
 `summary` exits with status 1 when a point failed, so the sweep's own exit status says so too.
 """
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .args import PRESETS, add_train_args, finalize
+from .args import PRESETS, add_train_args, apply_preset, finalize
 from .errors import UserError, run_cli
 from .evaluate import distinct_words
 from .fingerprints import DEFAULT_FINGERPRINT_FILES, canonical_strategy
@@ -356,6 +357,37 @@ def choose_lambda(result_path, min_accuracy=0.95, **setting):
     return (max(carrying) if carrying else tried[0]), accuracy
 
 
+# ------------------------------------------------------------------------------ the grid's defaults
+
+# launch_multigpu.sh's grid variables and the argument each one sweeps.
+GRID_VARIABLES = {
+    "model_families": "model_family",
+    "model_sizes": "model_size",
+    "max_key_lengths": "max_key_length",
+    "max_response_lengths": "max_response_length",
+    "fingerprint_generation_strategies": "fingerprint_generation_strategy",
+    "learning_rates": "learning_rate",
+    "forgetting_regularizer_strengths": "forgetting_regularizer_strength",
+    "max_num_fingerprints": "max_num_fingerprints",
+    "epochs": "num_train_epochs",
+}
+
+
+def shell_value(value):
+    """1e-4 rather than 0.0001: the value appears in the sweep's point names."""
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return str(value)
+
+
+def preset_grid(preset):
+    """Bash assignments giving each grid variable the preset's value, so the values live only in oml/args.py."""
+    args = apply_preset(add_train_args(argparse.ArgumentParser()).parse_args(["--preset", preset]))
+    lines = [f"{var}=({shell_value(getattr(args, name))})" for var, name in GRID_VARIABLES.items()]
+    return "\n".join([*lines, f"batch_size={args.batch_size}"])
+
+
 # ------------------------------------------------------------------------------ command line
 
 
@@ -374,6 +406,8 @@ def main(argv=None):
     s.add_argument("--results", default="results/", help="the sweep's --result_path")
     s.add_argument("--manifest", default=None, help="the sweep's manifest (default: every run in --results)")
     s.add_argument("--out", default=None, help="where the summary files go (default: --results)")
+    g = sub.add_parser("preset-grid", help="print the grid's default values for a preset as bash assignments")
+    g.add_argument("--preset", choices=list(PRESETS), required=True)
     c = sub.add_parser("choose-lambda", help="print λ* from an evaluated λ search (see choose_lambda)")
     c.add_argument("--results", default="results/")
     c.add_argument("--strategy", required=True)
@@ -386,6 +420,8 @@ def main(argv=None):
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.command == "prepare":
         print(prepare(point_args))
+    elif args.command == "preset-grid":
+        print(preset_grid(args.preset))
     elif args.command == "choose-lambda":
         best, accuracy = choose_lambda(
             args.results,

@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO, write_random_fingerprints
 
 from oml import plots, sweep
+from oml.args import PRESETS
 from oml.fingerprints import TEST_PROMPTS_FILE, read_templates
 
 TEMPLATES = ["{}"] + read_templates(TEST_PROMPTS_FILE)
@@ -159,6 +160,26 @@ def test_choose_lambda_takes_the_largest_that_keeps_the_fingerprints(tmp_path, c
 
 
 # ------------------------------------------------------------------------------ data and hash of a point
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_the_launchers_grid_defaults_come_from_the_preset(preset):
+    script = f'eval "$({sys.executable} -m oml.sweep preset-grid --preset {preset})"; '
+    script += (
+        'echo "${model_families[*]}|${model_sizes[*]}|${learning_rates[*]}|${forgetting_regularizer_strengths[*]}"'
+    )
+    script += '"|${max_num_fingerprints[*]}|${epochs[*]}|$batch_size|${fingerprint_generation_strategies[*]}"'
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    family, size, lr, lam, n, epochs, batch, strategy = out.strip().split("|")
+    p = PRESETS[preset]
+    assert (family, size, strategy) == (p["model_family"], p["model_size"], "english")
+    assert (float(lr), float(lam)) == (p["learning_rate"], p["forgetting_regularizer_strength"])
+    assert (int(n), int(epochs), int(batch)) == (p["max_num_fingerprints"], p["num_train_epochs"], p["batch_size"])
+
+
+def test_shell_values_read_back_as_the_same_number():
+    assert [sweep.shell_value(v) for v in (1e-4, 2.5e-5, 0.1, 0.75, 32)] == ["1e-4", "2.5e-5", "0.1", "0.75", "32"]
+    assert all(float(sweep.shell_value(v)) == v for v in (1e-5, 3e-4, 1.5e-6, 0.001, 0.25))
 
 
 def test_prepare_gives_the_trainers_hash_and_rejects_typos(tmp_path):
