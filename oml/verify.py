@@ -45,7 +45,7 @@ from .errors import UserError
 # a KV cache copy and concatenation in every layer of every batch, which a few tokens do not repay.
 MIN_SHARED_PREFIX = 4
 
-# Logits. bf16 moved the gap between the response token's logit and the best other logit by at most 0.35
+# In logits: bf16 moved the gap between the response token's logit and the best other logit by at most 0.35
 # (mean 0.09) over the 352 pairs of bench/bench_verify.py on the embedded model; the margin is ~3x that.
 SCREEN_MARGIN = 1.0
 
