@@ -40,7 +40,7 @@ def main():
         )
         rows.append((task, r["tasks"][task], r["seconds"]))
 
-    print(f"\n{LOCAL_NAME}, {args.num_fewshot}-shot, batch size {args.batch_size}")
+    print(f"\n{LOCAL_NAME.format('/'.join(args.tasks))}, {args.num_fewshot}-shot, batch size {args.batch_size}")
     print(f"{'task':<15}{'metric':<10}{'n':>5}{'score':>8}{'stderr':>8}{'seconds':>9}")
     for task, row, seconds in rows:
         print(f"{task:<15}{row['metric']:<10}{row['n']:>5}{row['score']:>8.3f}{row['stderr']:>8.3f}{seconds:>9.1f}")
