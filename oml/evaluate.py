@@ -18,7 +18,7 @@ EVAL_ARGS = [
     (["--temperature"], dict(type=float, default=0.0, help="with --verify_with_generate: sample at this temperature")),
     (["--screen_bf16"], dict(action="store_true",
                              help="fp32 model: decide verdicts on a bf16 copy and recompute near-ties in fp32 "
-                                  "(~2x faster on CPUs with AMX; see oml/verify.py)")),
+                                  "(1.5-1.7x faster on CPUs with AMX; see oml/verify.py)")),
     (["--utility_benchmark"], dict(default="local", choices=["local", "tinyBenchmarks", "none"])),
     (["--utility_limit"], dict(type=int, default=100, help="items per task of the local suite")),
     (["--utility_tasks"], dict(default=None, type=lambda text: local_task_list(text),
