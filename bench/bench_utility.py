@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from oml.errors import run_cli  # noqa: E402
 from oml.models import EMBEDDED, load_model_and_tokenizer  # noqa: E402
-from oml.utility import LOCAL_NAME, LOCAL_TASKS, evaluate_utility  # noqa: E402
+from oml.utility import LOCAL_TASKS, evaluate_utility, local_suite_name  # noqa: E402
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
         )
         rows.append((task, r["tasks"][task], r["seconds"]))
 
-    print(f"\n{LOCAL_NAME.format('/'.join(args.tasks))}, {args.num_fewshot}-shot, batch size {args.batch_size}")
+    print(f"\n{local_suite_name(args.tasks)}, {args.num_fewshot}-shot, batch size {args.batch_size}")
     print(f"{'task':<15}{'metric':<10}{'n':>5}{'score':>8}{'stderr':>8}{'seconds':>9}")
     for task, row, seconds in rows:
         print(f"{task:<15}{row['metric']:<10}{row['n']:>5}{row['score']:>8.3f}{row['stderr']:>8.3f}{seconds:>9.1f}")

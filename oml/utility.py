@@ -30,8 +30,13 @@ from .errors import UserError
 from .io import atomic_write_json
 
 BENCHMARKS = ("tinyBenchmarks", "local", "none")
-LOCAL_NAME = "local (offline {} subset, not tinyBenchmarks)"
 TINY_NAME = "tinyBenchmarks (lm-eval group, IRT estimates)"
+
+
+def local_suite_name(tasks):
+    """What the local suite is called in results: the tasks it ran, and that it is not tinyBenchmarks."""
+    return f"local (offline {'/'.join(tasks)} subset, not tinyBenchmarks)"
+
 
 # Bump when prompts, subsets or scoring of a suite change: cached base-model results then miss.
 SUITE_VERSION = 1
@@ -365,7 +370,7 @@ def evaluate_utility(
         name, settings = TINY_NAME, {"benchmark": benchmark}
     else:
         task_scores, per_item = _run_local(model, tokenizer, limit, num_fewshot, seed, batch_size, tasks)
-        name = LOCAL_NAME.format("/".join(task_scores))
+        name = local_suite_name(task_scores)
         settings = {"benchmark": benchmark, "limit": limit, "num_fewshot": num_fewshot, "seed": seed}
         settings["tasks"] = list(task_scores)
     return {
