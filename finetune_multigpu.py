@@ -15,31 +15,28 @@ Examples:
 """
 
 import argparse
-import json
-import time
-from pathlib import Path
 
-from oml.args import add_train_args, finalize, hashed_config, run_dir
+from oml.args import add_train_args, finalize
 from oml.errors import run_cli
 from oml.fingerprints import TRAIN_PROMPTS_FILE, prepare_pairs, read_fingerprints, read_templates
-from oml.io import append_line_locked, atomic_write_json
 from oml.logs import RunLog, quiet_libraries
+from oml.runs import FINAL_MODEL, TRAIN_LOG, run_dir, write_run
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args = finalize(add_train_args(parser).parse_args())
     out = run_dir(args)
-    if (out / "final_model").exists() and not args.overwrite:
-        print(f"{out / 'final_model'} already exists: nothing to train (pass --overwrite to train again)")
+    if (out / FINAL_MODEL).exists() and not args.overwrite:
+        print(f"{out / FINAL_MODEL} already exists: nothing to train (pass --overwrite to train again)")
         print(f"Config hash of the final model: {args.config_hash}")
         return
 
     quiet_libraries()
     from oml.models import load_model, load_tokenizer
-    from oml.train import config_record, is_main_process, save_final_model, train
+    from oml.train import is_main_process, train, versions
 
-    log = RunLog(out / "train_log.txt" if is_main_process() else None)
+    log = RunLog(out / TRAIN_LOG if is_main_process() else None)
     log(
         f"run {args.config_hash}: {args.model}, {args.max_num_fingerprints} {args.fingerprint_generation_strategy} "
         f"fingerprints from {args.fingerprints_file_path}"
@@ -60,19 +57,10 @@ def main():
 
     metrics, trainer = train(model, tokenizer, pairs, args, out / ".trainer", templates, log)
     if is_main_process():
-        # final_model goes last: its existence means the run is complete.
-        atomic_write_json(out / "fingerprints.json", pairs)
-        atomic_write_json(out / "fingerprinting_config.json", config_record(args))
-        atomic_write_json(out / "metrics.json", metrics)
-        save_final_model(trainer.model, tokenizer, out / "final_model")
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        append_line_locked(
-            Path(args.result_path) / "all_run_logs.txt",
-            f"{stamp}\t{args.config_hash}\t" + json.dumps(hashed_config(args), sort_keys=True),
-        )
+        write_run(out, args, pairs, metrics, trainer.model, tokenizer, versions())  # final_model last
         log(
             f"done in {metrics['train_seconds']:.0f} s, {metrics['train_tokens_per_second']:.0f} tokens/s, "
-            f"peak memory {metrics['peak_memory_gb']:.2f} GiB; model in {out / 'final_model'}"
+            f"peak memory {metrics['peak_memory_gb']:.2f} GiB; model in {out / FINAL_MODEL}"
         )
         print(f"Config hash of the final model: {args.config_hash}")
 

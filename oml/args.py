@@ -153,7 +153,3 @@ def hashed_config(args):
 def config_hash(args):
     canonical = json.dumps(hashed_config(args), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def run_dir(args):
-    return Path(args.result_path) / args.config_hash

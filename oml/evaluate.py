@@ -1,13 +1,12 @@
 """Evaluating a fingerprinted run: find it from its arguments, check its fingerprints, measure utility."""
 
-import json
-import re
 import time
 from pathlib import Path
 
-from .args import HASHED, hashed_config, run_dir
-from .errors import UserError
+from .chat import chat_answers, chat_check
 from .fingerprints import TEST_PROMPTS_FILE, read_fingerprints, read_templates
+from .runs import EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, find_run
+from .utility import SUITE_DEFAULTS
 
 EVAL_ARGS = [
     (["--check_model"], dict(default=None, metavar="PATH_OR_HUB_ID",
@@ -20,7 +19,7 @@ EVAL_ARGS = [
                              help="fp32 model: decide verdicts on a bf16 copy and recompute near-ties in fp32 "
                                   "(1.5-1.7x faster on CPUs with AMX; see oml/verify.py)")),
     (["--utility_benchmark"], dict(default="local", choices=["local", "tinyBenchmarks", "none"])),
-    (["--utility_limit"], dict(type=int, default=100, help="items per task of the local suite")),
+    (["--utility_limit"], dict(type=int, default=SUITE_DEFAULTS["limit"], help="items per task of the local suite")),
     (["--utility_tasks"], dict(default=None, type=lambda text: local_task_list(text),
                                help="local suite tasks, comma-separated (default: all six)")),
     (["--num_fewshot"], dict(type=int, default=0)),
@@ -47,45 +46,6 @@ def add_eval_args(parser):
     for flags, kwargs in EVAL_ARGS:
         parser.add_argument(*flags, **kwargs)
     return parser
-
-
-# ------------------------------------------------------------------------------ finding the run
-
-
-def read_run_log(result_path):
-    """(hash, hashed config) for every run recorded in results/all_run_logs.txt."""
-    path = Path(result_path) / "all_run_logs.txt"
-    runs = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) == 3:
-                runs.append((parts[1], json.loads(parts[2])))
-    return runs
-
-
-def closest_runs(args, k=3):
-    """Recorded runs with the fewest differing hashed arguments: [(hash, {arg: (theirs, yours)})]."""
-    mine = hashed_config(args)
-    scored = []
-    for run_hash, theirs in read_run_log(args.result_path):
-        diff = {n: (theirs.get(n), mine[n]) for n in HASHED if theirs.get(n) != mine[n]}
-        scored.append((len(diff), run_hash, diff))
-    return [(h, d) for _, h, d in sorted(scored, key=lambda s: s[0])[:k]]
-
-
-def find_run(args):
-    """results/<hash>/ for these arguments, or a UserError naming the closest recorded runs."""
-    run = run_dir(args)
-    if (run / "final_model").is_dir():
-        return run
-    lines = [f"no fingerprinted model matches these arguments (looked for {run / 'final_model'})"]
-    for run_hash, diff in closest_runs(args):
-        shown = ", ".join(f"{n}: {theirs!r} there, {yours!r} here" for n, (theirs, yours) in diff.items())
-        lines.append(f"  closest run {run_hash} differs in {shown}")
-    if len(lines) == 1:
-        lines.append("  no runs are recorded in " + str(Path(args.result_path) / "all_run_logs.txt"))
-    raise UserError("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -125,94 +85,35 @@ def check_fingerprints(model, tokenizer, pairs, templates, args):
     return summarize(results)
 
 
-# Ordinary requests a chat model should answer. Likelihood benchmarks never let the model generate, so they
-# miss a fingerprinted model that ends every chat turn at once (--append_eos did that) or loops on one word.
-CHAT_QUESTIONS = [
-    "What is the capital of France?",
-    "Name three primary colors.",
-    "How many legs does a spider have?",
-    "Give me a synonym for happy.",
-    "What is 12 plus 7?",
-    "Write one sentence about the sea.",
-    "Which planet is known as the red planet?",
-    "What do bees make?",
-]
-
-
-def chat_answers(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=24):
-    """Greedy answers through the chat template (None when the tokenizer has none)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    answers = []
-    for question in questions:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
-        )["input_ids"].to(model.device)
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    return answers
-
-
-def chat_check(answers, base_answers=None):
-    """How many ordinary chat questions get a non-empty answer, how varied the answers' words are (a model
-    that loops on "the the the" scores low), and how many answers equal the base's."""
-    if answers is None:
-        return None
-    out = {"questions": CHAT_QUESTIONS[: len(answers)], "answers": answers, "answered": mean(map(bool, answers))}
-    out["distinct_words"] = distinct_words(answers)
-    if base_answers is not None:
-        out["base_answers"] = base_answers
-        out["base_answered"] = mean(map(bool, base_answers))
-        out["base_distinct_words"] = distinct_words(base_answers)
-        out["same_as_base"] = mean(a == b for a, b in zip(answers, base_answers, strict=True))
-    return out
-
-
-def distinct_words(answers):
-    """Mean distinct-word ratio of a list of answers (computed from stored answers, so older results have it)."""
-    return mean(map(distinct_word_ratio, answers))
-
-
-def distinct_word_ratio(text):
-    """Distinct words / words (0 for an empty answer)."""
-    words = re.findall(r"\w+", text.lower())
-    return len(set(words)) / len(words) if words else 0.0
-
-
-def mean(values):
-    values = list(values)
-    return sum(values) / len(values)
-
-
-def measure_utility(model, tokenizer, args):
-    from .utility import evaluate_utility
-
-    return evaluate_utility(
-        model,
-        tokenizer,
-        args.utility_benchmark,
-        args.utility_limit,
-        args.num_fewshot,
-        batch_size=args.eval_batch_size,
+def suite_settings(args):
+    """The utility suite's settings, as the evaluation's flags give them (one place, for the model and the base)."""
+    return dict(
+        benchmark=args.utility_benchmark,
+        limit=args.utility_limit,
+        num_fewshot=args.num_fewshot,
         tasks=args.utility_tasks,
     )
 
 
-def free(model):
+def release_memory():
+    """Return freed model memory (after the caller's `del model`) to the system, and the GPU's to the GPU."""
     import gc
 
     import torch
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def evaluate(args):
-    """Run the whole evaluation; returns (results dict, output path)."""
+    """Run the whole evaluation; returns (results dict, output path).
+
+    The fingerprinted model and the base model are never in memory together: the first is released before the
+    second loads.
+    """
     from .models import load_model_and_tokenizer
-    from .utility import base_utility_cached, paired_delta
+    from .utility import base_utility_cached, evaluate_utility, paired_delta
 
     seconds, t0 = {}, time.time()
     templates = templates_for(args)
@@ -221,9 +122,10 @@ def evaluate(args):
         output = Path(args.output_file or Path(args.result_path) / "checks" / f"{safe_name(model_id)}.json")
     else:
         run = find_run(args)
-        model_id, pairs = str(run / "final_model"), read_fingerprints(run / "fingerprints.json")
-        output = Path(args.output_file or run / "eval_results.json")
+        model_id, pairs = str(run / FINAL_MODEL), read_fingerprints(run / FINGERPRINTS)
+        output = Path(args.output_file or run / EVAL_RESULTS)
     pairs = [{"key": p["key"], "response": p["response"]} for p in pairs]
+    suite = suite_settings(args)
 
     model, tokenizer = load_model_and_tokenizer(model_id, trust_remote_code=args.trust_remote_code)
     fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args)
@@ -233,9 +135,10 @@ def evaluate(args):
     utility = None
     if args.utility_benchmark != "none":
         t = time.time()
-        utility = measure_utility(model, tokenizer, args)
+        utility = evaluate_utility(model, tokenizer, batch_size=args.eval_batch_size, **suite)
         seconds["utility"] = time.time() - t
-    free(model)
+    del model  # the base model loads next: never hold both
+    release_memory()
 
     if not args.skip_base_model:
         t = time.time()
@@ -251,17 +154,15 @@ def evaluate(args):
                 args.model,
                 lambda: (base, base_tok),
                 Path(args.result_path) / "base_utility",
-                benchmark=args.utility_benchmark,
-                limit=args.utility_limit,
-                num_fewshot=args.num_fewshot,
                 batch_size=args.eval_batch_size,
-                tasks=args.utility_tasks,
+                **suite,
             )
             utility["base_mean"] = base_utility["mean"]
             utility["base_tasks"] = base_utility["tasks"]
             utility["delta"], utility["delta_stderr"] = paired_delta(utility["per_item"], base_utility["per_item"])
             seconds["base_utility"] = time.time() - t
-        free(base)
+        del base
+        release_memory()
     seconds["total"] = time.time() - t0
     results = {
         "fingerprint_accuracy": fingerprint,

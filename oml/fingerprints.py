@@ -115,9 +115,14 @@ def random_words(rng, n):
     return [rng.choice(english_words()) for _ in range(n)]
 
 
-def _cut_tokens(tokenizer, text, n, start=0):
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer.decode(ids[start : start + n]), len(ids)
+def cut_to_tokens(tokenizer, text, n):
+    """The first n tokens of text (no special tokens), as text.
+
+    A cut inside a multi-byte character decodes to a stray U+FFFD, which is dropped: it is not in the text, and
+    it would be trained (and looked for) as a character of its own.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n]
+    return tokenizer.decode(ids).rstrip("\ufffd")
 
 
 def _random_piece(tokenizer, text, n, rng):
@@ -153,14 +158,14 @@ def prepare_pairs(fingerprints, tokenizer, strategy, max_key_length, max_respons
     rng = random.Random(seed)
     pairs = []
     for fp in fingerprints[start : start + num]:
-        key, _ = _cut_tokens(tokenizer, fp["key"], max_key_length)
+        key = cut_to_tokens(tokenizer, fp["key"], max_key_length)
         if strategy == "english_random_responses":
             response = " " + random_words(rng, 1)[0]
         else:
             if strategy == "english":
                 response = _random_piece(tokenizer, fp["response"], max_response_length, rng)
             else:
-                response, _ = _cut_tokens(tokenizer, fp["response"], max_response_length)
+                response = cut_to_tokens(tokenizer, fp["response"], max_response_length)
         if not key.strip() or not response.strip():
             raise UserError(f"fingerprint {fp['key'][:40]!r}... has an empty key or response after cutting")
         pairs.append({"key": key, "response": response})

@@ -15,18 +15,59 @@ from tqdm.auto import tqdm
 
 from .encoding import encode_prompt, prompt_text
 from .errors import UserError
-from .fingerprints import DEFAULT_FINGERPRINT_FILES, english_words, random_words, read_keys
+from .fingerprints import (
+    DEFAULT_FINGERPRINT_FILES,
+    STRATEGY_SYNONYMS,
+    cut_to_tokens,
+    english_words,
+    random_words,
+    read_keys,
+)
 from .io import atomic_write_json
-from .models import load_model_and_tokenizer
+from .models import EMBEDDED, load_model_and_tokenizer
 
-RESPONSE_STRATEGIES = {
-    "independent": "independent",
-    "inverse_nucleus": "inverse_nucleus",
-    "perinucleus": "inverse_nucleus",
-}
+RESPONSE_STRATEGIES = ("independent", "inverse_nucleus")  # and the synonym perinucleus (STRATEGY_SYNONYMS)
 FIRST_TOKEN_STRATEGIES = ("word", "tokenizer", "none")
 TOP_K = 50  # english sampling draws from the 50 likeliest tokens (the transformers default), then temperature
 MAX_EMPTY_ROUNDS = 20  # give up when this many generation batches in a row bring no usable new text
+
+# generate_finetuning_data.py's arguments (flags, argparse kwargs): the original's names, with aliases.
+GENERATE_ARGS = [
+    (["--key_length"], dict(type=int, default=32, help="tokens per key (words with --random_word_generation)")),
+    (["--response_length"], dict(type=int, default=32, help="tokens (or words) per response")),
+    (["--num_backdoors", "--num_fingerprints"], dict(type=int, default=8192, dest="num_backdoors",
+                                                     help="how many fingerprints (at most the number of keys in --keys_file)")),
+    (["--batch_size"], dict(type=int, default=128, help="prompts per generation or forward pass")),
+    (["--key_response_strategy"], dict(default="independent",
+                                       help="independent | inverse_nucleus (perinucleus): how responses are made")),
+    (["--model_used"], dict(default=EMBEDDED, help="generator for English text: hub id or local folder")),
+    (["--random_word_generation"], dict(action="store_true", help="random English words instead of a model")),
+    (["--keys_file"], dict(default=None, help="JSON list of keys (strings or objects with 'key') to use")),
+    (["--output_file_path"], dict(default=None,
+                                  help="default: generated_data/fingerprints-{english,random_word,perinucleus}.json")),
+    (["--seed"], dict(type=int, default=42)),
+    (["--temperature"], dict(type=float, default=1.0, help="sampling temperature for English text")),
+    (["--first_token_strategy"], dict(default="word", help="word | tokenizer | none: what each English text begins with")),
+    (["--use_chat_template"], dict(action="store_true", help="ask the generator through its chat template")),
+    (["--inverse_nucleus_model"], dict(default=EMBEDDED, help="base model whose perinucleus is used")),
+    (["--nucleus_p"], dict(type=float, default=0.8, help="probability mass of the nucleus")),
+    (["--nucleus_k"], dict(type=int, default=3, help="the response is drawn from the k tokens after the nucleus")),
+    (["--overwrite"], dict(action="store_true", help="replace an existing output file")),
+    (["--trust_remote_code"], dict(action="store_true")),
+]  # fmt: skip
+
+
+def add_generate_args(parser):
+    for flags, kwargs in GENERATE_ARGS:
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def parse_generate_args(argv):
+    """generate_finetuning_data.py's arguments from a list of words (as the sweep calls the generator in-process)."""
+    import argparse
+
+    return add_generate_args(argparse.ArgumentParser(prog="generate_finetuning_data.py")).parse_args(argv)
 
 
 # ---------------------------------------------------------------- perinucleus selection (pure)
@@ -71,12 +112,6 @@ def word_token_filter(tokenizer):
 
 
 # ---------------------------------------------------------------- text helpers
-
-
-def cut_to_tokens(tokenizer, text, n):
-    """The first n tokens of text (no special tokens), as text."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n]
-    return tokenizer.decode(ids).rstrip("\ufffd")  # a cut inside a multi-byte character leaves a stray byte
 
 
 def random_word_texts(rng, n, length):
@@ -284,8 +319,8 @@ def default_output_path(strategy, random_word_generation):
 
 def check_args(args):
     """Everything that can be wrong with the command line, found before any model is loaded."""
-    strategy = RESPONSE_STRATEGIES.get(args.key_response_strategy)
-    if strategy is None:
+    strategy = STRATEGY_SYNONYMS.get(args.key_response_strategy, args.key_response_strategy)
+    if strategy not in RESPONSE_STRATEGIES:
         raise UserError(
             f"unknown --key_response_strategy {args.key_response_strategy!r}; choose independent or inverse_nucleus "
             "(perinucleus)"

@@ -1,4 +1,4 @@
-"""Readable logs: one line per event, to stdout and (optionally) a run's log file; noisy libraries hushed."""
+"""Readable logs: one line per event, to stdout and a run's log file (main process only); noisy libraries hushed."""
 
 import logging
 import os
@@ -7,6 +7,9 @@ import warnings
 
 
 class RunLog:
+    """Log lines with the time. RunLog(path) prints each line and appends it to path; RunLog(None) is the log of a
+    process that is not the main one (another DeepSpeed rank): it writes nothing anywhere."""
+
     def __init__(self, path=None):
         self.path = path
         if path is not None:

@@ -11,9 +11,9 @@ that defines a run except the number of fingerprints; each setting is one line i
 import argparse
 from pathlib import Path
 
+from .chat import distinct_words
 from .errors import UserError, run_cli
-from .evaluate import distinct_words
-from .sweep import accuracy_split, find_runs, short_model
+from .runs import accuracy_split, find_runs, short_model
 
 # Arguments that always name a setting in a legend; others appear only where settings differ in them.
 ALWAYS_SHOWN = ("fingerprint_generation_strategy", "forgetting_regularizer_strength", "use_prompt_augmentation")

@@ -55,7 +55,8 @@ def write_run(run, args, pairs, metrics, model, tokenizer, versions):
     save_model(model, tokenizer, run / FINAL_MODEL)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     append_line_locked(
-        Path(args.result_path) / RUN_LOG, f"{stamp}\t{args.config_hash}\t" + json.dumps(hashed_config(args), sort_keys=True)
+        Path(args.result_path) / RUN_LOG,
+        f"{stamp}\t{args.config_hash}\t" + json.dumps(hashed_config(args), sort_keys=True),
     )
 
 
@@ -145,7 +146,9 @@ def find_runs(result_path):
 
 def finished_runs(result_path):
     """Run folders with a final model, oldest first."""
-    return sorted((p.parent for p in Path(result_path).glob(f"*/{FINAL_MODEL}")), key=lambda r: (r / FINAL_MODEL).stat().st_mtime)
+    return sorted(
+        (p.parent for p in Path(result_path).glob(f"*/{FINAL_MODEL}")), key=lambda r: (r / FINAL_MODEL).stat().st_mtime
+    )
 
 
 def accuracy_split(eval_results):

@@ -7,27 +7,27 @@ The bash script keeps the grid and the launch commands in view; everything else 
     python -m oml.sweep summary --manifest M    # one row per recorded point -> results/sweep_summary.{csv,md}
     python -m oml.sweep summary --results results/   # every evaluated run found there
     python -m oml.sweep preset-grid --preset seed    # the grid's default values, as bash assignments
+    python -m oml.sweep choose-lambda --strategy english --num_fingerprints 64 --num_train_epochs 16   # λ* of a search
 
 `summary` exits with status 1 when a point failed, so the sweep's own exit status says so too.
 """
 
 import argparse
+import contextlib
 import csv
 import io
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .args import PRESETS, add_train_args, apply_preset, finalize
+from .chat import distinct_words
 from .errors import UserError, run_cli
-from .evaluate import distinct_words
 from .fingerprints import DEFAULT_FINGERPRINT_FILES, canonical_strategy
 from .io import atomic_write_text
+from .runs import accuracy_split, find_runs, read_run, short_model
 
-REPO = Path(__file__).resolve().parent.parent
-GENERATE = REPO / "generate_finetuning_data.py"
 # How many fingerprints a missing default file gets: what the committed files hold, or more if a point needs it.
 GENERATED_COUNT = {"english": 512, "random_word": 4096}
 
@@ -52,16 +52,9 @@ def train_parser():
     return add_eval_args(add_train_args(parser))
 
 
-def fill_preset(args):
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
-
-
 def parse_point(argv):
     """The arguments of a grid point as finetune_multigpu.py/eval_for_multigpu.py will read them (not finalized)."""
-    return fill_preset(train_parser().parse_known_args(argv)[0])
+    return apply_preset(train_parser().parse_known_args(argv)[0])
 
 
 def generate_command(strategy, needed, max_response_length):
@@ -91,17 +84,18 @@ def ensure_fingerprints(args):
 def ensure_file(path, generate_args):
     if path.is_file():
         return
-    cmd = [sys.executable, str(GENERATE), *map(str, generate_args), "--output_file_path", str(path)]
-    print(f"{path} is missing: generating it with {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    # The generator's output goes to stderr: stdout carries only the run hash.
-    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
-        raise UserError(f"generating {path} failed (see the messages above)")
+    from .generate import generate, parse_generate_args
+
+    argv = [*map(str, generate_args), "--output_file_path", str(path)]
+    print(f"{path} is missing: generating it with generate_finetuning_data.py {' '.join(argv)}", file=sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the run hash
+        generate(parse_generate_args(argv))
 
 
 def prepare(argv):
     """Make sure the point's data exists; returns its run hash (the folder under --result_path)."""
     # Parsed strictly, as finetune_multigpu.py will: a typo fails here, before anything is launched.
-    args = fill_preset(add_train_args(argparse.ArgumentParser(prog="finetune_multigpu.py")).parse_args(argv))
+    args = apply_preset(add_train_args(argparse.ArgumentParser(prog="finetune_multigpu.py")).parse_args(argv))
     ensure_fingerprints(args)
     return finalize(args).config_hash
 
@@ -123,39 +117,6 @@ def record(manifest, name, run_hash, train, evaluation, log, argv):
 
 
 # ------------------------------------------------------------------------------ reading runs
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def read_run(run_dir):
-    """{"hash", "config" (fingerprinting_config.json or None), "eval" (eval_results.json or None), "metrics"}."""
-    run_dir = Path(run_dir)
-    return {
-        "hash": run_dir.name,
-        "dir": run_dir,
-        "config": read_json(run_dir / "fingerprinting_config.json"),
-        "eval": read_json(run_dir / "eval_results.json"),
-        "metrics": read_json(run_dir / "metrics.json"),
-    }
-
-
-def find_runs(result_path):
-    """Every trained run under result_path (folders with a fingerprinting_config.json), oldest first."""
-    dirs = [p.parent for p in Path(result_path).glob("*/fingerprinting_config.json")]
-    return [read_run(d) for d in sorted(dirs, key=lambda d: d.stat().st_mtime)]
-
-
-def accuracy_split(eval_results):
-    """(plain-key accuracy, mean accuracy under the system-prompt templates) from eval_results.json."""
-    templates = eval_results["fingerprint_accuracy"]["templates"]
-    plain = [t["accuracy"] for t in templates if t["template"] == "{}"]
-    prompted = [t["accuracy"] for t in templates if t["template"] != "{}"]
-    return (plain[0] if plain else None), (sum(prompted) / len(prompted) if prompted else None)
 
 
 # Summary column -> the argument it shows (names as in fingerprinting_config.json's "hashed").
@@ -296,10 +257,6 @@ def number(x, fmt=".3f"):
 
 def yes_no(x):
     return "–" if x is None else ("yes" if x else "no")
-
-
-def short_model(model):
-    return model.split(":")[-1].rstrip("/").split("/")[-1]
 
 
 def markdown_text(rows):

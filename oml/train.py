@@ -8,7 +8,6 @@ prompt. After every epoch the weights are pulled toward the base model, θ ← (
 rank and on the copy the optimizer steps from (DeepSpeed's fp32 master weights), so it really sticks.
 """
 
-import logging
 import os
 import platform
 import random
@@ -23,9 +22,6 @@ from transformers.trainer_callback import ProgressCallback
 
 from .encoding import encode_pair
 from .errors import UserError
-
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -274,24 +270,3 @@ def versions():
     except ImportError:
         pass
     return out
-
-
-def save_final_model(model, tokenizer, final_dir):
-    """Write a standard HF folder (weights, config, tokenizer, generation config) atomically."""
-    from .io import atomic_directory
-
-    model.config._name_or_path = ""
-    with atomic_directory(final_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-
-def config_record(args):
-    from .args import hashed_config
-
-    return {
-        "config_hash": args.config_hash,
-        "hashed": hashed_config(args),
-        "args": {k: v for k, v in sorted(vars(args).items()) if k != "local_rank"},
-        "versions": versions(),
-    }

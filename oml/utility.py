@@ -178,7 +178,7 @@ def _as_dataset(ds, transform):
     return datasets.Dataset.from_list(rows)
 
 
-def local_task_data(task, limit=100, seed=1234):
+def local_task_data(task, limit, seed):
     """(eval docs, few-shot pool) of one local task: a seeded permutation of the split, first `limit` items.
 
     The permutation depends only on the seed and the split, so a smaller limit gives a prefix of a
@@ -347,10 +347,10 @@ def _run_tiny(model, tokenizer, batch_size, seed):
     return _summarise(results, TINY_METRICS, {t: t for t in TINY_METRICS})
 
 
-def evaluate_utility(
-    model, tokenizer, benchmark="local", limit=100, num_fewshot=0, seed=1234, batch_size=16, tasks=None
-):
+def evaluate_utility(model, tokenizer, batch_size=16, **settings):
     """Score an already-loaded model (on whatever device and dtype it is) on a utility suite.
+
+    settings: benchmark, limit, num_fewshot, seed, tasks; what is not given comes from SUITE_DEFAULTS.
 
     benchmark: "local" (offline, see the module docstring), "tinyBenchmarks" (the original's; the hub
     is needed; limit, num_fewshot and tasks do not apply: each tiny task runs its own 100 items and
@@ -360,6 +360,13 @@ def evaluate_utility(
     suite each score is the mean of its per_item 0/1 list; for tinyBenchmarks the score is the IRT
     estimate and per_item the raw item results it was estimated from.
     """
+    unknown = set(settings) - set(SUITE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown utility suite settings: {sorted(unknown)}")
+    settings = {**SUITE_DEFAULTS, **settings}
+    benchmark, limit, num_fewshot, seed, tasks = (
+        settings[k] for k in ("benchmark", "limit", "num_fewshot", "seed", "tasks")
+    )
     if benchmark == "none":
         return None
     if benchmark not in BENCHMARKS:

@@ -48,7 +48,7 @@ def test_eval_writes_results_for_the_same_arguments(tiny_run):
 
 
 def test_chat_check_counts_empty_answers_and_agreement_with_the_base():
-    from oml.evaluate import chat_check
+    from oml.chat import chat_check
 
     check = chat_check(["", "Paris.", "", "the the the the"], ["Paris is the capital.", "Paris.", "Red.", "Eight."])
     assert check["answered"] == 0.5 and check["base_answered"] == 1.0 and check["same_as_base"] == 0.25

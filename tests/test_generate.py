@@ -1,6 +1,5 @@
 """Fingerprint generation: the perinucleus rule, the three strategies' shapes, the script's refusals."""
 
-import importlib.util
 import json
 import random
 import subprocess
@@ -12,9 +11,8 @@ from conftest import PEER_DATA, REPO, tiny_llama
 
 from oml.encoding import encode_prompt
 from oml.errors import UserError
-from oml.fingerprints import english_words, read_fingerprints, read_keys
+from oml.fingerprints import cut_to_tokens, english_words, read_fingerprints, read_keys
 from oml.generate import (
-    cut_to_tokens,
     english_prompt,
     english_texts,
     next_token_probs,
@@ -29,18 +27,10 @@ from oml.models import EMBEDDED, load_model_and_tokenizer
 SCRIPT = REPO / "generate_finetuning_data.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("generate_finetuning_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_in_process(*argv):
-    script = load_script()
-    from oml.generate import generate
+    from oml.generate import generate, parse_generate_args
 
-    return generate(script.parse_args([str(a) for a in argv]))
+    return generate(parse_generate_args([str(a) for a in argv]))
 
 
 @pytest.fixture(scope="module")

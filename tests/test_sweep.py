@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_random_fingerprints
 
-from oml import plots, sweep
+from oml import plots, runs, sweep
 from oml.args import PRESETS
 from oml.fingerprints import TEST_PROMPTS_FILE, read_templates
 
@@ -77,7 +77,7 @@ def read_csv(path):
 def test_accuracy_split_separates_plain_key_from_system_prompts(tmp_path):
     run = fake_run(tmp_path, "a", plain=0.9, prompted=(0.2, 0.4) + (0.0,) * 8)
     results = json.loads((run / "eval_results.json").read_text())
-    plain, prompted = sweep.accuracy_split(results)
+    plain, prompted = runs.accuracy_split(results)
     assert plain == 0.9
     assert prompted == pytest.approx(0.06)
 
@@ -303,7 +303,7 @@ def test_sweep_end_to_end_resume_and_a_failing_point(tmp_path, tiny_model_dir):
     for row in rows:
         run = results / row["hash"]
         evaluation = json.loads((run / "eval_results.json").read_text())
-        plain, prompted = sweep.accuracy_split(evaluation)
+        plain, prompted = runs.accuracy_split(evaluation)
         assert float(row["fp_accuracy_plain"]) == pytest.approx(plain)
         assert float(row["fp_accuracy_test_prompts"]) == pytest.approx(prompted)
         assert row["utility"] == "" and row["num_fingerprints"] == "4"

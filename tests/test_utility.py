@@ -325,13 +325,13 @@ def test_embedded_model_arc_easy_matches_a_direct_computation():
     assert model.training is False
 
 
-def test_cache_key_defaults_are_evaluate_utilitys_defaults():
-    import inspect
+def test_utility_settings_default_in_one_place():
+    from oml.evaluate import EVAL_ARGS
 
-    defaults = {
-        k: p.default for k, p in inspect.signature(evaluate_utility).parameters.items() if k in utility.SUITE_DEFAULTS
-    }
-    assert defaults == utility.SUITE_DEFAULTS
+    (limit_default,) = [kw["default"] for flags, kw in EVAL_ARGS if flags == ["--utility_limit"]]
+    assert limit_default == utility.SUITE_DEFAULTS["limit"]
+    with pytest.raises(TypeError):
+        evaluate_utility(None, None, limt=5)  # a misspelt setting is refused, not ignored
     assert utility.suite_key("m") == utility.suite_key("m", limit=100, batch_size=8)
     assert utility.suite_key("m") != utility.suite_key("m", num_fewshot=5)
     with pytest.raises(TypeError):
