@@ -197,17 +197,25 @@ def english_texts(
 def sample_continuations(model, tokenizer, prompts, length, temperature, use_chat_template):
     """One sampled continuation (text, special tokens dropped) of up to `length` tokens per prompt."""
     batch = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
-    input_ids, attention_mask = pad(batch, tokenizer.pad_token_id, left=True)
+    out = generate_batch(model, tokenizer, batch, length, do_sample=True, temperature=temperature, top_k=TOP_K)
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def generate_batch(model, tokenizer, sequences, max_new_tokens, **generate_kwargs):
+    """model.generate over token-id lists padded on the left; returns the new tokens only (the whole output object,
+    with .sequences cut to the new tokens, when generate_kwargs ask for a dict)."""
+    input_ids, attention_mask = pad(sequences, tokenizer.pad_token_id, left=True)
     out = model.generate(
         input_ids=input_ids.to(model.device),
         attention_mask=attention_mask.to(model.device),
-        do_sample=True,
-        temperature=temperature,
-        top_k=TOP_K,
-        max_new_tokens=length,
+        max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
+        **generate_kwargs,
     )
-    return tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+    if generate_kwargs.get("return_dict_in_generate"):
+        out.sequences = out.sequences[:, input_ids.shape[1] :]
+        return out
+    return out[:, input_ids.shape[1] :]
 
 
 def pad(sequences, pad_id, left):
@@ -240,17 +248,10 @@ def greedy_continuations(model, tokenizer, sequences, n_tokens):
 
     A continuation stops early at the end-of-sequence token.
     """
-    input_ids, attention_mask = pad(sequences, tokenizer.pad_token_id, left=True)
-    out = model.generate(
-        input_ids=input_ids.to(model.device),
-        attention_mask=attention_mask.to(model.device),
-        do_sample=False,
-        max_new_tokens=n_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        return_dict_in_generate=True,
-        output_logits=True,
+    out = generate_batch(
+        model, tokenizer, sequences, n_tokens, do_sample=False, return_dict_in_generate=True, output_logits=True
     )
-    new = out.sequences[:, input_ids.shape[1] :]
+    new = out.sequences
     probs = torch.stack(  # each chosen token's probability, step by step (never all distributions at once)
         [torch.softmax(logits.float(), -1).gather(1, new[:, i : i + 1]) for i, logits in enumerate(out.logits)], dim=1
     )[..., 0].cpu()

@@ -1,9 +1,10 @@
 import json
 import os
+import shlex
 
 import nbformat
 import pytest
-from conftest import REPO
+from conftest import REPO, run_script
 from nbclient import NotebookClient
 
 NOTEBOOK = REPO / "sampling.ipynb"
@@ -36,4 +37,9 @@ def test_notebook_runs_top_to_bottom_on_an_empty_results_folder(tmp_path, monkey
     assert f"run {run.parent.name}" in text
     assert trained[0]["key"][:12] in text  # the side-by-side table shows the keys
     assert "fingerprinted match" in text
-    assert "eval_for_multigpu.py --model_path" in text  # no eval yet: the notebook says how to run it
+    # No evaluation yet: the notebook prints the command that evaluates the run, and that command finds it.
+    (command,) = [line for line in text.splitlines() if line.startswith("python eval_for_multigpu.py ")]
+    words = shlex.split(command)[2:]
+    found = run_script("eval_for_multigpu.py", *words, "--utility_benchmark", "none", "--skip_base_model")
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert (run.parent / "eval_results.json").is_file()
