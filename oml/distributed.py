@@ -89,7 +89,8 @@ def bound_all_groups(timeout_s):
     from torch.distributed.distributed_c10d import _set_pg_timeout, _world
 
     for group in list(_world.pg_map):
-        _set_pg_timeout(timedelta(seconds=timeout_s), group)
+        if dist.get_rank(group) >= 0:  # a group this rank belongs to
+            _set_pg_timeout(timedelta(seconds=timeout_s), group)
 
 
 class Peers(TrainerCallback):
