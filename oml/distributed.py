@@ -58,8 +58,9 @@ def check_same_run(config_hash):
 
 
 def wait_for_all(timeout_s):
+    """The last step of a run on every rank: return once rank 0 has saved (or failed to)."""
     if dist.is_available() and dist.is_initialized():
-        with peers(timeout_s):
+        with peers(timeout_s, "rank 0 may have failed while saving: look for final_model in node 0's results"):
             dist.barrier()
 
 
@@ -68,7 +69,7 @@ def lost_peer(error):
 
 
 @contextmanager
-def peers(timeout_s):
+def peers(timeout_s, consequence="nothing was saved, rerun the same command on every node"):
     """Turn a lost or silent peer into one UserError line (the launcher then stops this node's other ranks)."""
     try:
         yield
@@ -79,7 +80,7 @@ def peers(timeout_s):
         raise UserError(
             f"{where()} could not reach or lost the other ranks (master {os.environ.get('MASTER_ADDR')}:"
             f"{os.environ.get('MASTER_PORT')}): a node died, was stopped or did not answer within --dist_timeout "
-            f"{timeout_s} s; nothing was saved, rerun the same command on every node ({cause[:300]})"
+            f"{timeout_s} s; {consequence} ({cause[:300]})"
         ) from e
 
 

@@ -21,6 +21,9 @@ from conftest import REPO, write_random_fingerprints
 from safetensors.torch import load_file
 from test_sweep import fake_tool, launch
 
+from oml import distributed
+from oml.errors import UserError
+
 BIN = Path(sys.executable).parent  # the suite's venv: deepspeed and python for the launchers
 # CPU ranks even on a machine with GPUs, as in the rest of the suite.
 CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -80,6 +83,29 @@ def weights(results):
 def run_log_lines(results):
     log = Path(results) / "all_run_logs.txt"
     return log.read_text().splitlines() if log.exists() else []
+
+
+# ------------------------------------------------------------------------------- the error line
+
+
+def test_a_lost_peer_becomes_one_line_and_other_errors_pass(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("CROSS_RANK", "1")
+    gloo = "[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1: Connection reset by peer. GLHF!\nmore"
+    with pytest.raises(UserError) as e, distributed.peers(45):
+        raise RuntimeError(gloo)
+    assert str(e.value).startswith("rank 2 of 4 (node 1) could not reach or lost the other ranks")
+    assert "--dist_timeout 45 s" in str(e.value) and "Connection reset by peer" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError), distributed.peers(45):
+        raise torch.distributed.DistStoreError("wait timeout after 45000ms")
+    with pytest.raises(RuntimeError, match="shape mismatch"), distributed.peers(45):
+        raise RuntimeError("shape mismatch")  # a bug, not a lost peer: the traceback stays
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection reset"), distributed.peers(45):
+        raise RuntimeError(gloo)  # one process: there is no peer to lose
 
 
 # ------------------------------------------------------------------------ two nodes = one node
