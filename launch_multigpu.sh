@@ -103,7 +103,10 @@ LAUNCHER=${LAUNCHER:-deepspeed}
 NODE_RANK=${NODE_RANK:-}
 LOG_DIR=$RESULT_PATH/sweep_logs
 case $LAUNCHER in
-python) launch=(python) ;;
+python)
+  launch=(python)
+  if [[ -n $NODE_RANK ]]; then echo "error: NODE_RANK (several nodes) needs LAUNCHER=deepspeed" >&2 && exit 2; fi
+  ;;
 deepspeed)
   launch=(deepspeed --master_port "${MASTER_PORT:-29500}")
   if [[ -n $NODE_RANK ]]; then # one command per node, no ssh: DeepSpeed needs a hostfile only to count the ranks

@@ -259,6 +259,7 @@ def test_per_node_command_line(tmp_path, tiny_model_dir, env, gpus, expected, ho
         ({"NUM_NODES": "2"}, "needs MASTER_ADDR"),
         ({"MASTER_ADDR": "10.0.0.7"}, "needs NUM_NODES"),
         ({"MASTER_ADDR": "10.0.0.7", "NUM_NODES": "2", "NODE_RANK": "2"}, "0 <= NODE_RANK < NUM_NODES"),
+        ({"MASTER_ADDR": "10.0.0.7", "NUM_NODES": "2", "LAUNCHER": "python"}, "needs LAUNCHER=deepspeed"),
     ],
 )
 def test_per_node_settings_missing_are_one_line_errors(tmp_path, env, message):
