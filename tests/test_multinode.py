@@ -23,6 +23,7 @@ from test_sweep import fake_tool, launch
 
 from oml import distributed
 from oml.errors import UserError
+from oml.runs import EVAL_RESULTS, FINAL_MODEL, METRICS, RUN_LOG
 
 BIN = Path(sys.executable).parent  # the suite's venv: deepspeed and python for the launchers
 # CPU ranks even on a machine with GPUs, as in the rest of the suite.
@@ -76,12 +77,12 @@ def finish(nodes, timeout):
 
 
 def weights(results):
-    (path,) = Path(results).glob("*/final_model/model.safetensors")
+    (path,) = Path(results).glob(f"*/{FINAL_MODEL}/model.safetensors")
     return path.parent.parent.name, load_file(path)
 
 
 def run_log_lines(results):
-    log = Path(results) / "all_run_logs.txt"
+    log = Path(results) / RUN_LOG
     return log.read_text().splitlines() if log.exists() else []
 
 
@@ -164,10 +165,10 @@ def test_two_nodes_by_the_sweep_script_end_on_the_one_node_weights(tmp_path, tin
     assert max((a[k] - base[k]).abs().max().item() for k in base) > 1e-4  # it trained
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     run = tmp_path / "two" / run_two
-    assert len(list((tmp_path / "two").glob("*/final_model"))) == 1
-    assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
+    assert len(list((tmp_path / "two").glob(f"*/{FINAL_MODEL}"))) == 1
+    assert json.loads((run / METRICS).read_text())["world_size"] == 2
     assert [line.split("\t")[1] for line in run_log_lines(tmp_path / "two")] == [run_two]
-    assert (run / "eval_results.json").is_file()  # node 0's evaluation found the run
+    assert (run / EVAL_RESULTS).is_file()  # node 0's evaluation found the run
 
 
 # ----------------------------------------------------------------------------------- a lost node
@@ -199,12 +200,12 @@ def test_a_lost_node_stops_the_other_in_bounded_time_and_nothing_is_saved(tmp_pa
     assert len(errors) == 1 and f"rank {1 - victim} of 2 (node {1 - victim})" in errors[0], out[-3000:]
     assert "could not reach or lost the other ranks" in errors[0] and f"--dist_timeout {timeout} s" in errors[0]
     assert "Traceback" not in out
-    assert not list((tmp_path / "r").glob("*/final_model")) and run_log_lines(tmp_path / "r") == []
+    assert not list((tmp_path / "r").glob(f"*/{FINAL_MODEL}")) and run_log_lines(tmp_path / "r") == []
 
     if fault == "kill":  # the same command again, on both nodes: a complete run
         nodes = start_nodes(tmp_path, argv, argv)
         assert finish(nodes, 900) == [0, 0], (tmp_path / "node0.log").read_text()[-3000:]
-        assert len(list((tmp_path / "r").glob("*/final_model"))) == 1 and len(run_log_lines(tmp_path / "r")) == 1
+        assert len(list((tmp_path / "r").glob(f"*/{FINAL_MODEL}"))) == 1 and len(run_log_lines(tmp_path / "r")) == 1
 
 
 def test_nodes_given_different_runs_refuse_to_train(tmp_path, tiny_model_dir):
@@ -217,7 +218,7 @@ def test_nodes_given_different_runs_refuse_to_train(tmp_path, tiny_model_dir):
     assert codes[0] == 2 or codes[1] == 2, codes
     logs = "".join((tmp_path / f"node{n}.log").read_text() for n in (0, 1))
     assert "error: the ranks disagree on the run" in logs
-    assert not list((tmp_path / "r").glob("*/final_model")) and run_log_lines(tmp_path / "r") == []
+    assert not list((tmp_path / "r").glob(f"*/{FINAL_MODEL}")) and run_log_lines(tmp_path / "r") == []
 
 
 # -------------------------------------------------------------------------- launch_multigpu.sh, per node
