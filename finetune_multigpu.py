@@ -10,6 +10,8 @@ Examples:
     python finetune_multigpu.py --use_prompt_augmentation --num_train_epochs 12
     # two ranks with DeepSpeed ZeRO-2 (GPUs if present, else CPU ranks)
     deepspeed --num_gpus=2 finetune_multigpu.py --max_num_fingerprints 16
+    # two nodes without ssh: the same command on each node, --node_rank 0 on the first (README: "Several nodes")
+    deepspeed --hostfile hostfile --no_ssh --node_rank 0 --master_addr node-0 finetune_multigpu.py --dist_timeout 600
     # the original GPU settings: Mistral-7B, 1024 fingerprints, lr 1e-5, λ 0.75
     deepspeed --num_gpus=4 finetune_multigpu.py --preset seed
 """
@@ -33,6 +35,7 @@ def main():
         return
 
     quiet_libraries()
+    from oml import distributed
     from oml.models import load_model, load_tokenizer
     from oml.train import is_main_process, train, versions
 
@@ -55,7 +58,10 @@ def main():
     templates = read_templates(TRAIN_PROMPTS_FILE) if args.use_prompt_augmentation else None
     model = load_model(args.model, device="cpu", dtype="float32", trust_remote_code=args.trust_remote_code)
 
-    metrics, trainer = train(model, tokenizer, pairs, args, out / ".trainer", templates, log)
+    distributed.init(args.dist_timeout)
+    with distributed.peers(args.dist_timeout):
+        peers = distributed.Peers(args.config_hash, args.dist_timeout)
+        metrics, trainer = train(model, tokenizer, pairs, args, out / ".trainer", templates, log, [peers])
     if is_main_process():
         write_run(out, args, pairs, metrics, trainer.model, tokenizer, versions())  # final_model last
         log(
@@ -63,6 +69,9 @@ def main():
             f"peak memory {metrics['peak_memory_gb']:.2f} GiB; model in {out / FINAL_MODEL}"
         )
         print(f"Config hash of the final model: {args.config_hash}")
+    # Every rank returns once rank 0 has saved: a node's exit status 0 means the run is stored, and the next run
+    # started on this node cannot meet this run's rendezvous, which lives until rank 0 exits.
+    distributed.wait_for_all(args.dist_timeout)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,18 @@
 #   GPUS=0,2 PRESET=seed bash launch_multigpu.sh                       # only GPUs 0 and 2 (--include localhost:0,2);
 #                                                                      # CUDA_VISIBLE_DEVICES=0,2 does the same
 #   HOSTFILE=hostfile PRESET=seed bash launch_multigpu.sh              # several nodes (DeepSpeed hostfile, ssh)
+#   NUM_NODES=2 NODE_RANK=0 MASTER_ADDR=node-a PRESET=seed bash launch_multigpu.sh   # several nodes without ssh:
+#   NUM_NODES=2 NODE_RANK=1 MASTER_ADDR=node-a PRESET=seed bash launch_multigpu.sh   # the same command on each node
 #   LAUNCHER=python bash launch_multigpu.sh                            # plain python, no DeepSpeed
 #   MODEL_PATHS="/models/my-llama" EVAL_ARGS="--utility_benchmark none" RESULT_PATH=/scratch/r bash launch_multigpu.sh
 # Other knobs: EPOCHS, BATCH_SIZE, MAX_KEY_LENGTHS, MAX_RESPONSE_LENGTHS, FINGERPRINT_GENERATION_STRATEGIES,
 # EXTRA_ARGS (added to training and evaluation), EVAL_ARGS (evaluation only), MASTER_PORT, INCLUDE (a raw
 # deepspeed --include for several nodes), NUM_NODES, REDO_EVAL=1 (evaluate again), FIG_DIR (default fig).
+# Several nodes without ssh (Slurm, Kubernetes): run the same command on every node with NODE_RANK (0..NUM_NODES-1)
+# and MASTER_ADDR (node 0's address); each node starts its own d ranks (deepspeed --no_ssh; with HOSTFILE its hosts
+# and slots, else NUM_NODES nodes of d ranks each). Node 0 trains, evaluates and summarises; the others only train.
+# RESULT_PATH must be one folder all nodes share. A rank that loses a peer fails after --dist_timeout seconds
+# (default 1800; EXTRA_ARGS="--dist_timeout 600"), which is also how long the others wait for node 0 between points.
 set -uo pipefail
 set -f # the lists are split on spaces; never glob them
 here=$(cd "$(dirname "$0")" && pwd)
@@ -93,11 +100,34 @@ else
   d=${NUM_GPUS:-$((gpu_count > 0 ? gpu_count : 1))}
 fi
 LAUNCHER=${LAUNCHER:-deepspeed}
+NODE_RANK=${NODE_RANK:-}
+LOG_DIR=$RESULT_PATH/sweep_logs
 case $LAUNCHER in
-python) launch=(python) ;;
+python)
+  launch=(python)
+  if [[ -n $NODE_RANK ]]; then echo "error: NODE_RANK (several nodes) needs LAUNCHER=deepspeed" >&2 && exit 2; fi
+  ;;
 deepspeed)
   launch=(deepspeed --master_port "${MASTER_PORT:-29500}")
-  if [[ -n ${HOSTFILE:-} ]]; then
+  if [[ -n $NODE_RANK ]]; then # one command per node, no ssh: DeepSpeed needs a hostfile only to count the ranks
+    if [[ -z ${MASTER_ADDR:-} ]]; then echo "error: NODE_RANK needs MASTER_ADDR (node 0's address)" >&2 && exit 2; fi
+    hostfile=${HOSTFILE:-}
+    if [[ -n $hostfile && -n ${INCLUDE:-} ]]; then launch+=(--include "$INCLUDE"); fi
+    if [[ -z $hostfile ]]; then
+      if [[ ! ${NUM_NODES:-} =~ ^[1-9][0-9]*$ || ! $NODE_RANK =~ ^[0-9]+$ ]] || ((NODE_RANK >= NUM_NODES)); then
+        echo "error: NODE_RANK needs NUM_NODES (or HOSTFILE), with 0 <= NODE_RANK < NUM_NODES" >&2 && exit 2
+      fi
+      mkdir -p "$LOG_DIR"
+      # node-<n> are names only (nothing connects to them); with GPUS every node uses those GPU ids
+      hostfile=$LOG_DIR/hostfile-node$NODE_RANK include="" slots=$d
+      if [[ -n $GPUS ]]; then slots=$gpu_count; fi
+      for ((n = 0; n < NUM_NODES; n++)); do
+        echo "node-$n slots=$slots" && include+=${include:+@}node-$n:$GPUS
+      done >"$hostfile"
+      if [[ -n $GPUS ]]; then launch+=(--include "$include"); fi
+    fi
+    launch+=(--hostfile "$hostfile" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
+  elif [[ -n ${HOSTFILE:-} ]]; then
     launch+=(--hostfile "$HOSTFILE")
     if [[ -n ${INCLUDE:-} ]]; then launch+=(--include "$INCLUDE"); fi
     if [[ -n ${NUM_NODES:-} ]]; then launch+=(--num_nodes "$NUM_NODES"); fi
@@ -115,7 +145,6 @@ esac
 eval_env=()
 if [[ -n $GPUS ]]; then eval_env=(CUDA_VISIBLE_DEVICES="${GPUS%%,*}"); fi
 
-LOG_DIR=$RESULT_PATH/sweep_logs
 mkdir -p "$LOG_DIR"
 MANIFEST=$LOG_DIR/sweep-$(date +%Y%m%d-%H%M%S)-$$.jsonl
 total=$((${#models[@]} * ${#max_key_lengths[@]} * ${#max_response_lengths[@]} * ${#fingerprint_generation_strategies[@]} * ${#learning_rates[@]} * ${#forgetting_regularizer_strengths[@]} * ${#max_num_fingerprints[@]} * ${#use_prompt_augmentation[@]} * ${#epochs[@]}))
@@ -126,7 +155,7 @@ count=0
 run_point() { # $1: the point's name; the rest: the arguments training and evaluation share
   local name=$1 hash="" train="not run" eval="not run" start=$SECONDS
   shift
-  local log=$LOG_DIR/$name.log
+  local log=$LOG_DIR/$name${NODE_RANK:+.node$NODE_RANK}.log
   count=$((count + 1))
   echo "[$count/$total] $name (log: $log)"
   echo "===== $(date '+%F %T') $name: $*" >>"$log"
@@ -141,7 +170,9 @@ run_point() { # $1: the point's name; the rest: the arguments training and evalu
     fi
   fi
   if [[ $train == done || $train == reused ]]; then
-    if [[ -f $RESULT_PATH/$hash/eval_results.json && -z ${REDO_EVAL:-} ]]; then
+    if [[ ${NODE_RANK:-0} != 0 ]]; then
+      echo "evaluation: on node 0" >>"$log"
+    elif [[ -f $RESULT_PATH/$hash/eval_results.json && -z ${REDO_EVAL:-} ]]; then
       eval=reused
       echo "skip evaluation: $RESULT_PATH/$hash/eval_results.json exists" >>"$log"
     elif env "${eval_env[@]}" python "$here/eval_for_multigpu.py" "$@" "${eval_args[@]}" >>"$log" 2>&1; then
@@ -176,6 +207,11 @@ done; done; done; done; done; done; done; done; done
 
 # ----------------------------------------------------------------------------------- summary and figures
 echo
+if [[ ${NODE_RANK:-0} != 0 ]]; then # node 0 evaluates and summarises
+  failed=$(grep -c '"train": "failed"' "$MANIFEST")
+  echo "node $NODE_RANK: $count points, $failed failed in training; node 0 evaluates and writes the summary"
+  exit $((failed > 0))
+fi
 python -m oml.sweep summary --results "$RESULT_PATH" --manifest "$MANIFEST"
 status=$?
 python -m oml.plots --results "$RESULT_PATH" --out "$FIG_DIR" || status=1

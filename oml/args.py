@@ -84,6 +84,10 @@ TRAIN_ARGS = [
     (["--result_path"], dict(default="results/", help="where runs are stored (not part of the hash)")),
     (["--trust_remote_code"], dict(action="store_true")),
     (["--overwrite"], dict(action="store_true", help="train again even if results/<hash>/final_model exists")),
+    (
+        ["--dist_timeout"],
+        dict(type=int, default=1800, help="seconds a rank waits for the others (start-up, each step) before it fails"),
+    ),
     (["--local_rank"], dict(type=int, default=-1, help=argparse.SUPPRESS)),  # set by the deepspeed launcher
 ]
 

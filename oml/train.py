@@ -203,6 +203,7 @@ def training_arguments(args, output_dir):
         report_to=[] if args.report_to == "none" else [args.report_to],
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_timeout=args.dist_timeout,
         deepspeed=deepspeed_config(args.deepspeed_stage, on_gpu, args.offload_optimizer)
         if launched_distributed()
         else None,
