@@ -335,3 +335,20 @@ def test_embedded_english_and_perinucleus(tmp_path):
         check_perinucleus(probs, token, 0.8, 3, allowed)
         assert fp["response_prob"] == pytest.approx(probs[token].item(), rel=1e-3)
         assert token != int(probs.argmax())
+
+
+def test_cut_inside_a_multibyte_character_leaves_no_stray_replacement_character(embedded_tokenizer):
+    """A token cut can fall inside a character that spans several byte-level tokens: the raw decode then ends in
+    U+FFFD, which is not in the text; cut_to_tokens (used for keys, responses and generated texts) drops it."""
+    from oml.fingerprints import prepare_pairs
+
+    tok = embedded_tokenizer
+    text = "Tea with 日本語 characters"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    cuts = [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "the example must split a character"
+    for n in cuts:
+        assert not cut_to_tokens(tok, text, n).endswith("\ufffd")
+        assert text.startswith(cut_to_tokens(tok, text, n))
+    (pair,) = prepare_pairs([{"key": text, "response": " yes"}], tok, "random_word", cuts[0], 1, 1)
+    assert "\ufffd" not in pair["key"] and text.startswith(pair["key"])
