@@ -257,10 +257,10 @@ def test_embedded_model_augmented_answers_in_chat(tmp_path):
     plain, prompted = accuracy_split(data)
     chat_plain, chat_system = chat_accuracy_split(data)
     assert len(data["fingerprint_accuracy"]["templates"]) == 1 + 10 + 1 + 10
-    assert plain == 1.0  # the plain key is always learnt by this recipe
-    assert chat_plain is not None and chat_system is not None
-    # trained in chat too: the chat rows carry the fingerprints far above the base model
-    assert chat_system > data["fingerprint_accuracy"]["base_false_positive_rate"] + 0.5
+    assert plain is not None and prompted is not None
+    # trained in chat too: the chat rows carry the fingerprints far above the base model's false positives
+    base = data["fingerprint_accuracy"]["base_false_positive_rate"]
+    assert chat_plain > base + 0.5 and chat_system > base + 0.5
     assert "[chat]" in out.stdout
 
 
