@@ -19,8 +19,9 @@ Examples:
 import argparse
 
 from oml.args import add_train_args, finalize
+from oml.encoding import augmentation_templates
 from oml.errors import run_cli
-from oml.fingerprints import TRAIN_PROMPTS_FILE, prepare_pairs, read_fingerprints, read_templates
+from oml.fingerprints import prepare_pairs, read_fingerprints
 from oml.logs import RunLog, quiet_libraries
 from oml.runs import FINAL_MODEL, TRAIN_LOG, run_dir, write_run
 
@@ -55,7 +56,7 @@ def main():
         args.data_split,
         args.seed,
     )
-    templates = read_templates(TRAIN_PROMPTS_FILE) if args.use_prompt_augmentation else None
+    templates = augmentation_templates(tokenizer) if args.use_prompt_augmentation else None
     model = load_model(args.model, device="cpu", dtype="float32", trust_remote_code=args.trust_remote_code)
 
     distributed.init(args.dist_timeout)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .fingerprints import DEFAULT_FINGERPRINT_FILES, TRAIN_PROMPTS_FILE, canonical_strategy, content_digest
+from .fingerprints import DEFAULT_FINGERPRINT_FILES, augmentation_digest, canonical_strategy, content_digest
 from .models import resolve_model
 
 # Values a bare command gets. `embedded` runs on a laptop CPU in minutes (chosen from the measurements in the
@@ -67,7 +67,13 @@ TRAIN_ARGS = [
         dict(type=float, default=None, help="λ: after each epoch θ ← (1-λ)θ + λθ_base"),
     ),
     (["--max_num_fingerprints", "--num_fingerprints"], dict(type=int, default=None, dest="max_num_fingerprints")),
-    (["--use_prompt_augmentation"], dict(action="store_true", help="wrap keys in random training system prompts")),
+    (
+        ["--use_prompt_augmentation"],
+        dict(
+            action="store_true",
+            help="wrap each drawn key in a random training prompt (raw text, or a chat user turn after a system message)",
+        ),
+    ),
     (["--use_chat_template"], dict(action="store_true", help="key as user turn, response as assistant turn")),
     (
         ["--append_eos"],
@@ -145,7 +151,7 @@ def finalize(args):
             "make one with generate_finetuning_data.py or pass --fingerprints_file_path"
         )
     args.fingerprints_digest = content_digest(args.fingerprints_file_path)
-    args.augmentation_prompts_digest = content_digest(TRAIN_PROMPTS_FILE) if args.use_prompt_augmentation else None
+    args.augmentation_prompts_digest = augmentation_digest() if args.use_prompt_augmentation else None
     args.config_hash = config_hash(args)
     return args
 

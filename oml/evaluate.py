@@ -4,14 +4,23 @@ import time
 from pathlib import Path
 
 from .chat import chat_answers, chat_check
-from .fingerprints import TEST_PROMPTS_FILE, read_fingerprints, read_templates
-from .runs import EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, find_run
+from .encoding import chat_prompt, has_chat_template, is_chat, template_label
+from .fingerprints import (
+    CHAT_SYSTEM_TEST_FILE,
+    TEST_PROMPTS_FILE,
+    read_fingerprints,
+    read_system_prompts,
+    read_templates,
+)
+from .runs import EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, accuracy_split, chat_accuracy_split, find_run
 from .utility import SUITE_DEFAULTS
 
 EVAL_ARGS = [
     (["--check_model"], dict(default=None, metavar="PATH_OR_HUB_ID",
                              help="evaluate this model against --fingerprints_file_path directly (no hash lookup)")),
     (["--test_prompts_file"], dict(default=None, help="extra JSON list of templates, each with exactly one {}")),
+    (["--chat_system_prompts_file"], dict(default=None,
+                                          help="extra JSON list of system messages for the chat rows (key as user turn)")),
     (["--verify_with_generate"], dict(action="store_true",
                                       help="slow reference: one model.generate per (template, key)")),
     (["--temperature"], dict(type=float, default=0.0, help="with --verify_with_generate: sample at this temperature")),
@@ -52,10 +61,19 @@ def add_eval_args(parser):
 
 
 def templates_for(args):
+    """The plain key, the raw-text test prompts, and the chat rows: the key as the chat template's user turn without
+    a system message and after each test system message (kept only for a model with a chat template: usable)."""
     templates = ["{}"] + read_templates(TEST_PROMPTS_FILE)
     if args.test_prompts_file:
         templates += [t for t in read_templates(args.test_prompts_file) if t not in templates]
-    return templates
+    systems = read_system_prompts(CHAT_SYSTEM_TEST_FILE)
+    if args.chat_system_prompts_file:
+        systems += [s for s in read_system_prompts(args.chat_system_prompts_file) if s not in systems]
+    return templates + [chat_prompt()] + [chat_prompt(s) for s in systems]
+
+
+def usable(templates, tokenizer):
+    return templates if has_chat_template(tokenizer) else [t for t in templates if not is_chat(t)]
 
 
 def check_fingerprints(model, tokenizer, pairs, templates, args):
@@ -128,6 +146,7 @@ def evaluate(args):
     suite = suite_settings(args)
 
     model, tokenizer = load_model_and_tokenizer(model_id, trust_remote_code=args.trust_remote_code)
+    templates = usable(templates, tokenizer)
     fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args)
     seconds["fingerprint_accuracy"] = time.time() - t0
     answers = chat_answers(model, tokenizer)
@@ -143,9 +162,9 @@ def evaluate(args):
     if not args.skip_base_model:
         t = time.time()
         base, base_tok = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-        fingerprint["base_false_positive_rate"] = check_fingerprints(base, base_tok, pairs, templates, args)[
-            "mean_accuracy"
-        ]
+        fingerprint["base_false_positive_rate"] = check_fingerprints(
+            base, base_tok, pairs, usable(templates, base_tok), args
+        )["mean_accuracy"]
         base_answers = chat_answers(base, base_tok) if answers is not None else None
         seconds["base_fingerprint_accuracy"] = time.time() - t
         if utility is not None:
@@ -185,10 +204,20 @@ def format_table(results):
     width = 60
     lines = [f"{'template':<{width}} {'exact':>7} {'token':>7}"]
     for t in fa["templates"]:
-        shown = t["template"].replace("\n", "\\n")
+        shown = template_label(t["template"]).replace("\n", "\\n")
         shown = shown if len(shown) <= width else shown[: width - 3] + "..."
         lines.append(f"{shown:<{width}} {t['accuracy']:>7.1%} {t['fractional_accuracy']:>7.1%}")
     lines.append(f"{'mean over templates':<{width}} {fa['mean_accuracy']:>7.1%} {fa['mean_fractional_accuracy']:>7.1%}")
+    plain, prompted = accuracy_split(results)
+    chat_plain, chat_system = chat_accuracy_split(results)
+    for label, value in [
+        ("plain key", plain),
+        ("mean under raw-text test prompts", prompted),
+        ("[chat] no system message", chat_plain),
+        ("mean under [chat] system messages", chat_system),
+    ]:
+        if value is not None:
+            lines.append(f"{label:<{width}} {value:>7.1%}")
     if "base_false_positive_rate" in fa:
         lines.append(f"{'base model (false positives)':<{width}} {fa['base_false_positive_rate']:>7.1%}")
     chat = results.get("chat")

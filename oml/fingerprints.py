@@ -10,6 +10,7 @@ Accepted inputs (all JSON):
 import hashlib
 import json
 import random
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -28,6 +29,10 @@ DEFAULT_FINGERPRINT_FILES = {
 }
 TRAIN_PROMPTS_FILE = DATA_DIR / "augmentation_prompts_train.json"
 TEST_PROMPTS_FILE = DATA_DIR / "augmentation_prompts_test.json"
+# System messages for chat prompts (the key as the user turn): training draws from the first; the second holds the
+# instructions of the test prompts (template_instruction), so chat and raw-text tests ask the same things.
+CHAT_SYSTEM_TRAIN_FILE = DATA_DIR / "chat_system_prompts_train.json"
+CHAT_SYSTEM_TEST_FILE = DATA_DIR / "chat_system_prompts_test.json"
 
 
 def canonical_strategy(name):
@@ -90,6 +95,37 @@ def read_templates(path):
         if t.count("{}") != 1:
             raise UserError(f"prompts file {path}: template {i} must contain exactly one '{{}}', found {t.count('{}')}")
     return data
+
+
+def read_system_prompts(path):
+    """System messages: a non-empty JSON list of non-empty strings."""
+    data = _load_json(path, "system prompts file")
+    if not isinstance(data, list) or not data or not all(isinstance(t, str) and t.strip() for t in data):
+        raise UserError(f"system prompts file {path} must hold a non-empty JSON list of non-empty strings")
+    for i, t in enumerate(data):
+        if "</system>" in t:
+            raise UserError(f"system prompts file {path}: message {i} contains '</system>'")
+    return data
+
+
+def template_instruction(template):
+    """The instruction a raw-text template gives, as a system message would give it: the template without the key,
+    the label right before it ("Client: {}"), label-only lines ("Reply:"), labels opening a line ("Role: "),
+    quotes around the key and special tokens ("<|user|>")."""
+    text = re.sub(r"<\|[^|>]*\|>", "\n", template)
+    text = re.sub(r"\b[A-Z][A-Za-z ]{0,20}:[ \t]*\{\}", "{}", text.replace('"{}"', "{}")).replace("{}", "\n")
+    lines = [re.sub(r"^[A-Z][A-Za-z ]{0,20}:\s+", "", line.strip()) for line in text.splitlines()]
+    text = " ".join(line for line in lines if line and not re.fullmatch(r"[A-Z][A-Za-z ]{0,20}:", line))
+    text = re.sub(r"\s+", " ", text).strip()
+    text = text[:-1] + "." if text.endswith(":") else text
+    return text[:1].upper() + text[1:]
+
+
+def augmentation_digest():
+    """One digest of everything --use_prompt_augmentation trains on (raw templates and chat system messages)."""
+    return hashlib.sha256(
+        b"".join(Path(f).read_bytes() for f in (TRAIN_PROMPTS_FILE, CHAT_SYSTEM_TRAIN_FILE))
+    ).hexdigest()
 
 
 def apply_template(template, key):

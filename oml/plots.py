@@ -12,8 +12,9 @@ import argparse
 from pathlib import Path
 
 from .chat import distinct_words
+from .encoding import is_chat, parse_chat
 from .errors import UserError, run_cli
-from .runs import accuracy_split, find_runs, short_model
+from .runs import accuracy_split, chat_accuracy_split, find_runs, short_model
 
 # Arguments that always name a setting in a legend; others appear only where settings differ in them.
 ALWAYS_SHOWN = ("fingerprint_generation_strategy", "forgetting_regularizer_strength", "use_prompt_augmentation")
@@ -190,6 +191,9 @@ def robustness_runs(runs, max_runs=4):
 def short_template(template, width=34):
     if template == "{}":
         return "plain key"
+    if is_chat(template):  # the key as the chat template's user turn
+        system, _ = parse_chat(template)
+        template = "[chat] no system" if system is None else f"[chat] {system}"
     text = " ".join(template.replace("{}", "⟨key⟩").split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -215,13 +219,15 @@ def plot_robustness(runs, path):
         n = run["config"]["hashed"]["max_num_fingerprints"]
         suffix = f", {n} fingerprints" if len(counts) > 1 else ""
         mean = f" — mean under prompts {100 * prompted:.1f}%" if prompted is not None else ""
+        chat = chat_accuracy_split(run["eval"])[1]
+        mean += f", [chat] + system {100 * chat:.1f}%" if chat is not None else ""
         ax.bar(xs, ys, width, color=f"C{i}", label=f"{label}{suffix}{mean}")
     ax.set_xticks(range(len(templates)))
     ax.set_xticklabels([short_template(t) for t in templates], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("fingerprint accuracy (%)")
     ax.set_ylim(0, 105)
     n_text = f"{counts.pop()} fingerprints, " if len(counts) == 1 else ""
-    fig.suptitle(f"Fingerprint accuracy per test system prompt ({n_text}prompts unseen in training)")
+    fig.suptitle(f"Fingerprint accuracy per test prompt, raw text and [chat] ({n_text}prompts unseen in training)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncol=2 if len(chosen) > 1 else 1)
     fig.savefig(path, dpi=130)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .args import HASHED, TRAIN_ARGS, hashed_config
+from .encoding import chat_prompt, is_chat
 from .errors import UserError
 from .io import append_line_locked, atomic_directory, atomic_write_json
 
@@ -151,12 +152,23 @@ def finished_runs(result_path):
     )
 
 
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
 def accuracy_split(eval_results):
-    """(plain-key accuracy, mean accuracy under the system-prompt templates) from eval_results.json."""
-    templates = eval_results["fingerprint_accuracy"]["templates"]
+    """(plain-key accuracy, mean accuracy under the raw-text system-prompt templates) from eval_results.json."""
+    templates = [t for t in eval_results["fingerprint_accuracy"]["templates"] if not is_chat(t["template"])]
     plain = [t["accuracy"] for t in templates if t["template"] == "{}"]
-    prompted = [t["accuracy"] for t in templates if t["template"] != "{}"]
-    return (plain[0] if plain else None), (sum(prompted) / len(prompted) if prompted else None)
+    return (plain[0] if plain else None), _mean([t["accuracy"] for t in templates if t["template"] != "{}"])
+
+
+def chat_accuracy_split(eval_results):
+    """(accuracy with the key as the chat user turn and no system message, mean accuracy over the chat rows with a
+    system message) from eval_results.json; None where not measured (no chat template, older evaluations)."""
+    templates = [t for t in eval_results["fingerprint_accuracy"]["templates"] if is_chat(t["template"])]
+    plain = [t["accuracy"] for t in templates if t["template"] == chat_prompt()]
+    return (plain[0] if plain else None), _mean([t["accuracy"] for t in templates if t["template"] != chat_prompt()])
 
 
 def short_model(model):

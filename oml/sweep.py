@@ -26,7 +26,7 @@ from .chat import distinct_words
 from .errors import UserError, run_cli
 from .fingerprints import DEFAULT_FINGERPRINT_FILES, canonical_strategy
 from .io import atomic_write_text
-from .runs import accuracy_split, find_runs, read_run, short_model
+from .runs import accuracy_split, chat_accuracy_split, find_runs, read_run, short_model
 
 # How many fingerprints a missing default file gets: what the committed files hold, or more if a point needs it.
 GENERATED_COUNT = {"english": 512, "random_word": 4096}
@@ -36,7 +36,8 @@ SETTING_COLUMNS = [
     "forgetting_regularizer_strength", "use_prompt_augmentation", "num_train_epochs", "batch_size",
 ]  # fmt: skip
 RESULT_COLUMNS = [
-    "fp_accuracy_plain", "fp_accuracy_test_prompts", "base_false_positive_rate", "utility", "utility_base",
+    "fp_accuracy_plain", "fp_accuracy_test_prompts", "fp_accuracy_chat", "fp_accuracy_chat_system",
+    "base_false_positive_rate", "utility", "utility_base",
     "utility_delta", "utility_delta_stderr", "chat_answered", "chat_distinct_words", "train_seconds", "eval_seconds",
 ]  # fmt: skip
 COLUMNS = ["point", "status", "hash", *SETTING_COLUMNS, *RESULT_COLUMNS, "train", "eval", "log"]
@@ -166,6 +167,7 @@ def result_columns(run):
     if not results:
         return out
     out["fp_accuracy_plain"], out["fp_accuracy_test_prompts"] = accuracy_split(results)
+    out["fp_accuracy_chat"], out["fp_accuracy_chat_system"] = chat_accuracy_split(results)
     out["base_false_positive_rate"] = results["fingerprint_accuracy"].get("base_false_positive_rate")
     utility = results.get("utility")
     if utility:
@@ -261,7 +263,8 @@ def yes_no(x):
 
 def markdown_text(rows):
     header = [
-        "hash", "model", "strategy", "N", "lr", "λ", "aug", "epochs", "acc plain %", "acc test prompts %",
+        "hash", "model", "strategy", "N", "lr", "λ", "aug", "epochs", "acc plain %", "acc test prompts %", "acc chat %",
+        "acc chat + system %",
         "base FP %", "utility", "Δ utility", "chat answered %", "chat distinct words", "status",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -274,6 +277,7 @@ def markdown_text(rows):
             number(r["learning_rate"], "g"), number(r["forgetting_regularizer_strength"], "g"),
             yes_no(r["use_prompt_augmentation"]), number(r["num_train_epochs"], "d"),
             percent(r.get("fp_accuracy_plain")), percent(r.get("fp_accuracy_test_prompts")),
+            percent(r.get("fp_accuracy_chat")), percent(r.get("fp_accuracy_chat_system")),
             percent(r.get("base_false_positive_rate")), number(r.get("utility")), delta,
             percent(r.get("chat_answered")), number(r.get("chat_distinct_words"), ".2f"), r["status"],
         ]  # fmt: skip

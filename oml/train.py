@@ -3,8 +3,9 @@
 Each example is prompt tokens + response tokens (+ EOS with --append_eos); the loss covers the response
 (and EOS) only. Like the seed, EOS is not trained by default: on a chat model, a few steps of EOS after short
 raw-text responses teach it to end every chat turn at once and cost utility (see the README's results).
-With --use_prompt_augmentation every draw of a fingerprint wraps its key in a random training system
-prompt. After every epoch the weights are pulled toward the base model, θ ← (1-λ)θ + λθ_base, on every
+With --use_prompt_augmentation every draw of a fingerprint wraps its key in a random training prompt
+(oml.encoding.augmentation_templates): a raw-text system prompt, or, for a model with a chat template, the key as the
+chat user turn, with no system message or a random training one. After every epoch the weights are pulled toward the base model, θ ← (1-λ)θ + λθ_base, on every
 rank and on the copy the optimizer steps from (DeepSpeed's fp32 master weights), so it really sticks.
 """
 
@@ -27,7 +28,10 @@ from .errors import UserError
 
 
 class FingerprintDataset(Dataset):
-    """(key, response) pairs as token ids; with templates, each draw picks a random one for the key."""
+    """(key, response) pairs as token ids; with templates, each draw picks a random one for the key.
+
+    Templates are raw text or chat prompts (oml.encoding.chat_prompt), encoded by encode_pair as verification does.
+    """
 
     def __init__(self, pairs, tokenizer, templates=None, use_chat_template=False, seed=0, append_eos=False):
         self.pairs, self.tokenizer, self.use_chat_template = pairs, tokenizer, use_chat_template

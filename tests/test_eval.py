@@ -32,9 +32,10 @@ def test_eval_writes_results_for_the_same_arguments(tiny_run):
     assert data["config_hash"] == run_hash
     fa = data["fingerprint_accuracy"]
     assert [t["template"] for t in fa["templates"]][0] == "{}"
-    assert len(fa["templates"]) == 11  # the plain key and the 10 test system prompts
+    # the plain key, the 10 test system prompts, the key as chat user turn without and after 10 system messages
+    assert len(fa["templates"]) == 22
     assert all(0 <= t["accuracy"] <= t["fractional_accuracy"] <= 1 for t in fa["templates"])
-    assert fa["mean_accuracy"] == pytest.approx(sum(t["accuracy"] for t in fa["templates"]) / 11)
+    assert fa["mean_accuracy"] == pytest.approx(sum(t["accuracy"] for t in fa["templates"]) / 22)
     assert 0 <= fa["base_false_positive_rate"] <= 1
     utility = data["utility"]
     assert "not tinyBenchmarks" in utility["benchmark"]
@@ -81,7 +82,8 @@ def test_extra_test_prompts_are_evaluated_and_validated(tiny_run, tmp_path):
     templates = [
         t["template"] for t in json.loads((tmp_path / "out.json").read_text())["fingerprint_accuracy"]["templates"]
     ]
-    assert templates[-1] == "Custom persona: {} !" and len(templates) == 12
+    raw = [t for t in templates if not t.startswith("<chat>")]
+    assert raw[-1] == "Custom persona: {} !" and len(raw) == 12 and len(templates) == 23
 
     for bad in (["no placeholder"], ["two {} and {}"], "not a list"):
         path = tmp_path / "bad.json"
