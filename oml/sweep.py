@@ -273,8 +273,8 @@ def yes_no(x):
 def markdown_text(rows):
     header = [
         "hash", "model", "strategy", "N", "lr", "λ", "aug", "epochs", "acc plain %", "acc test prompts %",
-        "base FP %", "p match T=0.7 %", "p match T=1 %", "utility", "Δ utility", "generation EM", "Δ generation",
-        "chat KL", "chat same %", "chat answered %", "chat distinct words", "status",
+        "base FP %", "p match T=0.7 %", "p match T=1 %", "utility", "Δ utility", "chat answered %",
+        "chat distinct words", "generation EM", "Δ generation", "chat KL", "chat same %", "status",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -289,8 +289,9 @@ def markdown_text(rows):
             yes_no(r["use_prompt_augmentation"]), number(r["num_train_epochs"], "d"),
             percent(r.get("fp_accuracy_plain")), percent(r.get("fp_accuracy_test_prompts")),
             percent(r.get("base_false_positive_rate")), percent(r.get("match_probability_t0.7")),
-            percent(r.get("match_probability_t1.0")), number(r.get("utility")), delta, number(r.get("generation")),
-            gen_delta, number(r.get("chat_kl"), ".4f"), percent(r.get("chat_same_as_base")), percent(r.get("chat_answered")), number(r.get("chat_distinct_words"), ".2f"), r["status"],
+            percent(r.get("match_probability_t1.0")), number(r.get("utility")), delta, percent(r.get("chat_answered")),
+            number(r.get("chat_distinct_words"), ".2f"), number(r.get("generation")), gen_delta,
+            number(r.get("chat_kl"), ".4f"), percent(r.get("chat_same_as_base")), r["status"],
         ]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"

@@ -323,3 +323,51 @@ def test_embedded_model_measures_end_to_end(tmp_path):
     assert data["utility"]["delta"] == 0
     probabilities = data["fingerprint_accuracy"]["mean_match_probability"]
     assert 0 <= probabilities["1.0"] <= 1 and 0 <= probabilities["0.7"] <= 1
+
+
+# ---------------------------------------------------------------- what reads eval_results.json
+
+
+def test_sweep_summary_and_figure_read_the_new_measures(tmp_path):
+    from test_sweep import fake_run
+
+    from oml.plots import plot_scalability
+    from oml.runs import find_runs
+    from oml.sweep import markdown_text, summary_rows
+
+    for run_hash, n, kl in [("a", 16, 0.02), ("b", 64, 0.08)]:
+        run = fake_run(tmp_path, run_hash, max_num_fingerprints=n)
+        path = run / "eval_results.json"
+        data = json.loads(path.read_text())
+        data["fingerprint_accuracy"]["mean_match_probability"] = {"0.7": 0.9, "1.0": 0.6}
+        data["generation"] = {"score": 0.12, "base_score": 0.15, "delta": -0.03, "delta_stderr": 0.01, "n": 200}
+        data["chat_drift"] = {"kl": kl, "kl_stderr": 0.005, "same_as_base": 0.4, "n": 200}
+        path.write_text(json.dumps(data))
+    old = fake_run(tmp_path, "c", max_num_fingerprints=256, forgetting_regularizer_strength=0.5)  # before the measures
+
+    rows = {r["hash"]: r for r in summary_rows(tmp_path)}
+    assert rows["b"]["chat_kl"] == 0.08 and rows["b"]["chat_same_as_base"] == 0.4
+    assert rows["a"]["match_probability_t0.7"] == 0.9 and rows["a"]["match_probability_t1.0"] == 0.6
+    assert rows["a"]["generation"] == 0.12 and rows["a"]["generation_delta"] == -0.03
+    assert rows["c"]["chat_kl"] is None and rows["c"]["chat_distinct_words"] is not None
+    table = markdown_text(list(rows.values()))
+    assert "chat KL" in table and "0.0800" in table and "-0.030 ± 0.010" in table and "p match T=1 %" in table
+    assert old.is_dir()
+
+    figure = tmp_path / "scalability.png"
+    plot_scalability([r for r in find_runs(tmp_path) if r["eval"]], figure)
+    assert figure.stat().st_size > 10_000
+
+
+def test_utility_limit_all_takes_every_item_of_the_split():
+    from oml.utility import _run_local, check_utility_limit, local_task_data
+
+    assert [len(local_task_data(t, "all", 1234)["test"]) for t in ("arc_challenge", "arc_easy")] == [299, 570]
+    first = local_task_data("arc_challenge", 20, 1234)["test"]["id"]
+    assert local_task_data("arc_challenge", "all", 1234)["test"]["id"][:20] == first  # the same seeded order
+    assert check_utility_limit("all") == "all" and check_utility_limit("25") == 25 and check_utility_limit(7) == 7
+    for bad in (0, -1, "0", "some", 2.5, True, None):
+        with pytest.raises(UserError, match="utility limit"):
+            check_utility_limit(bad)
+    with pytest.raises(UserError, match="no held-out items for few-shot"):
+        _run_local(None, None, "all", 1, 1234, 1, ["arc_easy"])
