@@ -5,6 +5,8 @@ Times, on one loaded model: the fingerprint check with and without the match pro
 drift pass, each at two item counts, so the cost per item (the slope) and the fixed cost can be read off; and,
 with --utility, the local suite per task at one item count (bench/bench_utility.py has more). --full then times
 one whole evaluation with the defaults (eval_for_multigpu.py --check_model, the base cache cold).
+Each row gives wall seconds and the process's CPU seconds: on a machine other jobs load, the CPU seconds divided by
+the thread count approximate the idle wall time.
 
 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python bench/bench_eval.py                    # parts, CPU
 python bench/bench_eval.py --counts 25 100 --utility --full
@@ -27,9 +29,13 @@ from oml.models import EMBEDDED, load_model_and_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+CPU_SECONDS = []  # per timed call: CPU seconds of this process (all threads), a load-independent companion
+
+
 def timed(fn):
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     out = fn()
+    CPU_SECONDS.append(time.process_time() - cpu)
     return time.time() - start, out
 
 
@@ -59,7 +65,12 @@ def main():
 
     model, tokenizer = load_model_and_tokenizer(EMBEDDED, device=args.device)
     print(f"{EMBEDDED} on {args.device}, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
-    rows = []
+    rows, cpu = [], []
+    print(f"\n{'part':<52}{'items':>7}{'wall s':>9}{'CPU s':>9}", flush=True)
+
+    def show(name, n, seconds, c):
+        wall = "" if seconds is None else f"{seconds:.1f}"
+        print(f"{name:<52}{'' if n is None else n:>7}{wall:>9}{'' if c is None else f'{c:.1f}':>9}", flush=True)
 
     pairs = read_fingerprints(REPO / "generated_data" / "fingerprints-english.json")[:32]
     pairs = [{"key": p["key"], "response": p["response"].split()[0]} for p in pairs]
@@ -67,6 +78,8 @@ def main():
     for temps in [(), (0.7, 1.0)]:
         seconds, _ = timed(lambda t=temps: verify_teacher_forced(model, tokenizer, pairs, templates, temperatures=t))
         rows.append((f"fingerprint check, temperatures {temps or 'none'}", len(pairs) * len(templates), seconds))
+        cpu.append(CPU_SECONDS[-1])
+        show(*rows[-1], cpu[-1])
 
     parts = {
         "generative benchmark (trivia_qa)": lambda n: evaluate_generation(
@@ -84,15 +97,23 @@ def main():
             references[n] = out if "reference" in name else references.get(n)
             points.append((n, seconds))
             rows.append((name, n, seconds))
+            cpu.append(CPU_SECONDS[-1])
+            show(*rows[-1], cpu[-1])
         per_item, fixed = slope(points)
-        rows.append((f"  -> {per_item:.2f} s per item + {fixed:.1f} s", None, None))
+        rows.append((f"  -> {per_item:.2f} s per item + {fixed:.1f} s (wall)", None, None))
+        cpu.append(None)
+        show(*rows[-1], cpu[-1])
     points = []
     for n in args.counts:
         seconds, _ = timed(lambda n=n: chat_drift(model, references[n], batch_size=args.batch_size))
         points.append((n, seconds))
         rows.append(("chat drift pass (teacher-forced)", n, seconds))
+        cpu.append(CPU_SECONDS[-1])
+        show(*rows[-1], cpu[-1])
     per_item, fixed = slope(points)
-    rows.append((f"  -> {per_item:.3f} s per item + {fixed:.1f} s", None, None))
+    rows.append((f"  -> {per_item:.3f} s per item + {fixed:.1f} s (wall)", None, None))
+    cpu.append(None)
+    show(*rows[-1], cpu[-1])
 
     if args.utility:
         for task in LOCAL_TASKS:
@@ -102,10 +123,10 @@ def main():
                 )
             )
             rows.append((f"utility {task}", args.utility_limit, seconds))
+            cpu.append(CPU_SECONDS[-1])
+            show(*rows[-1], cpu[-1])
 
-    print(f"\n{'part':<52}{'items':>7}{'seconds':>9}")
-    for name, n, seconds in rows:
-        print(f"{name:<52}{'' if n is None else n:>7}{'' if seconds is None else f'{seconds:.1f}':>9}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
     if args.full:
         del model
