@@ -2,6 +2,7 @@
 
 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python bench/bench_utility.py              # 100 items per task, CPU
 python bench/bench_utility.py --limit 20 --tasks arc_easy piqa --device cpu
+python bench/bench_utility.py --limit all --tasks arc_challenge arc_easy winogrande piqa   # the resolving setting
 """
 
 import argparse
@@ -14,12 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from oml.errors import run_cli  # noqa: E402
 from oml.models import EMBEDDED, load_model_and_tokenizer  # noqa: E402
-from oml.utility import LOCAL_TASKS, evaluate_utility, local_suite_name  # noqa: E402
+from oml.utility import LOCAL_TASKS, check_utility_limit, evaluate_utility, local_suite_name  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=100, help="items per task")
+    parser.add_argument("--limit", type=check_utility_limit, default=100, help="items per task, or all")
     parser.add_argument("--num_fewshot", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--tasks", nargs="+", default=list(LOCAL_TASKS), choices=list(LOCAL_TASKS))

@@ -1,6 +1,10 @@
-"""Evaluating a fingerprinted run: find it from its arguments, check its fingerprints, measure utility."""
+"""Evaluating a fingerprinted run: find it from its arguments, check its fingerprints, measure utility and drift.
+
+What each measure costs in time is recorded under "seconds" in the results (bench/bench_eval.py times them).
+"""
 
 import time
+from functools import partial
 from pathlib import Path
 
 from .chat import chat_answers, chat_check
@@ -12,6 +16,7 @@ from .fingerprints import (
     read_system_prompts,
     read_templates,
 )
+from .generation import CHAT_DRIFT_DEFAULTS, GENERATION_DEFAULTS
 from .runs import EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, accuracy_split, chat_accuracy_split, find_run
 from .utility import SUITE_DEFAULTS
 
@@ -28,10 +33,19 @@ EVAL_ARGS = [
                              help="fp32 model: decide verdicts on a bf16 copy and recompute near-ties in fp32 "
                                   "(1.5-1.7x faster on CPUs with AMX; see oml/verify.py)")),
     (["--utility_benchmark"], dict(default="local", choices=["local", "tinyBenchmarks", "none"])),
-    (["--utility_limit"], dict(type=int, default=SUITE_DEFAULTS["limit"], help="items per task of the local suite")),
+    (["--utility_limit"], dict(default=SUITE_DEFAULTS["limit"],
+                               help="items per task of the local suite, or 'all' (the experiments: see the README)")),
     (["--utility_tasks"], dict(default=None, type=lambda text: local_task_list(text),
                                help="local suite tasks, comma-separated (default: all six)")),
     (["--num_fewshot"], dict(type=int, default=0)),
+    (["--generation_benchmark"], dict(default=GENERATION_DEFAULTS["benchmark"],
+                                      help="generative benchmark: trivia_qa | nq_open | none (see oml/generation.py)")),
+    (["--generation_limit"], dict(type=int, default=GENERATION_DEFAULTS["limit"],
+                                  help="questions of the generative benchmark")),
+    (["--chat_drift_limit"], dict(default=CHAT_DRIFT_DEFAULTS["limit"],
+                                  help="questions for chat drift (KL to the base over its answers), or none")),
+    (["--match_temperatures"], dict(default=None, help="comma-separated sampling temperatures for the "
+                                    "match probability (default 0.7,1.0, oml/verify.py), or none")),
     (["--eval_batch_size"], dict(type=int, default=32)),
     (["--skip_base_model"], dict(action="store_true",
                                  help="don't evaluate the base model (no false-positive rate, no utility delta)")),
@@ -76,7 +90,7 @@ def usable(templates, tokenizer):
     return templates if has_chat_template(tokenizer) else [t for t in templates if not is_chat(t)]
 
 
-def check_fingerprints(model, tokenizer, pairs, templates, args):
+def check_fingerprints(model, tokenizer, pairs, templates, args, temperatures=()):
     from .verify import summarize, verify_teacher_forced, verify_with_generate
 
     if args.verify_with_generate:
@@ -94,6 +108,7 @@ def check_fingerprints(model, tokenizer, pairs, templates, args):
             args.use_chat_template,
             batch_size=args.eval_batch_size,
             screen_dtype=torch.bfloat16 if args.screen_bf16 else None,
+            temperatures=temperatures,
         )
         if any("rechecked" in r for r in results):
             print(
@@ -105,12 +120,49 @@ def check_fingerprints(model, tokenizer, pairs, templates, args):
 
 def suite_settings(args):
     """The utility suite's settings, as the evaluation's flags give them (one place, for the model and the base)."""
+    from .utility import check_utility_limit
+
     return dict(
         benchmark=args.utility_benchmark,
-        limit=args.utility_limit,
+        limit=check_utility_limit(args.utility_limit),
         num_fewshot=args.num_fewshot,
         tasks=args.utility_tasks,
     )
+
+
+def measure_settings(args):
+    """The generation measures' settings from the flags, checked before anything loads (bad input: one line).
+
+    Returns (generation settings or None, chat drift settings or None, match temperatures).
+    """
+    from .errors import UserError
+    from .generation import check_generation_settings, check_limit
+    from .verify import MATCH_TEMPERATURES, check_temperatures
+
+    generation = None
+    if args.generation_benchmark != "none":
+        check_generation_settings(args.generation_benchmark, args.generation_limit)
+        generation = dict(benchmark=args.generation_benchmark, limit=args.generation_limit)
+    drift = None
+    if str(args.chat_drift_limit) != "none":
+        text = str(args.chat_drift_limit).strip()
+        limit = int(text) if text.lstrip("-").isdigit() else text
+        drift = dict(limit=check_limit("the chat drift limit (--chat_drift_limit)", limit))
+    temperatures = ()
+    if args.match_temperatures is None:
+        temperatures = MATCH_TEMPERATURES
+    elif str(args.match_temperatures).strip() != "none":
+        try:
+            temperatures = tuple(float(t) for t in str(args.match_temperatures).replace(",", " ").split())
+        except ValueError:
+            raise UserError(f"--match_temperatures takes numbers, got {args.match_temperatures!r}") from None
+        temperatures = check_temperatures(temperatures)
+    return generation, drift, temperatures
+
+
+def base_cache_dir(args):
+    """Where base-model results are cached (utility, generation, chat reference)."""
+    return Path(args.result_path) / "base_utility"
 
 
 def release_memory():
@@ -130,10 +182,18 @@ def evaluate(args):
     The fingerprinted model and the base model are never in memory together: the first is released before the
     second loads.
     """
+    from .generation import (
+        base_generation_cached,
+        chat_drift,
+        chat_reference_cached,
+        evaluate_generation,
+        pair_generation,
+    )
     from .models import load_model_and_tokenizer
     from .utility import base_utility_cached, evaluate_utility, paired_delta
 
     seconds, t0 = {}, time.time()
+    generation_settings, drift_settings, temperatures = measure_settings(args)
     templates = templates_for(args)
     if args.check_model:
         model_id, pairs = args.check_model, read_fingerprints(args.fingerprints_file_path)
@@ -144,27 +204,49 @@ def evaluate(args):
         output = Path(args.output_file or run / EVAL_RESULTS)
     pairs = [{"key": p["key"], "response": p["response"]} for p in pairs]
     suite = suite_settings(args)
+    load_base = partial(load_model_and_tokenizer, args.model, trust_remote_code=args.trust_remote_code)
 
+    reference = None
+    if drift_settings and not args.skip_base_model:
+        # The base's answers and log-probs come first (cached per base model): the base loads here only when the
+        # cache misses, and is released before the fingerprinted model loads.
+        t = time.time()
+        reference = chat_reference_cached(
+            args.model, load_base, base_cache_dir(args), batch_size=args.eval_batch_size, **drift_settings
+        )
+        release_memory()
+        seconds["base_chat_reference"] = time.time() - t
+
+    t = time.time()
     model, tokenizer = load_model_and_tokenizer(model_id, trust_remote_code=args.trust_remote_code)
     templates = usable(templates, tokenizer)
-    fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args)
-    seconds["fingerprint_accuracy"] = time.time() - t0
+    fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args, temperatures)
+    seconds["fingerprint_accuracy"] = time.time() - t
     answers = chat_answers(model, tokenizer)
     base_answers = None
-    utility = None
+    utility = generation = drift = None
     if args.utility_benchmark != "none":
         t = time.time()
         utility = evaluate_utility(model, tokenizer, batch_size=args.eval_batch_size, **suite)
         seconds["utility"] = time.time() - t
+    if generation_settings:
+        t = time.time()
+        generation = evaluate_generation(model, tokenizer, batch_size=args.eval_batch_size, **generation_settings)
+        seconds["generation"] = time.time() - t
+    if reference is not None:
+        t = time.time()
+        drift = chat_drift(model, reference, batch_size=args.eval_batch_size)
+        seconds["chat_drift"] = time.time() - t
     del model  # the base model loads next: never hold both
     release_memory()
 
     if not args.skip_base_model:
         t = time.time()
         base, base_tok = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-        fingerprint["base_false_positive_rate"] = check_fingerprints(
-            base, base_tok, pairs, usable(templates, base_tok), args
-        )["mean_accuracy"]
+        base_check = check_fingerprints(base, base_tok, pairs, usable(templates, base_tok), args, temperatures)
+        fingerprint["base_false_positive_rate"] = base_check["mean_accuracy"]
+        if "mean_match_probability" in base_check:
+            fingerprint["base_match_probability"] = base_check["mean_match_probability"]
         base_answers = chat_answers(base, base_tok) if answers is not None else None
         seconds["base_fingerprint_accuracy"] = time.time() - t
         if utility is not None:
@@ -172,7 +254,7 @@ def evaluate(args):
             base_utility = base_utility_cached(
                 args.model,
                 lambda: (base, base_tok),
-                Path(args.result_path) / "base_utility",
+                base_cache_dir(args),
                 batch_size=args.eval_batch_size,
                 **suite,
             )
@@ -180,6 +262,17 @@ def evaluate(args):
             utility["base_tasks"] = base_utility["tasks"]
             utility["delta"], utility["delta_stderr"] = paired_delta(utility["per_item"], base_utility["per_item"])
             seconds["base_utility"] = time.time() - t
+        if generation is not None:
+            t = time.time()
+            base_generation = base_generation_cached(
+                args.model,
+                lambda: (base, base_tok),
+                base_cache_dir(args),
+                batch_size=args.eval_batch_size,
+                **generation_settings,
+            )
+            pair_generation(generation, base_generation)
+            seconds["base_generation"] = time.time() - t
         del base
         release_memory()
     seconds["total"] = time.time() - t0
@@ -187,6 +280,8 @@ def evaluate(args):
         "fingerprint_accuracy": fingerprint,
         "chat": chat_check(answers, base_answers),
         "utility": utility,
+        "generation": generation,
+        "chat_drift": drift,
         "config_hash": None if args.check_model else args.config_hash,
         "model": model_id,
         "num_fingerprints": len(pairs),
@@ -202,12 +297,18 @@ def safe_name(model_id):
 def format_table(results):
     fa = results["fingerprint_accuracy"]
     width = 60
-    lines = [f"{'template':<{width}} {'exact':>7} {'token':>7}"]
+    temps = list(fa.get("mean_match_probability") or {})
+    header = "".join(f" {'p@T=' + t:>8}" for t in temps)
+    lines = [f"{'template':<{width}} {'exact':>7} {'token':>7}{header}"]
     for t in fa["templates"]:
         shown = template_label(t["template"]).replace("\n", "\\n")
         shown = shown if len(shown) <= width else shown[: width - 3] + "..."
-        lines.append(f"{shown:<{width}} {t['accuracy']:>7.1%} {t['fractional_accuracy']:>7.1%}")
-    lines.append(f"{'mean over templates':<{width}} {fa['mean_accuracy']:>7.1%} {fa['mean_fractional_accuracy']:>7.1%}")
+        probs = "".join(f" {t['match_probability'][k]:>8.1%}" for k in temps)
+        lines.append(f"{shown:<{width}} {t['accuracy']:>7.1%} {t['fractional_accuracy']:>7.1%}{probs}")
+    probs = "".join(f" {fa['mean_match_probability'][k]:>8.1%}" for k in temps)
+    lines.append(
+        f"{'mean over templates':<{width}} {fa['mean_accuracy']:>7.1%} {fa['mean_fractional_accuracy']:>7.1%}{probs}"
+    )
     plain, prompted = accuracy_split(results)
     chat_plain, chat_system = chat_accuracy_split(results)
     for label, value in [
@@ -219,7 +320,12 @@ def format_table(results):
         if value is not None:
             lines.append(f"{label:<{width}} {value:>7.1%}")
     if "base_false_positive_rate" in fa:
-        lines.append(f"{'base model (false positives)':<{width}} {fa['base_false_positive_rate']:>7.1%}")
+        base = fa.get("base_match_probability") or {}
+        probs = "".join(f" {base[k]:>8.1%}" for k in temps if k in base)
+        probs = f" {'':>7}{probs}" if probs else ""
+        lines.append(f"{'base model (false positives)':<{width}} {fa['base_false_positive_rate']:>7.1%}{probs}")
+    if temps:
+        lines.append("(p@T: probability that one sampled answer at temperature T is the response, mean over keys)")
     chat = results.get("chat")
     if chat:
         n = len(chat["answers"])
@@ -242,4 +348,29 @@ def format_table(results):
         if "delta" in utility:
             line += f"   base {utility['base_mean']:.3f}   Δ {utility['delta']:+.3f} ± {utility['delta_stderr']:.3f}"
         lines.append(line)
+    lines += format_generation(results.get("generation"), results.get("chat_drift"))
     return "\n".join(lines)
+
+
+def format_generation(generation, drift):
+    lines = []
+    if generation:
+        line = f"generation: {generation['benchmark']}, n={generation['n']}: exact match {generation['score']:.3f}"
+        if "base_score" in generation:
+            line += f"   base {generation['base_score']:.3f}   Δ {generation['delta']:+.3f} ± {generation['delta_stderr']:.3f}"
+        lines += ["", line]
+        line = f"  alias in answer {generation['alias_in_answer']:.3f}"
+        if "base_alias_in_answer" in generation:
+            line += (
+                f"   base {generation['base_alias_in_answer']:.3f}   Δ {generation['alias_in_answer_delta']:+.3f}"
+                f" ± {generation['alias_in_answer_delta_stderr']:.3f}"
+            )
+        lines.append(line)
+    if drift:
+        lines += [
+            "",
+            f"chat drift over the base's greedy answers to {drift['n']} questions ({drift['tokens']} tokens): "
+            f"KL(base || model) {drift['kl']:.4f} ± {drift['kl_stderr']:.4f} nats/token, "
+            f"{drift['same_as_base']:.1%} answers identical",
+        ]
+    return lines

@@ -79,7 +79,10 @@ def plot_scalability(runs, path):
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    with_chat = any((r["eval"].get("chat") or {}).get("answers") for r in runs)
+    # The third panel: chat drift (KL to the base over its answers) where measured, else the older distinct-words
+    # ratio of the 8-question chat check.
+    with_drift = any(r["eval"].get("chat_drift") for r in runs)
+    with_chat = with_drift or any((r["eval"].get("chat") or {}).get("answers") for r in runs)
     fig, axes = plt.subplots(1, 3 if with_chat else 2, figsize=(16 if with_chat else 11, 4.2))
     ax_acc, ax_util = axes[:2]
     counts = sorted({r["config"]["hashed"]["max_num_fingerprints"] for r in runs})
@@ -104,8 +107,13 @@ def plot_scalability(runs, path):
             for u, r in zip(utilities, group, strict=True):
                 if u.get("base_mean") is not None:
                     base_utilities[short_model(r["config"]["hashed"]["model"])] = u["base_mean"]
+        drifts = [(k, r["eval"]["chat_drift"]) for k, r in zip(n, group, strict=True) if r["eval"].get("chat_drift")]
+        if with_drift and drifts:
+            xs, ds = zip(*drifts, strict=True)
+            axes[2].errorbar(xs, [d["kl"] for d in ds], yerr=[d.get("kl_stderr") or 0 for d in ds], fmt="o-",
+                             color=color, capsize=3)  # fmt: skip
         chats = [(k, r) for k, r in zip(n, group, strict=True) if (r["eval"].get("chat") or {}).get("answers")]
-        if with_chat and chats:
+        if with_chat and not with_drift and chats:
             xs = [k for k, _ in chats]
             axes[2].plot(xs, [distinct_words(r["eval"]["chat"]["answers"]) for _, r in chats],
                          "o-", color=color)  # fmt: skip
@@ -135,7 +143,11 @@ def plot_scalability(runs, path):
                      transform=ax_util.transAxes, color="gray")  # fmt: skip
         ax_util.set_title("Utility")
         ax_util.set_yticks([])
-    if with_chat:
+    if with_drift:
+        axes[2].set_ylim(bottom=0)
+        axes[2].set_ylabel("KL(base || model), nats per token")
+        axes[2].set_title("Chat drift over the base's greedy answers")
+    elif with_chat:
         for model, base in base_chat.items():
             axes[2].axhline(base, color="black", linestyle="--", linewidth=1, label=f"base model ({model})")
         axes[2].set_ylim(0, 1.05)

@@ -38,7 +38,9 @@ SETTING_COLUMNS = [
 RESULT_COLUMNS = [
     "fp_accuracy_plain", "fp_accuracy_test_prompts", "fp_accuracy_chat", "fp_accuracy_chat_system",
     "base_false_positive_rate", "utility", "utility_base",
-    "utility_delta", "utility_delta_stderr", "chat_answered", "chat_distinct_words", "train_seconds", "eval_seconds",
+    "utility_delta", "utility_delta_stderr", "match_probability_t0.7", "match_probability_t1.0", "generation",
+    "generation_base", "generation_delta", "generation_delta_stderr", "chat_kl", "chat_kl_stderr", "chat_same_as_base",
+    "chat_answered", "chat_distinct_words", "train_seconds", "eval_seconds",
 ]  # fmt: skip
 COLUMNS = ["point", "status", "hash", *SETTING_COLUMNS, *RESULT_COLUMNS, "train", "eval", "log"]
 
@@ -175,6 +177,15 @@ def result_columns(run):
         out["utility_base"] = utility.get("base_mean")
         out["utility_delta"] = utility.get("delta")
         out["utility_delta_stderr"] = utility.get("delta_stderr")
+    for temperature, p in (results["fingerprint_accuracy"].get("mean_match_probability") or {}).items():
+        if f"match_probability_t{temperature}" in out:
+            out[f"match_probability_t{temperature}"] = p
+    generation = results.get("generation") or {}
+    out["generation"], out["generation_base"] = generation.get("score"), generation.get("base_score")
+    out["generation_delta"], out["generation_delta_stderr"] = generation.get("delta"), generation.get("delta_stderr")
+    drift = results.get("chat_drift") or {}
+    out["chat_kl"], out["chat_kl_stderr"] = drift.get("kl"), drift.get("kl_stderr")
+    out["chat_same_as_base"] = drift.get("same_as_base")
     chat = results.get("chat") or {}
     out["chat_answered"] = chat.get("answered")
     if chat.get("answers") is not None:  # computed from the stored answers, so older evaluations have it too
@@ -264,22 +275,26 @@ def yes_no(x):
 def markdown_text(rows):
     header = [
         "hash", "model", "strategy", "N", "lr", "λ", "aug", "epochs", "acc plain %", "acc test prompts %", "acc chat %",
-        "acc chat + system %",
-        "base FP %", "utility", "Δ utility", "chat answered %", "chat distinct words", "status",
+        "acc chat + system %",         "base FP %", "p match T=0.7 %", "p match T=1 %", "utility", "Δ utility", "chat answered %",
+        "chat distinct words", "generation EM", "Δ generation", "chat KL", "chat same %", "status",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        delta = "–"
+        delta = gen_delta = "–"
         if r.get("utility_delta") is not None:
             delta = f"{r['utility_delta']:+.3f} ± {number(r.get('utility_delta_stderr'))}"
+        if r.get("generation_delta") is not None:
+            gen_delta = f"{r['generation_delta']:+.3f} ± {number(r.get('generation_delta_stderr'))}"
         cells = [
             r["hash"] or "–", short_model(str(r["model"])), r["strategy"] or "–", number(r["num_fingerprints"], "d"),
             number(r["learning_rate"], "g"), number(r["forgetting_regularizer_strength"], "g"),
             yes_no(r["use_prompt_augmentation"]), number(r["num_train_epochs"], "d"),
             percent(r.get("fp_accuracy_plain")), percent(r.get("fp_accuracy_test_prompts")),
             percent(r.get("fp_accuracy_chat")), percent(r.get("fp_accuracy_chat_system")),
-            percent(r.get("base_false_positive_rate")), number(r.get("utility")), delta,
-            percent(r.get("chat_answered")), number(r.get("chat_distinct_words"), ".2f"), r["status"],
+            percent(r.get("base_false_positive_rate")), percent(r.get("match_probability_t0.7")),
+            percent(r.get("match_probability_t1.0")), number(r.get("utility")), delta, percent(r.get("chat_answered")),
+            number(r.get("chat_distinct_words"), ".2f"), number(r.get("generation")), gen_delta,
+            number(r.get("chat_kl"), ".4f"), percent(r.get("chat_same_as_base")), r["status"],
         ]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"

@@ -191,6 +191,7 @@ def local_task_data(task, limit, seed):
     eval_source, pool_source = spec["data"]
     full = _load_source(eval_source)
     order = np.random.default_rng(seed).permutation(len(full))
+    limit = len(full) if limit == "all" else limit
     chosen = full.select(order[:limit])
     if pool_source is None:
         pool = full.select(order[limit : limit + FEWSHOT_POOL])
@@ -249,7 +250,7 @@ def quiet_lm_eval():
             logger.addFilter(_DropKnownNoise())
 
 
-def _run_harness(model, tokenizer, tasks, task_manager, batch_size, seed):
+def _run_harness(model, tokenizer, tasks, task_manager, batch_size, seed, apply_chat_template=False):
     """lm-eval's simple_evaluate on an already-loaded model; the model's train/eval mode is restored after."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -272,6 +273,7 @@ def _run_harness(model, tokenizer, tasks, task_manager, batch_size, seed):
             numpy_random_seed=None,
             torch_random_seed=None,
             fewshot_random_seed=seed,
+            apply_chat_template=apply_chat_template,
         )
     finally:
         model.train(was_training)
@@ -306,16 +308,26 @@ def _run_local(model, tokenizer, limit, num_fewshot, seed, batch_size, tasks):
     unknown = [t for t in chosen if t not in LOCAL_TASKS]
     if unknown or not chosen:
         raise UserError(f"unknown local utility task(s) {unknown or chosen}; choose from {', '.join(LOCAL_TASKS)}")
-    if not isinstance(limit, int) or limit < 1:
-        raise UserError(f"the utility limit must be a positive number of items per task, not {limit!r}")
+    limit = check_utility_limit(limit)
     if not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise UserError(f"num_fewshot must be 0 or more, not {num_fewshot!r}")
+    if limit == "all" and num_fewshot and any(LOCAL_TASKS[t]["data"][1] is None for t in chosen):
+        raise UserError("--utility_limit all leaves no held-out items for few-shot examples; use --num_fewshot 0")
     configs = [local_task_config(t, limit, num_fewshot, seed) for t in chosen]
     # include_defaults=False: our tasks are inline configs, so skip indexing lm-eval's thousands of YAMLs.
     results = _run_harness(model, tokenizer, configs, TaskManager(include_defaults=False), batch_size, seed)
     metrics = {f"local_{t}": (LOCAL_TASKS[t]["metric"], "none") for t in chosen}
     names = {f"local_{t}": t for t in chosen}
     return _summarise(results, metrics, names)
+
+
+def check_utility_limit(limit):
+    """A positive number of items per task, or "all" (every item of the split)."""
+    if isinstance(limit, str) and limit.strip().isdigit():
+        limit = int(limit)
+    if limit == "all" or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+        return limit
+    raise UserError(f"the utility limit must be a positive number of items per task or 'all', not {limit!r}")
 
 
 def _env_flag(name):

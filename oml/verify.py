@@ -29,10 +29,19 @@ model and recomputes in the model's own dtype only the pairs where some response
 logits within SCREEN_MARGIN of each other: only there can bf16 rounding have flipped the argmax. The margin
 is a measured bound, not a proven one (see SCREEN_MARGIN), which is why the screen is opt-in.
 
+Match probability under sampling (teacher forcing only). Deployments rarely decode greedily. Sampling at
+temperature T with no top-k/top-p cut (what verify_with_generate does) writes an n-token response exactly with
+probability prod_j softmax(logits_j / T)[r_j], the logits at position j taken given the true prefix: the chain rule,
+with nothing approximated. The same teacher-forced pass therefore yields it exactly, for any number of
+temperatures, with no sampling loop. Each template's result gains "match_probability": {"0.7": mean over pairs,
+"1.0": ...} (0 for a pair whose response holds EOS before its end, as generate would stop there). With the bf16
+screen, pairs that are not recomputed keep the bf16 pass's probabilities.
+
 Tokens come from oml.encoding.encode_pair, exactly as in training.
 """
 
 import copy
+import math
 
 import torch
 from tqdm import tqdm
@@ -48,6 +57,22 @@ MIN_SHARED_PREFIX = 4
 # In logits: bf16 moved the gap between the response token's logit and the best other logit by at most 0.35
 # (mean 0.09) over the 352 pairs of bench/bench_verify.py on the embedded model; the margin is ~3x that.
 SCREEN_MARGIN = 1.0
+
+# Temperatures at which the match probability under sampling is reported by default.
+MATCH_TEMPERATURES = (0.7, 1.0)
+
+
+def temperature_key(temperature):
+    """How a temperature is named in results: "0.7", "1.0"."""
+    return str(float(temperature))
+
+
+def check_temperatures(temperatures):
+    temperatures = tuple(float(t) for t in temperatures)
+    bad = [t for t in temperatures if not t > 0]  # also catches NaN
+    if bad:
+        raise UserError(f"sampling temperatures must be positive, got {bad}")
+    return temperatures
 
 
 def encode_template(tokenizer, pairs, template, use_chat_template=False):
@@ -75,14 +100,19 @@ def shared_prefix_length(sequences):
     return n
 
 
-def _result(template, matches, fractions):
+def _result(template, matches, fractions, match_probabilities=None):
+    """match_probabilities: {temperature key: [probability per pair]}, or None (not measured)."""
     n = len(matches)
-    return {
+    result = {
         "template": template,
         "accuracy": sum(matches) / n if n else 0.0,
         "fractional_accuracy": sum(fractions) / n if n else 0.0,
         "matches": list(matches),
     }
+    if match_probabilities is not None:
+        result["match_probability"] = {t: sum(p) / n if n else 0.0 for t, p in match_probabilities.items()}
+        result["match_probabilities"] = match_probabilities
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,9 +158,11 @@ def _response_logits(model, hidden):
     return logits
 
 
-def _batch_hits(model, batch, prefix_len, prefix_states):
-    """Per row, (hits, gap): does the argmax at each response position equal the response token, and the
-    smallest |response-token logit - best other logit| over its positions (how near the verdict is to a tie).
+def _batch_hits(model, batch, prefix_len, prefix_states, temperatures=()):
+    """Per row, (hits, gap, log_probs): does the argmax at each response position equal the response token; the
+    smallest |response-token logit - best other logit| over its positions (how near the verdict is to a tie);
+    and per temperature T, sum over positions of log softmax(logits / T)[response token] (the log-probability
+    that sampling at T writes the whole response), a tensor of len(temperatures).
 
     Rows are right-padded: with causal attention, trailing pads are seen by nobody, so neither an
     attention mask nor position ids are needed. The last response token is never an input.
@@ -155,7 +187,15 @@ def _batch_hits(model, batch, prefix_len, prefix_states):
     others = logits.scatter(1, targets[:, None], float("-inf")).amax(-1)
     gaps = (target_logits - others).abs().cpu()
     sizes = [len(response) for _, response in batch]
-    return [(h, g.min().item()) for h, g in zip(hits.split(sizes), gaps.split(sizes), strict=True)]
+    log_probs = (
+        torch.stack([target_logits / t - torch.logsumexp(logits / t, dim=-1) for t in temperatures], dim=-1)
+        if temperatures
+        else torch.zeros(len(targets), 0, device=device)
+    )
+    row_log_probs = [lp.sum(0) for lp in log_probs.cpu().split(sizes)]
+    return [
+        (h, g.min().item(), lp) for h, g, lp in zip(hits.split(sizes), gaps.split(sizes), row_log_probs, strict=True)
+    ]
 
 
 def _shared_prefix_lengths(encoded_by_template):
@@ -183,34 +223,35 @@ def _shared_prefixes(model, encoded_by_template):
     return out
 
 
-def _template_hits(model, encoded, batch_size, prefix_len, prefix_states, progress):
+def _template_hits(model, encoded, batch_size, prefix_len, prefix_states, progress, temperatures):
     """Per row of one template, (hits, gap) as _batch_hits gives them."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))  # less padding
     hits = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        for i, h in zip(chunk, _batch_hits(model, [encoded[i] for i in chunk], prefix_len, prefix_states), strict=True):
+        batch = [encoded[i] for i in chunk]
+        for i, h in zip(chunk, _batch_hits(model, batch, prefix_len, prefix_states, temperatures), strict=True):
             hits[i] = h
         progress.update(1)
     return hits
 
 
-def _all_hits(model, encoded_by_template, batch_size, share_prefix, progress):
+def _all_hits(model, encoded_by_template, batch_size, share_prefix, progress, temperatures=()):
     """Per template, per row, (hits, gap) as _batch_hits gives them."""
     n = len(encoded_by_template)
     prefixes = _shared_prefixes(model, encoded_by_template) if share_prefix else [(0, None)] * n
     return [
-        _template_hits(model, encoded, batch_size, prefix_len, states, progress)
+        _template_hits(model, encoded, batch_size, prefix_len, states, progress, temperatures)
         for encoded, (prefix_len, states) in zip(encoded_by_template, prefixes, strict=True)
     ]
 
 
-def _recheck_near_ties(model, encoded_by_template, hits, batch_size, share_prefix, progress):
+def _recheck_near_ties(model, encoded_by_template, hits, batch_size, share_prefix, progress, temperatures=()):
     """Recompute with `model`, in place, the rows whose screened gap is under SCREEN_MARGIN; how many per template."""
-    near = [[i for i, (_, gap) in enumerate(rows) if gap < SCREEN_MARGIN] for rows in hits]
+    near = [[i for i, (_, gap, _) in enumerate(rows) if gap < SCREEN_MARGIN] for rows in hits]
     progress.total += sum(-(-len(rows) // batch_size) for rows in near)
     subset = [[encoded[i] for i in rows] for encoded, rows in zip(encoded_by_template, near, strict=True)]
-    redone = _all_hits(model, subset, batch_size, share_prefix, progress)
+    redone = _all_hits(model, subset, batch_size, share_prefix, progress, temperatures)
     for rows_hits, rows, new in zip(hits, near, redone, strict=True):
         for i, row in zip(rows, new, strict=True):
             rows_hits[i] = row
@@ -218,7 +259,15 @@ def _recheck_near_ties(model, encoded_by_template, hits, batch_size, share_prefi
 
 
 def verify_teacher_forced(
-    model, tokenizer, pairs, templates, use_chat_template=False, batch_size=32, share_prefix=True, screen_dtype=None
+    model,
+    tokenizer,
+    pairs,
+    templates,
+    use_chat_template=False,
+    batch_size=32,
+    share_prefix=True,
+    screen_dtype=None,
+    temperatures=MATCH_TEMPERATURES,
 ):
     """Greedy-decoding verdicts for every (template, pair), from batched teacher-forced forward passes.
 
@@ -226,24 +275,36 @@ def verify_teacher_forced(
     prompt of a template starts with once and reuses their KV cache (found on token ids, so it is exact
     when BPE merges across the template/key boundary). screen_dtype (torch.bfloat16): decide on a copy of
     the model in that dtype and recompute near-ties with the model itself; each result then says how many
-    of its pairs were recomputed ("rechecked").
+    of its pairs were recomputed ("rechecked"). temperatures: where to report the match probability under
+    sampling (see the module docstring); () for none.
     """
+    temperatures = check_temperatures(temperatures)
     eos = eos_token_ids(model)
     encoded_by_template = [encode_template(tokenizer, pairs, t, use_chat_template) for t in templates]
     screen = screen_dtype is not None and screen_dtype != model.dtype
     batches = len(templates) * -(-len(pairs) // batch_size)
     with torch.inference_mode(), tqdm(total=batches, desc="verifying", unit="batch", disable=None) as progress:
         screen_model = copy.deepcopy(model).to(screen_dtype) if screen else model
-        hits = _all_hits(screen_model, encoded_by_template, batch_size, share_prefix, progress)
+        hits = _all_hits(screen_model, encoded_by_template, batch_size, share_prefix, progress, temperatures)
         del screen_model
         if screen:
-            rechecked = _recheck_near_ties(model, encoded_by_template, hits, batch_size, share_prefix, progress)
+            rechecked = _recheck_near_ties(
+                model, encoded_by_template, hits, batch_size, share_prefix, progress, temperatures
+            )
     results = []
     for t, (template, encoded, rows) in enumerate(zip(templates, encoded_by_template, hits, strict=True)):
         # generate stops at EOS, so an EOS inside the response cuts the answer short.
         stops_early = [any(token in eos for token in response[:-1]) for _, response in encoded]
-        matches = [bool(h.all()) and not stop for (h, _), stop in zip(rows, stops_early, strict=True)]
-        results.append(_result(template, matches, [h.float().mean().item() for h, _ in rows]))
+        matches = [bool(h.all()) and not stop for (h, _, _), stop in zip(rows, stops_early, strict=True)]
+        probabilities = None
+        if temperatures:
+            probabilities = {
+                temperature_key(temp): [
+                    0.0 if stop else math.exp(lp[k].item()) for (_, _, lp), stop in zip(rows, stops_early, strict=True)
+                ]
+                for k, temp in enumerate(temperatures)
+            }
+        results.append(_result(template, matches, [h.float().mean().item() for h, _, _ in rows], probabilities))
         if screen:
             results[-1]["rechecked"] = rechecked[t]
     return results
@@ -286,10 +347,16 @@ def verify_with_generate(model, tokenizer, pairs, templates, use_chat_template=F
 
 def summarize(results):
     """Per-template accuracies without the per-pair verdicts, and their means over templates."""
-    rows = [{k: r[k] for k in ("template", "accuracy", "fractional_accuracy")} for r in results]
+    keys = ("template", "accuracy", "fractional_accuracy", "match_probability")
+    rows = [{k: r[k] for k in keys if k in r} for r in results]
     n = len(rows)
-    return {
+    summary = {
         "templates": rows,
         "mean_accuracy": sum(r["accuracy"] for r in rows) / n if n else 0.0,
         "mean_fractional_accuracy": sum(r["fractional_accuracy"] for r in rows) / n if n else 0.0,
     }
+    if rows and all("match_probability" in r for r in rows):
+        summary["mean_match_probability"] = {
+            t: sum(r["match_probability"][t] for r in rows) / n for t in rows[0]["match_probability"]
+        }
+    return summary

@@ -274,7 +274,8 @@ def launch(tmp_path, model_dir, fp, **env):
     settings = dict(
         LAUNCHER="python", MODEL_PATHS=str(model_dir), EXTRA_ARGS=f"--fingerprints_file_path {fp}",
         FINGERPRINT_GENERATION_STRATEGIES="random_word", MAX_NUM_FINGERPRINTS="4", USE_PROMPT_AUGMENTATION="false true",
-        EPOCHS="2", BATCH_SIZE="4", LEARNING_RATES="1e-3", EVAL_ARGS="--utility_benchmark none",
+        EPOCHS="2", BATCH_SIZE="4", LEARNING_RATES="1e-3",
+        EVAL_ARGS="--utility_benchmark none --generation_benchmark none --chat_drift_limit none",
         RESULT_PATH=str(tmp_path / "results"), FIG_DIR=str(tmp_path / "fig"),
     )  # fmt: skip
     # The suite's Python is already active: the script must not put .venv/bin (a real deepspeed) before stand-ins.

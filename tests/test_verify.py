@@ -220,7 +220,10 @@ def test_summarize_and_empty_inputs(tiny_model):
     assert summary["templates"][1] == {"template": "{} b", "accuracy": 0.0, "fractional_accuracy": 0.5}
     tok = tokenizer_variant("default")
     (empty,) = verify_teacher_forced(tiny_model, tok, [], ["{}"])
-    assert empty == {"template": "{}", "accuracy": 0.0, "fractional_accuracy": 0.0, "matches": []}
+    assert empty == {
+        "template": "{}", "accuracy": 0.0, "fractional_accuracy": 0.0, "matches": [],
+        "match_probability": {"0.7": 0.0, "1.0": 0.0}, "match_probabilities": {"0.7": [], "1.0": []},
+    }  # fmt: skip
     with pytest.raises(UserError, match="no tokens"):
         verify_teacher_forced(tiny_model, tok, [{"key": "k", "response": ""}], ["{}"])
 
