@@ -198,29 +198,32 @@ def test_prepare_gives_the_trainers_hash_and_rejects_typos(tmp_path):
 
 def test_missing_default_files_are_generated_english_keys_first(tmp_path, monkeypatch):
     """A perinucleus point needs the English keys: both files get made, in that order, with matching options."""
-    calls = tmp_path / "calls.txt"
-    fake_generator = tmp_path / "generate.py"
-    fake_generator.write_text(
-        "import sys\n"
-        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
-        "out = sys.argv[sys.argv.index('--output_file_path') + 1]\n"
-        'open(out, \'w\').write(\'[{"key": "k", "response": " r"}]\')\n'
-    )
+    calls = []
+
+    def fake_generate(args):  # the sweep calls the generator in-process, with its parsed arguments
+        calls.append(args)
+        Path(args.output_file_path).write_text('[{"key": "k", "response": " r"}]')
+
+    import oml.generate
+
+    monkeypatch.setattr(oml.generate, "generate", fake_generate)
     files = {name: tmp_path / f"{name}.json" for name in ("english", "random_word", "inverse_nucleus")}
     files["english_random_responses"] = files["english"]
-    monkeypatch.setattr(sweep, "GENERATE", fake_generator)
     monkeypatch.setattr(sweep, "DEFAULT_FINGERPRINT_FILES", files)
 
     point = sweep.parse_point(["--fingerprint_generation_strategy", "perinucleus", "--max_response_length", "4"])
     sweep.ensure_fingerprints(point)
-    english, perinucleus = calls.read_text().splitlines()
-    assert "--use_chat_template" in english and f"--output_file_path {files['english']}" in english
-    assert "--key_response_strategy perinucleus --response_length 4" in perinucleus
-    assert f"--keys_file {files['english']}" in perinucleus
+    english, perinucleus = calls
+    assert english.use_chat_template and english.output_file_path == str(files["english"])
+    assert english.key_response_strategy == "independent" and english.num_backdoors >= 512
+    assert perinucleus.key_response_strategy == "perinucleus" and perinucleus.response_length == 4
+    assert perinucleus.keys_file == str(files["english"]) and perinucleus.output_file_path == str(
+        files["inverse_nucleus"]
+    )
 
     sweep.ensure_fingerprints(point)  # both exist now: nothing runs
     sweep.ensure_fingerprints(sweep.parse_point(["--fingerprints_file_path", "mine.json"]))  # the user's own file
-    assert len(calls.read_text().splitlines()) == 2
+    assert len(calls) == 2
 
 
 # ------------------------------------------------------------------------------ figures
