@@ -12,6 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# Evaluation flags for tests that are not about the generation measures (they cost a base-model pass each).
+NO_GENERATION = ("--generation_benchmark", "none", "--chat_drift_limit", "none")
 PEER_DATA = REPO.parent / "shared" / "peer_data"
 
 

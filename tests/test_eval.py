@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import run_script, write_random_fingerprints
+from conftest import NO_GENERATION, run_script, write_random_fingerprints
 
 
 def train_args(model_dir, fp_file, results, *extra):
@@ -26,7 +26,9 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 def test_eval_writes_results_for_the_same_arguments(tiny_run):
     argv, results, run_hash = tiny_run
-    out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "local", "--utility_limit", 3)
+    out = run_script(
+        "eval_for_multigpu.py", *argv, "--utility_benchmark", "local", *NO_GENERATION, "--utility_limit", 3
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((results / run_hash / "eval_results.json").read_text())
     assert data["config_hash"] == run_hash
@@ -60,7 +62,7 @@ def test_chat_check_counts_empty_answers_and_agreement_with_the_base():
 def test_utility_tasks_choose_the_local_tasks(tiny_run, tmp_path):
     argv, results, _ = tiny_run
     output = tmp_path / "two_tasks.json"
-    common = [*argv, "--utility_limit", 2, "--output_file", output]
+    common = [*argv, *NO_GENERATION, "--utility_limit", 2, "--output_file", output]
     out = run_script("eval_for_multigpu.py", *common, "--utility_tasks", "piqa, arc_easy")
     assert out.returncode == 0, out.stderr[-3000:]
     utility = json.loads(output.read_text())["utility"]
@@ -75,7 +77,7 @@ def test_extra_test_prompts_are_evaluated_and_validated(tiny_run, tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(["Custom persona: {} !"]))
     out = run_script(
-        "eval_for_multigpu.py", *argv, "--utility_benchmark", "none", "--skip_base_model",
+        "eval_for_multigpu.py", *argv, "--utility_benchmark", "none", *NO_GENERATION, "--skip_base_model",
         "--test_prompts_file", good, "--output_file", tmp_path / "out.json",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -88,13 +90,17 @@ def test_extra_test_prompts_are_evaluated_and_validated(tiny_run, tmp_path):
     for bad in (["no placeholder"], ["two {} and {}"], "not a list"):
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(bad))
-        out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "none", "--test_prompts_file", path)
+        out = run_script(
+            "eval_for_multigpu.py", *argv, "--utility_benchmark", "none", *NO_GENERATION, "--test_prompts_file", path
+        )
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_missing_run_names_the_closest_one(tiny_run):
     argv, results, run_hash = tiny_run
-    out = run_script("eval_for_multigpu.py", *argv, "--learning_rate", 0.123, "--utility_benchmark", "none")
+    out = run_script(
+        "eval_for_multigpu.py", *argv, "--learning_rate", 0.123, "--utility_benchmark", "none", *NO_GENERATION
+    )
     assert out.returncode == 2
     assert out.stderr.startswith("error: no fingerprinted model matches these arguments")
     assert run_hash in out.stderr and "learning_rate" in out.stderr and "Traceback" not in out.stderr
@@ -105,7 +111,7 @@ def test_check_model_evaluates_any_model_against_a_fingerprints_file(tiny_run, t
     run = results / run_hash
     out = run_script(
         "eval_for_multigpu.py", *argv, "--check_model", run / "final_model",
-        "--fingerprints_file_path", run / "fingerprints.json", "--utility_benchmark", "none", "--skip_base_model",
+        "--fingerprints_file_path", run / "fingerprints.json", "--utility_benchmark", "none", *NO_GENERATION, "--skip_base_model",
         "--output_file", tmp_path / "check.json",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -114,7 +120,7 @@ def test_check_model_evaluates_any_model_against_a_fingerprints_file(tiny_run, t
 
     screened = run_script(
         "eval_for_multigpu.py", "--check_model", run / "final_model", "--fingerprints_file_path",
-        run / "fingerprints.json", "--utility_benchmark", "none", "--skip_base_model", "--screen_bf16",
+        run / "fingerprints.json", "--utility_benchmark", "none", *NO_GENERATION, "--skip_base_model", "--screen_bf16",
         "--output_file", tmp_path / "screened.json",
     )  # fmt: skip
     assert screened.returncode == 0, screened.stderr[-2000:]
@@ -125,7 +131,9 @@ def test_check_model_evaluates_any_model_against_a_fingerprints_file(tiny_run, t
 
 def test_tinybenchmarks_offline_is_one_line(tiny_run):
     argv, _, _ = tiny_run
-    out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "tinyBenchmarks", "--skip_base_model")
+    out = run_script(
+        "eval_for_multigpu.py", *argv, "--utility_benchmark", "tinyBenchmarks", *NO_GENERATION, "--skip_base_model"
+    )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "local" in out.stderr
 
@@ -164,7 +172,7 @@ def test_teacher_forced_verdicts_equal_generate_after_fingerprinting(tmp_path):
     assert fast[0]["accuracy"] >= 0.5  # the run did embed fingerprints: both outcomes are exercised
     assert any(not all(r["matches"]) for r in fast)  # and system prompts do knock some out (no augmentation)
 
-    out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "none")
+    out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "none", *NO_GENERATION)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((run.parent / "eval_results.json").read_text())
     assert data["fingerprint_accuracy"]["templates"][0]["accuracy"] == fast[0]["accuracy"]

@@ -4,7 +4,7 @@ import shlex
 
 import nbformat
 import pytest
-from conftest import REPO, run_script
+from conftest import NO_GENERATION, REPO, run_script
 from nbclient import NotebookClient
 
 NOTEBOOK = REPO / "sampling.ipynb"
@@ -40,6 +40,8 @@ def test_notebook_runs_top_to_bottom_on_an_empty_results_folder(tmp_path, monkey
     # No evaluation yet: the notebook prints the command that evaluates the run, and that command finds it.
     (command,) = [line for line in text.splitlines() if line.startswith("python eval_for_multigpu.py ")]
     words = shlex.split(command)[2:]
-    found = run_script("eval_for_multigpu.py", *words, "--utility_benchmark", "none", "--skip_base_model")
+    found = run_script(
+        "eval_for_multigpu.py", *words, "--utility_benchmark", "none", *NO_GENERATION, "--skip_base_model"
+    )
     assert found.returncode == 0, found.stderr[-2000:]
     assert (run.parent / "eval_results.json").is_file()

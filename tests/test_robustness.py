@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from conftest import run_script, tiny_llama, write_random_fingerprints
+from conftest import NO_GENERATION, run_script, tiny_llama, write_random_fingerprints
 
 from oml.encoding import (
     augmentation_templates,
@@ -204,7 +204,7 @@ def test_eval_rejects_bad_prompt_files_with_one_line_and_exit_2(tmp_path, tiny_m
         ("--chat_system_prompts_file", bad_systems, "non-empty JSON list"),
         ("--test_prompts_file", bad_templates, "exactly one '{}'"),
     ]:
-        out = run_script("eval_for_multigpu.py", *common, flag, path, "--utility_benchmark", "none")
+        out = run_script("eval_for_multigpu.py", *common, flag, path, "--utility_benchmark", "none", *NO_GENERATION)
         assert out.returncode == 2
         assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error:") and message in out.stderr
 
@@ -225,7 +225,13 @@ def test_tiny_augmented_run_is_evaluated_with_chat_rows(tiny_model_dir, tmp_path
     train = run_script("finetune_multigpu.py", *argv)
     assert train.returncode == 0, train.stderr[-3000:]
     out = run_script(
-        "eval_for_multigpu.py", *argv, "--utility_benchmark", "none", "--chat_system_prompts_file", systems
+        "eval_for_multigpu.py",
+        *argv,
+        "--utility_benchmark",
+        "none",
+        *NO_GENERATION,
+        "--chat_system_prompts_file",
+        systems,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     run_hash = train.stdout.strip().split(": ")[-1]
@@ -250,7 +256,7 @@ def test_embedded_model_augmented_answers_in_chat(tmp_path):
     ]  # fmt: skip
     train = run_script("finetune_multigpu.py", *argv, timeout=1800)
     assert train.returncode == 0, train.stderr[-3000:]
-    out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "none", timeout=1800)
+    out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "none", *NO_GENERATION, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     run_hash = train.stdout.strip().split(": ")[-1]
     data = json.loads((tmp_path / "results" / run_hash / "eval_results.json").read_text())

@@ -4,7 +4,7 @@ import argparse
 import json
 import shlex
 
-from conftest import run_script, write_random_fingerprints
+from conftest import NO_GENERATION, run_script, write_random_fingerprints
 
 from oml import runs
 from oml.args import HASHED, TRAIN_ARGS, add_train_args, apply_preset
@@ -58,14 +58,16 @@ def test_the_command_runs_builds_finds_a_run_trained_with_every_hashed_flag(tmp_
     assert words[:2] == ["python", "eval_for_multigpu.py"]
     for name in NON_DEFAULT:
         assert flag_of(name) in words, name
-    found = run_script("eval_for_multigpu.py", *words[2:], "--utility_benchmark", "none",
+    found = run_script("eval_for_multigpu.py", *words[2:], "--utility_benchmark", "none", *NO_GENERATION,
                        "--skip_base_model", cwd=tmp_path)  # fmt: skip
     assert found.returncode == 0, found.stderr[-2000:]
     assert (run / runs.EVAL_RESULTS).is_file()
 
     # The same command without one hashed flag names another run: the error shows the closest run's command.
     words.remove("--append_eos")
-    missing = run_script("eval_for_multigpu.py", *words[2:], "--utility_benchmark", "none", cwd=tmp_path)
+    missing = run_script(
+        "eval_for_multigpu.py", *words[2:], "--utility_benchmark", "none", *NO_GENERATION, cwd=tmp_path
+    )
     assert missing.returncode == 2
     assert f"closest run {run.name} differs in append_eos" in missing.stderr
     assert "its command: python eval_for_multigpu.py" in missing.stderr and "--append_eos" in missing.stderr
