@@ -10,7 +10,7 @@ from functools import cache
 import pytest
 from conftest import REPO
 
-SCRIPTS = ("generate_finetuning_data.py", "finetune_multigpu.py", "eval_for_multigpu.py")
+SCRIPTS = ("generate_finetuning_data.py", "finetune_multigpu.py", "eval_for_multigpu.py", "check_fingerprints.py")
 
 
 def readme_commands():
