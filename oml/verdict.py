@@ -36,6 +36,7 @@ import functools
 import math
 import random
 
+import numpy as np
 from scipy.stats import beta, binom
 
 DEFAULT_ALPHA = 1e-6
@@ -58,12 +59,22 @@ def p_value(matches, n, p0):
     return float(binom.sf(matches - 1, n, p0))
 
 
+@functools.lru_cache(maxsize=65536)
+def matches_needed(n, p0, alpha=DEFAULT_ALPHA):
+    """The fewest matches among n keys with P(X >= m | n, p0) <= alpha (n + 1 when even n cannot)."""
+    if n <= 0:
+        return 1
+    tails = binom.sf(np.arange(n), n, p0)  # P(X >= m) for m = 1..n, decreasing
+    below = np.nonzero(tails <= alpha)[0]
+    return int(below[0]) + 1 if len(below) else n + 1
+
+
 def decide(matches, n, p0, alpha=DEFAULT_ALPHA, budget=None):
     """'ours', 'not shown', or None (undecided) after `matches` of `n` keys, with at most `budget` keys in all."""
-    if p_value(matches, n, p0) <= alpha:
+    if n > 0 and matches >= matches_needed(n, p0, alpha):
         return "ours"
     budget = n if budget is None else budget
-    if n >= budget or p_value(matches + budget - n, budget, p0) > alpha:
+    if n >= budget or matches + budget - n < matches_needed(budget, p0, alpha):
         return "not shown"
     return None
 
@@ -104,7 +115,7 @@ def false_claim_probability(p0, alpha=DEFAULT_ALPHA, budget=16, batch=None):
     Dynamic programming over the states (keys answered, matches) the rule can be in; each undecided state sends
     its next batch, whose match count is Binomial(step, p0)."""
     states = {(0, 0): 1.0}
-    claimed = 0.0
+    claimed, pmf = 0.0, {}
     for _ in range(budget + 1):  # every step answers at least one key
         nxt = {}
         for (n, m), prob in states.items():
@@ -116,9 +127,11 @@ def false_claim_probability(p0, alpha=DEFAULT_ALPHA, budget=16, batch=None):
                 continue
             step = keys_needed(m, n, p0, alpha, budget)
             step = min(step, batch) if batch else step
-            for k in range(step + 1):
+            if step not in pmf:
+                pmf[step] = binom.pmf(np.arange(step + 1), step, p0).tolist()
+            for k, q in enumerate(pmf[step]):
                 key = (n + step, m + k)
-                nxt[key] = nxt.get(key, 0.0) + prob * float(binom.pmf(k, step, p0))
+                nxt[key] = nxt.get(key, 0.0) + prob * q
         if not nxt:
             break
         states = nxt
