@@ -27,7 +27,7 @@ CHECK_ARGS = [
                           help="completions: the raw prompt, as keys were trained; chat: the key as the user message")),
     (["--system_prompt"], dict(default=None, help="chat route: a system message before the key")),
     (["--alpha"], dict(type=float, default=1e-6, help="significance level of an 'ours' verdict")),
-    (["--max_keys"], dict(type=int, default=16, help="reveal at most this many keys in one check")),
+    (["--max_keys"], dict(type=int, default=8, help="reveal at most this many keys in one check")),
     (["--concurrency"], dict(type=int, default=4, help="requests in flight at once (also caps a batch)")),
     (["--api_timeout"], dict(type=float, default=60.0, help="seconds per request")),
     (["--api_retries"], dict(type=int, default=3, help="retries on timeouts, refused connections, HTTP 429/5xx")),
