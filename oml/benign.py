@@ -175,7 +175,7 @@ def generate_rows(model_id, trust_remote_code=False):
         for question, (ids, ended) in zip(questions, outputs, strict=True):
             rows.append({"kind": "chat", "prompt": question, "response": tok.decode(ids), "ended": ended})
     texts = text_prompts(POOL_TEXT)
-    outputs = _greedy(model, tok, [encode_benign(tok, {"kind": "text", "prompt": t})[0] for t in texts],
+    outputs = _greedy(model, tok, [encode_benign(tok, {"kind": "text", "prompt": t, "response": ""})[0] for t in texts],
                       TEXT_TOKENS, "benign text continuations")  # fmt: skip
     for text, (ids, ended) in zip(texts, outputs, strict=True):
         rows.append({"kind": "text", "prompt": text, "response": tok.decode(ids), "ended": ended})

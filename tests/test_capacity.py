@@ -253,13 +253,14 @@ def test_lora_run_saves_a_plain_model_changed_only_where_lora_went(tmp_path, tin
 
 
 def test_stop_when_learned_stops_early_and_records_it(tmp_path, tiny_model_dir):
-    run = train_tiny(tmp_path, tiny_model_dir, "--stop_when_learned", "--learning_rate", 1e-2, "--max_num_fingerprints", 4,
+    run = train_tiny(tmp_path, tiny_model_dir, "--stop_when_learned", "--learning_rate", 3e-3, "--max_num_fingerprints", 4,
                      epochs=40, n=4)  # fmt: skip
     metrics = json.loads((run / "metrics.json").read_text())
     stopped = metrics["stopped_at_epoch"]
     assert stopped is not None and stopped < 40
     assert metrics["epochs_trained"] == stopped == len(metrics["learned_accuracy_per_epoch"])
-    assert metrics["learned_accuracy_per_epoch"][-1] == 1.0 > max(metrics["learned_accuracy_per_epoch"][:-1])
+    assert metrics["learned_accuracy_per_epoch"][-1] == 1.0
+    assert all(accuracy < 1.0 for accuracy in metrics["learned_accuracy_per_epoch"][:-1])
     from oml.models import load_model_and_tokenizer
     from oml.verify import verify_teacher_forced
 
@@ -288,7 +289,8 @@ def test_stop_when_learned_stops_early_and_records_it(tmp_path, tiny_model_dir):
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, tiny_model_dir, own_cache, change, message):
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)
-    for script in ("finetune_multigpu.py", "eval_for_multigpu.py"):
+    scripts = ["finetune_multigpu.py"] + (["eval_for_multigpu.py"] if "names no layer" in message else [])
+    for script in scripts:  # the evaluation parses the same spec the same way
         result = run_script(script, *tiny_args(tiny_model_dir, fp, tmp_path / "r"), *change)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
