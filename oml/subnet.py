@@ -134,6 +134,9 @@ def prepare_subnet(model, args):
     """The model to train: LoRA-wrapped, or with everything outside --trainable_layers frozen, or as is."""
     spec = spec_of(args)
     if args.lora_rank:
+        import torch
+
+        torch.manual_seed(args.seed)  # the adapters' random init: the same run (and every rank) starts the same
         return add_lora(model, args.lora_rank, spec)
     if spec is not None:
         freeze_outside(model, spec)

@@ -302,7 +302,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, tiny_model_d
 
 @pytest.mark.parametrize(
     "extra",
-    [("--distance_regularizer", 5), ("--lora_rank", 4, "--trainable_layers", "1:mlp", "--distance_regularizer", 5)],
+    [
+        ("--distance_regularizer", 5),
+        ("--lora_rank", 4, "--trainable_layers", "1:mlp", "--distance_regularizer", 5, "--learning_rate", 1e-2),
+    ],
     ids=["regularizer", "lora-layers-regularizer"],
 )
 def test_two_deepspeed_ranks_and_python_end_on_the_same_weights(tmp_path, tiny_model_dir, extra):
@@ -349,3 +352,35 @@ def test_embedded_model_learns_perinucleus_fingerprints_with_benign_rows_and_sto
 
     model, tok = load_model_and_tokenizer(str(run), device="cpu")
     assert all(chat_answers(model, tok)), "every ordinary chat question still gets an answer"
+
+
+# ------------------------------------------------------------------------------------- choosing a recipe
+
+
+def fake_run(root, name, accuracy, delta, **hashed):
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"fingerprint_generation_strategy": "inverse_nucleus", "max_num_fingerprints": 256,
+              "learning_rate": 1e-4, "forgetting_regularizer_strength": 0.1, "num_train_epochs": 16, **hashed}  # fmt: skip
+    (run / "fingerprinting_config.json").write_text(json.dumps({"hashed": config}))
+    templates = [{"template": "{}", "accuracy": accuracy}]
+    (run / "eval_results.json").write_text(
+        json.dumps({"fingerprint_accuracy": {"templates": templates}, "utility": {"delta": delta}, "chat": {}})
+    )
+
+
+def test_best_recipe_is_the_most_useful_one_that_learned(tmp_path):
+    from oml.capacity import best
+    from oml.errors import UserError
+
+    fake_run(tmp_path, "a", 1.0, -0.03)
+    fake_run(tmp_path, "b", 0.97, -0.004, benign_data_ratio=0.25)
+    fake_run(tmp_path, "c", 0.80, +0.01, lora_rank=16, learning_rate=1e-3)  # better utility, but not learned
+    fake_run(tmp_path, "d", 1.0, +0.02, max_num_fingerprints=64)  # another size
+    assert best(tmp_path, "perinucleus", 256, 0.95) == (
+        "LEARNING_RATES=1e-4 FORGETTING_REGULARIZER_STRENGTHS=0.1 BENIGN_DATA_RATIOS=0.25 DISTANCE_REGULARIZERS=0.0 "
+        "LORA_RANKS=none EPOCHS=16"
+    )
+    assert "LORA_RANKS=16" in best(tmp_path, "perinucleus", 256, 0.8)
+    with pytest.raises(UserError, match="no evaluated english run"):
+        best(tmp_path, "english", 256, 0.95)
