@@ -43,11 +43,21 @@ def changed(a, b):
     return {k for k in b if not torch.equal(a[k], b[k])}
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("oml-cache")
+
+
 @pytest.fixture
-def own_cache(tmp_path, monkeypatch):
-    """Benign pools go to a fresh cache directory (the subprocesses inherit it)."""
-    monkeypatch.setenv("OML_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def own_cache(session_cache, monkeypatch):
+    """Benign pools go to this session's own cache directory (the subprocesses inherit it): the tiny model's pool is
+    generated once per session."""
+    monkeypatch.setenv("OML_CACHE_DIR", str(session_cache))
+    return session_cache
+
+
+def cached_files(cache):
+    return sorted(p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
 
 
 # ------------------------------------------------------------------------------------------- hashing
@@ -84,7 +94,9 @@ def test_benign_rows_join_the_hash_through_their_digest(tmp_path, tiny_model_dir
     plain, mixed = parse(*common), parse(*common, "--benign_data_ratio", 0.25)
     assert plain.benign_data_digest is None and mixed.benign_data_digest
     assert mixed.config_hash != plain.config_hash
-    (pool_file,) = (own_cache / "benign").glob("*.json")
+    from oml.benign import model_digest, pool_path
+
+    pool_file = pool_path(model_digest(str(tiny_model_dir)))
     pool = json.loads(pool_file.read_text())
     assert pool["digest"] == mixed.benign_data_digest
     assert {r["kind"] for r in pool["rows"]} == {"chat", "text"}
@@ -289,12 +301,13 @@ def test_stop_when_learned_stops_early_and_records_it(tmp_path, tiny_model_dir):
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, tiny_model_dir, own_cache, change, message):
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)
+    before = cached_files(own_cache)
     scripts = ["finetune_multigpu.py"] + (["eval_for_multigpu.py"] if "names no layer" in message else [])
     for script in scripts:  # the evaluation parses the same spec the same way
         result = run_script(script, *tiny_args(tiny_model_dir, fp, tmp_path / "r"), *change)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "r").exists() and not own_cache.exists()
+    assert not (tmp_path / "r").exists() and cached_files(own_cache) == before
 
 
 # --------------------------------------------------------------------------------------- DeepSpeed
