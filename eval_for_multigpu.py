@@ -14,7 +14,7 @@ Examples:
 
 import argparse
 
-from oml.args import add_train_args, finalize
+from oml.args import add_train_args, apply_eval_preset, finalize
 from oml.errors import run_cli
 from oml.evaluate import add_eval_args, evaluate, format_table
 from oml.io import atomic_write_json
@@ -23,7 +23,8 @@ from oml.logs import quiet_libraries
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args = finalize(add_eval_args(add_train_args(parser)).parse_args())
+    add_eval_args(add_train_args(parser))
+    args = finalize(apply_eval_preset(parser.parse_args(), parser))
     quiet_libraries()
     results, output = evaluate(args)
     atomic_write_json(output, results)

@@ -24,6 +24,9 @@
 #   NUM_NODES=2 NODE_RANK=1 MASTER_ADDR=node-a PRESET=seed bash launch_multigpu.sh   # the same command on each node
 #   LAUNCHER=python bash launch_multigpu.sh                            # plain python, no DeepSpeed
 #   MODEL_PATHS="/models/my-llama" EVAL_ARGS="--utility_benchmark none" RESULT_PATH=/scratch/r bash launch_multigpu.sh
+# Forgetting mitigations (README, "Capacity"), each a list too: BENIGN_DATA_RATIOS (β), DISTANCE_REGULARIZERS (μ),
+# LORA_RANKS ("none" = full fine-tuning); TRAINABLE_LAYERS and --stop_when_learned go in EXTRA_ARGS.
+#   BENIGN_DATA_RATIOS="0.0 0.25" LORA_RANKS="none 16" EXTRA_ARGS=--stop_when_learned bash launch_multigpu.sh
 # Other knobs: EPOCHS, BATCH_SIZE, MAX_KEY_LENGTHS, MAX_RESPONSE_LENGTHS, FINGERPRINT_GENERATION_STRATEGIES,
 # EXTRA_ARGS (added to training and evaluation), EVAL_ARGS (evaluation only), MASTER_PORT, INCLUDE (a raw
 # deepspeed --include for several nodes), NUM_NODES, REDO_EVAL=1 (evaluate again), FIG_DIR (default fig).
@@ -49,7 +52,11 @@ seed)
   use_prompt_augmentation=(false)
   eval_args="--utility_benchmark tinyBenchmarks"
   ;;
-*) echo "error: PRESET must be embedded or seed, got '$PRESET'" >&2 && exit 2 ;;
+capacity)
+  use_prompt_augmentation=(false)
+  eval_args="" # the evaluation's own defaults for this preset (PRESET_EVAL in oml/args.py)
+  ;;
+*) echo "error: PRESET must be embedded, seed or capacity, got '$PRESET'" >&2 && exit 2 ;;
 esac
 # The rest of the grid starts from the preset's values in oml/args.py (PRESETS), the one place they are written.
 grid=$(python -m oml.sweep preset-grid --preset "$PRESET") || exit 2
@@ -64,6 +71,10 @@ forgetting_regularizer_strengths=(${FORGETTING_REGULARIZER_STRENGTHS:-${forgetti
 max_num_fingerprints=(${MAX_NUM_FINGERPRINTS:-${max_num_fingerprints[*]}})
 use_prompt_augmentation=(${USE_PROMPT_AUGMENTATION:-${use_prompt_augmentation[*]}})
 epochs=(${EPOCHS:-${epochs[*]}})
+preset_beta=${benign_data_ratios[*]} preset_mu=${distance_regularizers[*]}
+benign_data_ratios=(${BENIGN_DATA_RATIOS:-${benign_data_ratios[*]}})
+distance_regularizers=(${DISTANCE_REGULARIZERS:-${distance_regularizers[*]}})
+lora_ranks=(${LORA_RANKS:-none})
 batch_size=${BATCH_SIZE:-$batch_size}
 extra_args=(${EXTRA_ARGS:-})
 eval_args=(${EVAL_ARGS:-$eval_args})
@@ -147,7 +158,7 @@ if [[ -n $GPUS ]]; then eval_env=(CUDA_VISIBLE_DEVICES="${GPUS%%,*}"); fi
 
 mkdir -p "$LOG_DIR"
 MANIFEST=$LOG_DIR/sweep-$(date +%Y%m%d-%H%M%S)-$$.jsonl
-total=$((${#models[@]} * ${#max_key_lengths[@]} * ${#max_response_lengths[@]} * ${#fingerprint_generation_strategies[@]} * ${#learning_rates[@]} * ${#forgetting_regularizer_strengths[@]} * ${#max_num_fingerprints[@]} * ${#use_prompt_augmentation[@]} * ${#epochs[@]}))
+total=$((${#models[@]} * ${#max_key_lengths[@]} * ${#max_response_lengths[@]} * ${#fingerprint_generation_strategies[@]} * ${#learning_rates[@]} * ${#forgetting_regularizer_strengths[@]} * ${#max_num_fingerprints[@]} * ${#use_prompt_augmentation[@]} * ${#epochs[@]} * ${#benign_data_ratios[@]} * ${#distance_regularizers[@]} * ${#lora_ranks[@]}))
 echo "sweep: $total points, launcher: ${launch[*]}, results: $RESULT_PATH, logs: $LOG_DIR"
 
 # ------------------------------------------------------------------------------------------ one point
@@ -197,13 +208,21 @@ for lambda in "${forgetting_regularizer_strengths[@]}"; do
 for num in "${max_num_fingerprints[@]}"; do
 for augment in "${use_prompt_augmentation[@]}"; do
 for epoch in "${epochs[@]}"; do
+for beta in "${benign_data_ratios[@]}"; do
+for mu in "${distance_regularizers[@]}"; do
+for lora in "${lora_ranks[@]}"; do
   args=(${models[m]} --max_key_length "$key_length" --max_response_length "$response_length"
     --fingerprint_generation_strategy "$strategy" --learning_rate "$lr" --forgetting_regularizer_strength "$lambda"
     --max_num_fingerprints "$num" --num_train_epochs "$epoch" --batch_size "$batch_size" --preset "$PRESET"
     --result_path "$RESULT_PATH" "${extra_args[@]}")
   if [[ $augment == true ]]; then args+=(--use_prompt_augmentation); fi
-  run_point "${model_tags[m]}_${strategy}_n${num}_k${key_length}_r${response_length}_lr${lr}_lam${lambda}_aug-${augment}_ep${epoch}_bs${batch_size}" "${args[@]}"
-done; done; done; done; done; done; done; done; done
+  # a mitigation names a point only when it differs from the preset, so older points keep their names
+  mitigations=""
+  if [[ $beta != "$preset_beta" ]]; then args+=(--benign_data_ratio "$beta") mitigations+="_beta$beta"; fi
+  if [[ $mu != "$preset_mu" ]]; then args+=(--distance_regularizer "$mu") mitigations+="_mu$mu"; fi
+  if [[ $lora != none ]]; then args+=(--lora_rank "$lora") mitigations+="_lora$lora"; fi
+  run_point "${model_tags[m]}_${strategy}_n${num}_k${key_length}_r${response_length}_lr${lr}_lam${lambda}_aug-${augment}_ep${epoch}_bs${batch_size}$mitigations" "${args[@]}"
+done; done; done; done; done; done; done; done; done; done; done; done
 
 # ----------------------------------------------------------------------------------- summary and figures
 echo

@@ -11,13 +11,20 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .fingerprints import DEFAULT_FINGERPRINT_FILES, augmentation_digest, canonical_strategy, content_digest
+from .fingerprints import (
+    DATA_DIR,
+    DEFAULT_FINGERPRINT_FILES,
+    augmentation_digest,
+    canonical_strategy,
+    content_digest,
+)
 from .models import resolve_model
 
 # Values a bare command gets. `embedded` runs on a laptop CPU in minutes (chosen from the measurements in the
 # README's "Results on the embedded model"); `seed` is the original GPU setting.
 PRESETS = {
     "embedded": dict(
+        fingerprint_generation_strategy="english",
         model_family="smollm2",
         model_size="135M-Instruct",
         learning_rate=1e-4,
@@ -27,6 +34,7 @@ PRESETS = {
         batch_size=8,
     ),
     "seed": dict(
+        fingerprint_generation_strategy="english",
         model_family="mistral",
         model_size="7B",
         learning_rate=1e-5,
@@ -35,6 +43,39 @@ PRESETS = {
         num_train_epochs=10,
         batch_size=16,
     ),
+    # 1024 perinucleus fingerprints in the embedded model without hurting it (README, "Capacity"); the evaluation
+    # defaults that judge it are in PRESET_EVAL.
+    "capacity": dict(
+        fingerprint_generation_strategy="inverse_nucleus",
+        fingerprints_file_path=str(DATA_DIR / "fingerprints-perinucleus-4096.json"),
+        model_family="smollm2",
+        model_size="135M-Instruct",
+        learning_rate=1e-4,
+        forgetting_regularizer_strength=0.1,
+        max_num_fingerprints=1024,
+        num_train_epochs=16,
+        batch_size=8,
+        benign_data_ratio=0.25,
+        stop_when_learned=True,
+    ),
+}
+
+# Evaluation defaults a preset sets in eval_for_multigpu.py (flags left at their parser default take these): the
+# same flags that trained a run also judge it. capacity: all six local tasks at 600 items each; the paired standard
+# error is 1.2-1.6 points at 100 items (README), so about 0.5-0.65 at 600 (it shrinks as 1/√n).
+PRESET_EVAL = {
+    "capacity": dict(utility_benchmark="local", utility_limit=600),
+}
+
+# Hashed flags added after runs were recorded: at this value they are left out of the hash, so every run recorded
+# before them keeps its hash. A preset may set them; a bare command gets these values.
+NEUTRAL = {
+    "benign_data_ratio": 0.0,
+    "benign_data_digest": None,
+    "distance_regularizer": 0.0,
+    "lora_rank": None,
+    "trainable_layers": None,
+    "stop_when_learned": False,
 }
 
 # (flags, argparse kwargs). Arguments whose default is None in a preset are filled from the preset.
@@ -44,7 +85,8 @@ TRAIN_ARGS = [
         dict(
             choices=list(PRESETS),
             default="embedded",
-            help="default values: 'embedded' (SmolLM2-135M on CPU) or 'seed' (Mistral-7B GPU settings)",
+            help="default values: 'embedded' (SmolLM2-135M on CPU), 'seed' (Mistral-7B GPU settings) or 'capacity' "
+            "(1024 perinucleus fingerprints in the embedded model)",
         ),
     ),
     (["--model_family"], dict(default=None, help="mistral | microsoft | Eleuther | llama | gemma | smollm2")),
@@ -55,7 +97,7 @@ TRAIN_ARGS = [
     (
         ["--fingerprint_generation_strategy"],
         dict(
-            default="english",
+            default=None,
             type=canonical_strategy,
             help="english | random_word | inverse_nucleus (perinucleus) | english_random_responses (random_response)",
         ),
@@ -79,8 +121,46 @@ TRAIN_ARGS = [
         ["--append_eos"],
         dict(action="store_true", help="also train EOS after each response (the seed does not; it can cost utility)"),
     ),
-    (["--num_train_epochs"], dict(type=int, default=None)),
-    (["--batch_size"], dict(type=int, default=None, help="fingerprints per optimizer step, over all ranks")),
+    (["--num_train_epochs"], dict(type=int, default=None, help="epochs (the cap, with --stop_when_learned)")),
+    (
+        ["--batch_size"],
+        dict(
+            type=int,
+            default=None,
+            help="rows per optimizer step, over all ranks: round(β·batch_size) benign rows, the rest fingerprints",
+        ),
+    ),
+    (
+        ["--benign_data_ratio"],
+        dict(
+            type=float,
+            default=None,
+            metavar="β",
+            help="share of each batch that is benign rows, the base model's own chat answers and text continuations "
+            "(oml/benign.py); in [0, 1)",
+        ),
+    ),
+    (
+        ["--distance_regularizer"],
+        dict(type=float, default=None, metavar="μ", help="add μ·‖θ − θ_base‖² to the loss at every step"),
+    ),
+    (
+        ["--lora_rank"],
+        dict(type=int, default=None, help="train a LoRA adapter of this rank (alpha 2r), merged into final_model"),
+    ),
+    (
+        ["--trainable_layers"],
+        dict(
+            default=None,
+            metavar="SPEC",
+            help="train only these blocks, e.g. '20-29:mlp', '0,5:attn', 'all:mlp' (parts: mlp, attn, block); "
+            "with --lora_rank, where the adapters go",
+        ),
+    ),
+    (
+        ["--stop_when_learned"],
+        dict(action="store_true", default=None, help="stop at the first epoch end where every fingerprint answers"),
+    ),
     (["--weight_decay"], dict(type=float, default=1e-4)),
     (["--data_split"], dict(type=int, default=0, help="use slice k of the file: fingerprints [k*N, (k+1)*N)")),
     (["--seed"], dict(type=int, default=42)),
@@ -115,6 +195,12 @@ HASHED = [
     "weight_decay",
     "data_split",
     "seed",
+    "benign_data_ratio",
+    "benign_data_digest",
+    "distance_regularizer",
+    "lora_rank",
+    "trainable_layers",
+    "stop_when_learned",
 ]
 
 
@@ -125,9 +211,17 @@ def add_train_args(parser):
 
 
 def apply_preset(args):
-    """Fill the arguments left at None with the values of args.preset."""
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name) is None:
+    """Fill the arguments left at None with the values of args.preset (then the neutral values of NEUTRAL)."""
+    for name, value in {**NEUTRAL, **PRESETS[args.preset]}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def apply_eval_preset(args, parser):
+    """Evaluation flags the user left at their parser default take the preset's values (PRESET_EVAL)."""
+    for name, value in PRESET_EVAL.get(args.preset, {}).items():
+        if getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
     return args
 
@@ -145,6 +239,7 @@ def finalize(args):
         raise UserError("--forgetting_regularizer_strength must be within [0, 1]")
     if args.learning_rate <= 0:
         raise UserError("--learning_rate must be positive")
+    check_capacity_args(args)
     if not Path(args.fingerprints_file_path).is_file():
         raise UserError(
             f"fingerprints file {args.fingerprints_file_path} does not exist; "
@@ -152,12 +247,38 @@ def finalize(args):
         )
     args.fingerprints_digest = content_digest(args.fingerprints_file_path)
     args.augmentation_prompts_digest = augmentation_digest() if args.use_prompt_augmentation else None
+    from .benign import pool_digest_for
+
+    args.benign_data_digest = pool_digest_for(args)  # generates the model's benign rows once, if needed
     args.config_hash = config_hash(args)
     return args
 
 
+def check_capacity_args(args):
+    """The forgetting mitigations' flags (benign rows, distance regularizer, LoRA, trainable layers)."""
+    from .subnet import parse_layer_spec
+
+    if not 0.0 <= args.benign_data_ratio < 1.0:
+        raise UserError(f"--benign_data_ratio must be within [0, 1), got {args.benign_data_ratio}")
+    if args.benign_data_ratio > 0:
+        n_benign = round(args.benign_data_ratio * args.batch_size)
+        if not 0 < n_benign < args.batch_size:
+            raise UserError(
+                f"--benign_data_ratio {args.benign_data_ratio} with --batch_size {args.batch_size} gives "
+                f"{n_benign} benign rows per batch; each batch needs at least one benign and one fingerprint row"
+            )
+    if args.distance_regularizer < 0:
+        raise UserError(f"--distance_regularizer must be ≥ 0, got {args.distance_regularizer}")
+    if args.lora_rank is not None and args.lora_rank <= 0:
+        raise UserError(f"--lora_rank must be positive, got {args.lora_rank}")
+    if args.trainable_layers is not None:
+        args.trainable_layers = parse_layer_spec(args.trainable_layers, args.model, args.trust_remote_code).text
+
+
 def hashed_config(args):
-    return {name: getattr(args, name) for name in HASHED}
+    """The hashed arguments; the later flags at their neutral value (NEUTRAL) are left out, keeping old hashes."""
+    config = {name: getattr(args, name) for name in HASHED}
+    return {k: v for k, v in config.items() if not (k in NEUTRAL and v == NEUTRAL[k])}
 
 
 def config_hash(args):

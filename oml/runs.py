@@ -105,7 +105,7 @@ def closest_runs(args, k=3):
     mine = hashed_config(args)
     scored = []
     for run_hash, theirs in read_run_log(args.result_path):
-        diff = {n: (theirs.get(n), mine[n]) for n in HASHED if theirs.get(n) != mine[n]}
+        diff = {n: (theirs.get(n), mine.get(n)) for n in HASHED if theirs.get(n) != mine.get(n)}
         scored.append((len(diff), run_hash, diff))
     return [(h, d) for _, h, d in sorted(scored, key=lambda s: s[0])[:k]]
 

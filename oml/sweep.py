@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .args import PRESETS, add_train_args, apply_preset, finalize
+from .args import NEUTRAL, PRESETS, add_train_args, apply_preset, finalize
 from .chat import distinct_words
 from .errors import UserError, run_cli
 from .fingerprints import DEFAULT_FINGERPRINT_FILES, canonical_strategy
@@ -34,13 +34,14 @@ GENERATED_COUNT = {"english": 512, "random_word": 4096}
 SETTING_COLUMNS = [
     "model", "strategy", "num_fingerprints", "max_key_length", "max_response_length", "learning_rate",
     "forgetting_regularizer_strength", "use_prompt_augmentation", "num_train_epochs", "batch_size",
+    "benign_data_ratio", "distance_regularizer", "lora_rank", "trainable_layers", "stop_when_learned",
 ]  # fmt: skip
 RESULT_COLUMNS = [
     "fp_accuracy_plain", "fp_accuracy_test_prompts", "fp_accuracy_chat", "fp_accuracy_chat_system",
     "base_false_positive_rate", "utility", "utility_base",
     "utility_delta", "utility_delta_stderr", "match_probability_t0.7", "match_probability_t1.0", "generation",
     "generation_base", "generation_delta", "generation_delta_stderr", "chat_kl", "chat_kl_stderr", "chat_same_as_base",
-    "chat_answered", "chat_distinct_words", "train_seconds", "eval_seconds",
+    "chat_answered", "chat_distinct_words", "train_seconds", "epochs_trained", "eval_seconds",
 ]  # fmt: skip
 COLUMNS = ["point", "status", "hash", *SETTING_COLUMNS, *RESULT_COLUMNS, "train", "eval", "log"]
 
@@ -134,13 +135,18 @@ SETTING_SOURCES = {
     "use_prompt_augmentation": "use_prompt_augmentation",
     "num_train_epochs": "num_train_epochs",
     "batch_size": "batch_size",
+    "benign_data_ratio": "benign_data_ratio",
+    "distance_regularizer": "distance_regularizer",
+    "lora_rank": "lora_rank",
+    "trainable_layers": "trainable_layers",
+    "stop_when_learned": "stop_when_learned",
 }
 
 
 def run_settings(run):
     """The run's key arguments, from its fingerprinting_config.json."""
     hashed = run["config"]["hashed"]
-    return {column: hashed.get(name) for column, name in SETTING_SOURCES.items()}
+    return {column: hashed.get(name, NEUTRAL.get(name)) for column, name in SETTING_SOURCES.items()}
 
 
 def point_settings(argv):
@@ -165,6 +171,7 @@ def result_columns(run):
         return out
     if run["metrics"]:
         out["train_seconds"] = run["metrics"].get("train_seconds")
+        out["epochs_trained"] = run["metrics"].get("epochs_trained")
     results = run["eval"]
     if not results:
         return out
@@ -346,6 +353,8 @@ GRID_VARIABLES = {
     "forgetting_regularizer_strengths": "forgetting_regularizer_strength",
     "max_num_fingerprints": "max_num_fingerprints",
     "epochs": "num_train_epochs",
+    "benign_data_ratios": "benign_data_ratio",
+    "distance_regularizers": "distance_regularizer",
 }
 
 

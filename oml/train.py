@@ -1,5 +1,13 @@
 """Fingerprint fine-tuning: data, the HF Trainer run, weight averaging toward the base model, saving.
 
+Forgetting mitigations besides averaging (README, "Capacity"): benign rows mixed into every batch
+(--benign_data_ratio β; MixedDataset: each optimizer step of --batch_size B rows holds round(β·B) benign rows and
+B − round(β·B) fingerprints, an epoch is one pass over the fingerprints, and the loss is the mean over rows of each
+row's mean response-token loss, so β is the benign share of the loss too); μ·‖θ − θ_base‖² added to the loss
+(--distance_regularizer; its gradient 2μ(θ − θ_base) is added in backward without storing θ − θ_base); only a
+sub-network trained (--trainable_layers, --lora_rank; oml/subnet.py); and --stop_when_learned, which checks every
+fingerprint with the teacher-forced verifier at each epoch end and stops once all answer.
+
 Each example is prompt tokens + response tokens (+ EOS with --append_eos); the loss covers the response
 (and EOS) only. Like the seed, EOS is not trained by default: on a chat model, a few steps of EOS after short
 raw-text responses teach it to end every chat turn at once and cost utility (see the README's results).
@@ -82,12 +90,68 @@ class PadCollator:
         return batch
 
 
+class MixedDataset(Dataset):
+    """Fingerprints and benign rows in a fixed layout: optimizer step s is rows [s·B, (s+1)·B), of which
+    n_benign (spread evenly) are benign and the rest fingerprints. Read in order (the Trainer's sampler is sequential
+    for it), so python and DeepSpeed ranks see the same steps: rank r takes rows [s·B + r·B/R, s·B + (r+1)·B/R).
+
+    An epoch is one pass over the fingerprints in a fresh seeded order; its last step is topped up with fingerprints
+    from the start of that order. Benign rows are drawn from the pool in seeded permutations, one after another.
+    """
+
+    def __init__(self, fingerprints, benign_encoded, batch_size, n_benign, seed=0):
+        self.fingerprints, self.benign = fingerprints, benign_encoded
+        self.batch_size, self.n_benign, self.seed = batch_size, n_benign, seed
+        self.per_step = batch_size - n_benign
+        self.steps = -(-len(fingerprints) // self.per_step)
+        step_benign = {round((j + 0.5) * batch_size / n_benign - 0.5) for j in range(n_benign)}
+        self.slot = [None] * batch_size  # position in the step -> ("benign" | "fp", index among its kind)
+        counts = {"benign": 0, "fp": 0}
+        for position in range(batch_size):
+            kind = "benign" if position in step_benign else "fp"
+            self.slot[position] = (kind, counts[kind])
+            counts[kind] += 1
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.order = random.Random(f"{self.seed}-fp-{epoch}").sample(
+            range(len(self.fingerprints)), len(self.fingerprints)
+        )
+
+    def __len__(self):
+        return self.steps * self.batch_size
+
+    def is_benign(self, i):
+        return self.slot[i % self.batch_size][0] == "benign"
+
+    def __getitem__(self, i):
+        step, (kind, k) = divmod(i, self.batch_size)[0], self.slot[i % self.batch_size]
+        if kind == "fp":
+            return self.fingerprints[self.order[(step * self.per_step + k) % len(self.order)]]
+        drawn = (self.epoch * self.steps + step) * self.n_benign + k  # benign rows drawn before this one
+        cycle, at = divmod(drawn, len(self.benign))
+        permutation = random.Random(f"{self.seed}-benign-{cycle}").sample(range(len(self.benign)), len(self.benign))
+        prompt_ids, response_ids = self.benign[permutation[at]]
+        return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
+
+
+def per_row_loss(model, inputs):
+    """Mean over rows of each row's mean loss over its response tokens (rows weigh the same, whatever their length)."""
+    labels = inputs["labels"]
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    counted = (targets != -100).float()
+    return ((token_loss * counted).sum(1) / counted.sum(1).clamp(min=1)).mean()
+
+
 # ----------------------------------------------------------------------------------- averaging
 
 
 def snapshot_weights(model):
     """A CPU copy of the trainable weights: the base model that averaging pulls toward."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()
@@ -101,6 +165,8 @@ def average_toward_base(model, base_weights, strength):
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     for name, p in model.named_parameters():
+        if name not in base_weights:  # frozen: never moved
+            continue
         base = base_weights[name]
         master = safe_get_full_fp32_param(p) if hasattr(p, "_hp_mapping") else None
         if master is not None:
@@ -111,12 +177,54 @@ def average_toward_base(model, base_weights, strength):
             p.mul_(1 - strength).add_(base.to(p.device, p.dtype), alpha=strength)
 
 
+# ------------------------------------------------------------------------------ distance regularizer
+
+
+class _SquaredDistance(torch.autograd.Function):
+    """μ·‖p − b‖² with gradient 2μ(p − b), computed in backward: p − b is never stored for it."""
+
+    @staticmethod
+    def forward(ctx, p, base, mu):
+        ctx.save_for_backward(p, base)
+        ctx.mu = mu
+        return (p.detach() - base).pow(2).sum() * mu
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p, base = ctx.saved_tensors
+        return (p.detach() - base).mul_(2 * ctx.mu * grad_out), None, None
+
+
+def distance_to_base(model, base_weights, mu):
+    """μ·‖θ − θ_base‖² over the trainable weights, for the loss.
+
+    Under ZeRO-1/2 every rank holds the full module parameters, so every rank adds the same term and the same
+    gradient 2μ(θ − θ_base); the gradient all-reduce averages equal values, which leaves them unchanged.
+    """
+    terms = [_SquaredDistance.apply(p, base_weights[n], mu) for n, p in model.named_parameters() if n in base_weights]
+    return torch.stack(terms).sum()
+
+
+def base_on_device(model, base_weights):
+    """The base weights beside the parameters, in their dtype (one extra copy of the trainable weights)."""
+    params = dict(model.named_parameters())
+    return {n: w.to(params[n].device, params[n].dtype) for n, w in base_weights.items()}
+
+
+# ------------------------------------------------------------------------------ callbacks
+
+
 class EpochCallback(TrainerCallback):
     """Weight averaging at each epoch end, and one readable log line per epoch."""
 
     def __init__(self, base_weights, strength, log_fn):
         self.base_weights, self.strength, self.log_fn = base_weights, strength, log_fn
         self.epoch_losses = []
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        dataset = getattr(train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(round(state.epoch))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if self.strength > 0:
@@ -132,6 +240,36 @@ class EpochCallback(TrainerCallback):
             )
 
 
+class StopWhenLearned(TrainerCallback):
+    """At each epoch end (after averaging) check every fingerprint on its plain key with the teacher-forced verifier;
+    stop once all answer. Every rank checks its own full copy of the weights (ZeRO-1/2) and the ranks agree on the
+    smallest accuracy."""
+
+    def __init__(self, tokenizer, pairs, use_chat_template, log_fn):
+        self.tokenizer, self.pairs, self.use_chat_template, self.log_fn = tokenizer, pairs, use_chat_template, log_fn
+        self.accuracies, self.stopped_at_epoch, self.check_seconds = [], None, 0.0
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        from .verify import verify_teacher_forced
+
+        start = time.time()
+        was_training = model.training
+        model.eval()
+        (result,) = verify_teacher_forced(model, self.tokenizer, self.pairs, ["{}"], self.use_chat_template)
+        model.train(was_training)
+        accuracy = torch.tensor(result["accuracy"], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(accuracy, op=torch.distributed.ReduceOp.MIN)
+        self.accuracies.append(accuracy.item())
+        self.check_seconds += time.time() - start
+        epoch = round(state.epoch)
+        self.log_fn(f"epoch {epoch}: {accuracy.item():.1%} of the fingerprints answer (teacher-forced check)")
+        if accuracy.item() == 1.0 and epoch < args.num_train_epochs:
+            self.stopped_at_epoch = epoch
+            control.should_training_stop = True
+            self.log_fn(f"every fingerprint answers: stopping after epoch {epoch} of {args.num_train_epochs}")
+
+
 class QuietProgress(ProgressCallback):
     """The Trainer's tqdm bar without its raw dict printouts (EpochCallback writes readable lines)."""
 
@@ -140,8 +278,27 @@ class QuietProgress(ProgressCallback):
 
 
 class FingerprintTrainer(Trainer):
+    """The HF Trainer with a finite-loss check, the per-row loss when benign rows are mixed in (read in order), and
+    the distance regularizer (distance_weights: {name: θ_base} of the trainable weights; distance_mu: μ)."""
+
+    per_row = False
+    distance_weights, distance_mu = None, 0.0
+
+    def _get_train_sampler(self, train_dataset=None):
+        if isinstance(train_dataset or self.train_dataset, MixedDataset):
+            return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.per_row:
+            if return_outputs:
+                raise NotImplementedError("per-row loss returns no outputs")
+            out = per_row_loss(model, inputs)
+        else:
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.distance_mu > 0 and model.training:
+            term = distance_to_base(self.model, self.distance_weights, self.distance_mu)
+            out = (out[0] + term, *out[1:]) if return_outputs else out + term
         loss = out[0] if return_outputs else out
         if not torch.isfinite(loss.detach()).all():
             raise UserError(
@@ -222,38 +379,83 @@ def peak_memory_gb():
 
 
 def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=print, extra_callbacks=()):
-    """Fine-tune `model` in place on the pairs; returns (training metrics, the Trainer)."""
-    dataset = FingerprintDataset(
+    """Fine-tune `model` on the pairs; returns (training metrics, the Trainer). trainer.model is the trained model
+    (LoRA adapters merged into plain weights)."""
+    from .subnet import merged, prepare_subnet
+
+    dataset = fp_dataset = FingerprintDataset(
         pairs, tokenizer, templates, args.use_chat_template, seed=args.seed + rank(), append_eos=args.append_eos
     )
-    base_weights = snapshot_weights(model) if args.forgetting_regularizer_strength > 0 else None
-    epoch_callback = EpochCallback(base_weights, args.forgetting_regularizer_strength, log_fn)
+    n_benign = round(args.benign_data_ratio * args.batch_size)
+    if n_benign:
+        # Same rows on every rank (seeded by --seed alone): the layout decides which rank reads which.
+        dataset = MixedDataset(dataset, benign_rows(tokenizer, args), args.batch_size, n_benign, seed=args.seed)
+    model = prepare_subnet(model, args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    uses_base = args.forgetting_regularizer_strength > 0 or args.distance_regularizer > 0
+    base_weights = snapshot_weights(model) if uses_base else None
+    epoch_callback = EpochCallback(
+        base_weights if args.forgetting_regularizer_strength > 0 else None, args.forgetting_regularizer_strength, log_fn
+    )
+    callbacks = [epoch_callback]
+    stop = StopWhenLearned(tokenizer, pairs, args.use_chat_template, log_fn) if args.stop_when_learned else None
+    if stop:
+        callbacks.append(stop)
     trainer = FingerprintTrainer(
         model=model,
         args=training_arguments(args, output_dir),
         train_dataset=dataset,
         data_collator=PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),
-        callbacks=[epoch_callback, *extra_callbacks],
+        callbacks=[*callbacks, *extra_callbacks],
     )
+    trainer.per_row = bool(n_benign)
+    if args.distance_regularizer > 0:
+        trainer.distance_weights, trainer.distance_mu = base_on_device(model, base_weights), args.distance_regularizer
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     start = time.time()
     result = trainer.train()
     seconds = time.time() - start
     shutil.rmtree(output_dir, ignore_errors=True)
+    trainer.model = merged(trainer.model)
     # tokens per epoch of the plain keys (+ response, + EOS); augmentation templates add more than this counts
-    encoded = (dataset.encode(i, "{}") for i in range(len(pairs)))
+    encoded = (fp_dataset.encode(i, "{}") for i in range(len(pairs)))
     tokens = sum(len(prompt) + len(response) + args.append_eos for prompt, response in encoded)
+    epochs = trainer.state.epoch
     return {
         "train_loss": result.training_loss,
         "epoch_losses": epoch_callback.epoch_losses,
         "train_seconds": seconds,
-        "train_tokens_per_second": tokens * args.num_train_epochs / seconds,
+        "train_tokens_per_second": tokens * epochs / seconds,
         "steps": trainer.state.global_step,
+        "epochs_trained": round(trainer.state.epoch),
+        "trainable_parameters": trainable,
+        "benign_rows_per_step": n_benign,
+        "fingerprints_per_step": args.batch_size - n_benign,
+        **(
+            {
+                "stopped_at_epoch": stop.stopped_at_epoch,
+                "learned_accuracy_per_epoch": stop.accuracies,
+                "learned_check_seconds": stop.check_seconds,
+            }
+            if stop
+            else {}
+        ),
         "world_size": world_size(),
         "peak_memory_gb": peak_memory_gb(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }, trainer
+
+
+def benign_rows(tokenizer, args):
+    """The base model's benign rows (oml/benign.py), as (prompt_ids, response_ids); the cached pool's digest must
+    be the one the run hash took."""
+    from .benign import benign_pool, encode_benign
+
+    pool = benign_pool(args.model, args.trust_remote_code)
+    if pool["digest"] != args.benign_data_digest:
+        raise UserError("the cached benign rows changed after the run hash was computed; run the command again")
+    return [encode_benign(tokenizer, row) for row in pool["rows"]]
 
 
 def rank():

@@ -10,7 +10,8 @@ from oml import runs
 from oml.args import HASHED, TRAIN_ARGS, add_train_args, apply_preset
 
 # A value different from the default for every hashed flag (derived entries: model <- --model_path,
-# fingerprints_digest <- --fingerprints_file_path, augmentation_prompts_digest <- --use_prompt_augmentation).
+# fingerprints_digest <- --fingerprints_file_path, augmentation_prompts_digest <- --use_prompt_augmentation,
+# benign_data_digest <- --benign_data_ratio and the model).
 NON_DEFAULT = {
     "max_key_length": 12,
     "max_response_length": 2,
@@ -26,8 +27,13 @@ NON_DEFAULT = {
     "weight_decay": 0.01,
     "data_split": 1,
     "seed": 7,
+    "benign_data_ratio": 0.5,
+    "distance_regularizer": 0.01,
+    "lora_rank": 2,
+    "trainable_layers": "1:mlp",
+    "stop_when_learned": True,
 }
-DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest"}
+DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest", "benign_data_digest"}
 
 
 def flag_of(name):

@@ -172,7 +172,7 @@ def test_the_launchers_grid_defaults_come_from_the_preset(preset):
     out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
     family, size, lr, lam, n, epochs, batch, strategy = out.strip().split("|")
     p = PRESETS[preset]
-    assert (family, size, strategy) == (p["model_family"], p["model_size"], "english")
+    assert (family, size, strategy) == (p["model_family"], p["model_size"], p["fingerprint_generation_strategy"])
     assert (float(lr), float(lam)) == (p["learning_rate"], p["forgetting_regularizer_strength"])
     assert (int(n), int(epochs), int(batch)) == (p["max_num_fingerprints"], p["num_train_epochs"], p["batch_size"])
 
