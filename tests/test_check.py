@@ -594,7 +594,7 @@ def test_transformers_serve_end_to_end(tmp_path, tiny_model_dir, embedded_tokeni
     pairs = own_greedy_pairs(tiny_model_dir, 40)
     (run / FINGERPRINTS).write_text(json.dumps(pairs))
     shutil.copytree(tiny_model_dir, run / FINAL_MODEL)
-    (run / CONFIG).write_text(json.dumps({"args": {"model": str(other), "use_chat_template": False}}))
+    (run / CONFIG).write_text(json.dumps({"args": {"model": str(other), "use_chat_template": False, "seed": 42}}))
     measure_p0(check_args(run, reference_models=["base"]))  # "base" is the other tiny model here
     for model, verdict in [(run / FINAL_MODEL, "ours"), (other, "not shown")]:
         with local_server(model, timeout=600) as (api_base, api_model):
