@@ -106,8 +106,11 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
-def evaluate(args):
+def evaluate(args, load_model=None):
     """Run the whole evaluation; returns (results dict, output path).
+
+    load_model(model_id, trust_remote_code=...) -> (model, tokenizer) loads the evaluated model (default:
+    load_model_and_tokenizer); the attacks use it to evaluate a cast or int8-quantized copy.
 
     The fingerprinted model and the base model are never in memory together: the first is released before the
     second loads.
@@ -127,7 +130,7 @@ def evaluate(args):
     pairs = [{"key": p["key"], "response": p["response"]} for p in pairs]
     suite = suite_settings(args)
 
-    model, tokenizer = load_model_and_tokenizer(model_id, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = (load_model or load_model_and_tokenizer)(model_id, trust_remote_code=args.trust_remote_code)
     fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args)
     seconds["fingerprint_accuracy"] = time.time() - t0
     answers = chat_answers(model, tokenizer)

@@ -226,6 +226,20 @@ def greedy_completions(llm, prompts, max_tokens=32, chat=False):
     return texts
 
 
+def chat_answers_gguf(llm, tokenizer, questions=None, max_new_tokens=24):
+    """oml.chat's ordinary questions answered greedily in llama.cpp, through the HF tokenizer's chat template
+    (None when it has none)."""
+    from .chat import CHAT_QUESTIONS
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions or CHAT_QUESTIONS
+    ]
+    return [answer.strip() for answer in greedy_completions(llm, texts, max_new_tokens, chat=True)]
+
+
 def check_fingerprints_gguf(llm, pairs, templates, use_chat_template=False, tokenizer=None, progress=True):
     """Per template, {"template", "accuracy", "fractional_accuracy", "matches"} from greedy generation in llama.cpp.
 
