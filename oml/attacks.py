@@ -76,8 +76,10 @@ def check_attack_args(args):
 
             require_llama_cpp()
             converter_script()
-    if args.attack == "merge" and not 0.0 <= args.merge_weight <= 1.0:
-        raise UserError(f"--merge_weight must be within [0, 1], got {args.merge_weight}")
+    if args.attack == "merge":
+        if not 0.0 <= args.merge_weight <= 1.0:
+            raise UserError(f"--merge_weight must be within [0, 1], got {args.merge_weight}")
+        merge_partner(args)
     if args.attack in ("sft", "lora_sft"):
         for name in ("attack_examples", "attack_epochs", "attack_batch_size", "attack_max_length", "lora_rank"):
             if getattr(args, name) <= 0:

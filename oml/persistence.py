@@ -61,7 +61,7 @@ def _row(name, kind, detail, results):
     row["answered"] = chat.get("answered")
     other = results.get("other_owner")
     if other:
-        row["other_owner"] = accuracy_split(other["fingerprint_accuracy"])[0]
+        row["other_owner"] = accuracy_split(other)[0]
     return row
 
 
@@ -129,7 +129,7 @@ def plot_persistence(run, path):
             ws, [accuracy_split(a["eval"])[0] for a in group], marker="o", color=f"C{j}", label=f"ours, {partner}"
         )
         others = [
-            (a["record"]["merge_weight"], accuracy_split(a["eval"]["other_owner"]["fingerprint_accuracy"])[0])
+            (a["record"]["merge_weight"], accuracy_split(a["eval"]["other_owner"])[0])
             for a in group
             if a["eval"].get("other_owner")
         ]

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 from oml.args import add_train_args
+from oml.attacks import add_attack_args
 from oml.evaluate import add_eval_args
 from oml.generate import add_generate_args
 
@@ -33,6 +34,7 @@ PARSERS = {
     "generate_finetuning_data.py": add_generate_args,
     "finetune_multigpu.py": add_train_args,
     "eval_for_multigpu.py": lambda parser: add_eval_args(add_train_args(parser)),
+    "attack_fingerprints.py": lambda parser: add_attack_args(add_eval_args(add_train_args(parser))),
 }
 
 
