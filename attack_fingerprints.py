@@ -34,13 +34,16 @@ def main():
     args = finalize(add_attack_args(add_eval_args(add_train_args(parser))).parse_args())
     examples = check_attack_args(args)  # bad input stops here, before anything is loaded or written
     quiet_libraries()
+    from oml.evaluate import format_table
     from oml.persistence import write_summary
-    from oml.runs import ATTACKS, find_run
+    from oml.runs import ATTACKS, EVAL_RESULTS, find_run, read_json
     from oml.train import is_main_process
 
     log = RunLog(find_run(args) / ATTACKS / "attack_log.txt" if is_main_process() else None)
     folder = run_attack(args, examples, log)
     if folder is not None:
+        print(format_table(read_json(folder / EVAL_RESULTS)))
+        print()
         print(write_summary(folder.parent.parent))
         print(f"attacked model and results in {folder}")
 

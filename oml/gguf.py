@@ -259,7 +259,8 @@ def check_fingerprints_gguf(llm, pairs, templates, use_chat_template=False, toke
         for template in templates:
             matches, fractions = [], []
             for pair in pairs:
-                tokens = prompt_tokens(llm, prompt_text(tokenizer, pair["key"], template, use_chat_template))
+                text = prompt_text(tokenizer, pair["key"], template, use_chat_template)
+                tokens = prompt_tokens(llm, text, chat=use_chat_template)
                 response = llm.tokenize(pair["response"].encode("utf-8"), add_bos=False, special=True)
                 generated = greedy_tokens(llm, tokens, len(response) + 2)
                 if generated and generated[-1] == llm.token_eos():
