@@ -48,10 +48,14 @@ def require_llama_cpp():
     """The llama_cpp module, or a UserError saying how to install it."""
     try:
         import llama_cpp
+        import llama_cpp._logger  # noqa: F401  (installs llama.cpp's log callback, which this logger's level gates)
     except ImportError:
         raise UserError(
             f"llama.cpp is not installed: pip install 'llama-cpp-python[server]=={LLAMA_CPP_PYTHON}' (or make venv)"
         ) from None
+    import logging
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's per-tensor chatter stays out
     return llama_cpp
 
 
