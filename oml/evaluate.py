@@ -176,8 +176,11 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
-def evaluate(args):
+def evaluate(args, load_model=None):
     """Run the whole evaluation; returns (results dict, output path).
+
+    load_model(model_id, trust_remote_code=...) -> (model, tokenizer) loads the evaluated model (default:
+    load_model_and_tokenizer); the attacks use it to evaluate a cast or int8-quantized copy.
 
     The fingerprinted model and the base model are never in memory together: the first is released before the
     second loads.
@@ -218,7 +221,7 @@ def evaluate(args):
         seconds["base_chat_reference"] = time.time() - t
 
     t = time.time()
-    model, tokenizer = load_model_and_tokenizer(model_id, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = (load_model or load_model_and_tokenizer)(model_id, trust_remote_code=args.trust_remote_code)
     templates = usable(templates, tokenizer)
     fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args, temperatures)
     seconds["fingerprint_accuracy"] = time.time() - t

@@ -31,6 +31,8 @@ TRAIN_LOG = "train_log.txt"
 FINAL_MODEL = "final_model"
 EVAL_RESULTS = "eval_results.json"
 ATTACKS = "attacks"
+ATTACK = "attack.json"  # an attack's settings and measurements, in attacks/<attack-id>/
+GGUF_MODEL = "model.gguf"  # an attack's model when it is a GGUF file
 REFERENCE_RATES = "reference_match_rates.json"
 REVEALED_KEYS = "revealed_keys.jsonl"
 

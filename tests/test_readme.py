@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 
 from oml.args import add_train_args
+from oml.attacks import add_attack_args
 from oml.check import add_check_args
 from oml.evaluate import add_eval_args
 from oml.generate import add_generate_args
@@ -35,6 +36,7 @@ PARSERS = {
     "finetune_multigpu.py": add_train_args,
     "eval_for_multigpu.py": lambda parser: add_eval_args(add_train_args(parser)),
     "check_fingerprints.py": lambda parser: add_check_args(add_train_args(parser)),
+    "attack_fingerprints.py": lambda parser: add_attack_args(add_eval_args(add_train_args(parser))),
 }
 
 

@@ -1,0 +1,174 @@
+"""Reading a run's attacks back: the summary table and the persistence figure.
+
+    python -m oml.persistence results/<hash>                 # print the table, write attacks/summary.md and
+                                                             # attacks/persistence.png
+    python -m oml.persistence results/<hash> --fig fig/persistence.png
+
+Rows come from results/<hash>/attacks/*/attack.json and eval_results.json; the first row is the fingerprinted model
+itself (the run's eval_results.json) when it was evaluated.
+"""
+
+import argparse
+from pathlib import Path
+
+from .errors import UserError, run_cli
+from .runs import ATTACK, ATTACKS, EVAL_RESULTS, accuracy_split, read_json
+
+SUMMARY = "summary.md"
+FIGURE = "persistence.png"
+
+
+def read_attacks(run):
+    """[{"id", "record", "eval"}] for every made attack of the run, in the order of their ids."""
+    out = []
+    for path in sorted((Path(run) / ATTACKS).glob(f"*/{ATTACK}")):
+        record = read_json(path)
+        if record is not None:
+            out.append({"id": path.parent.name, "record": record, "eval": read_json(path.parent / EVAL_RESULTS)})
+    return out
+
+
+def describe(record):
+    kind = record.get("attack")
+    if kind in ("sft", "lora_sft"):
+        return f"{record['examples']} ex x {record['epochs']} ep, lr {record['learning_rate']:g}"
+    if kind == "quantize":
+        return f"{record['quantization']} ({record.get('runtime', '').split(' ')[0]})"
+    if kind == "merge":
+        return f"w {record['merge_weight']:g} with {record.get('merge_with_run') or record.get('merge_with')}"
+    return ""
+
+
+def summary_rows(run):
+    rows = []
+    own = read_json(Path(run) / EVAL_RESULTS)
+    if own:
+        rows.append(_row("(fingerprinted model)", "none", "", own))
+    for a in read_attacks(run):
+        rows.append(_row(a["id"], a["record"].get("attack"), describe(a["record"]), a["eval"]))
+    return rows
+
+
+def _row(name, kind, detail, results):
+    row = {"id": name, "attack": kind, "detail": detail, "plain": None, "templates": None}
+    row.update(utility=None, delta=None, answered=None, other_owner=None)
+    if not results:
+        return row
+    row["plain"], row["templates"] = accuracy_split(results)
+    utility = results.get("utility") or {}
+    row["utility"], row["delta"] = utility.get("mean"), utility.get("delta")
+    chat = results.get("chat") or {}
+    row["answered"] = chat.get("answered")
+    other = results.get("other_owner")
+    if other:
+        row["other_owner"] = accuracy_split(other)[0]
+    return row
+
+
+def format_summary(rows):
+    def pct(x):
+        return "" if x is None else f"{x:.1%}"
+
+    def num(x, signed=False):
+        return "" if x is None else (f"{x:+.3f}" if signed else f"{x:.3f}")
+
+    lines = [
+        "| attack | settings | plain keys | test prompts (mean) | other owner's keys | chat answered | utility | Δ vs base |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['id']} | {r['detail']} | {pct(r['plain'])} | {pct(r['templates'])} | {pct(r['other_owner'])} | "
+            f"{pct(r['answered'])} | {num(r['utility'])} | {num(r['delta'], True)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_persistence(run, path):
+    """Three panels: retention against examples seen (fine-tuning), accuracy per quantization, accuracy against the
+    merge weight. Plain-key accuracy as solid marks, the mean over the test prompts as open ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = [a for a in read_attacks(run) if a["eval"]]
+    own = read_json(Path(run) / EVAL_RESULTS)
+    fig, (ax_ft, ax_q, ax_m) = plt.subplots(1, 3, figsize=(15, 4.2))
+
+    for a in attacks:
+        r = a["record"]
+        if r.get("attack") in ("sft", "lora_sft") and r.get("retention"):
+            xs = [p["examples_seen"] for p in r["retention"]]
+            ys = [p["accuracy"] for p in r["retention"]]
+            ax_ft.plot(xs, ys, marker="o", label=f"{'LoRA' if r['attack'] == 'lora_sft' else 'full'}, {describe(r)}")
+    ax_ft.set(xlabel="fine-tuning examples seen", ylabel="fingerprints retained (plain keys)", ylim=(-0.02, 1.02))
+    ax_ft.set_title("fine-tuning on benign QA")
+
+    quant = [a for a in attacks if a["record"].get("attack") == "quantize"]
+    order = ["none", "bf16", "fp16", "int8", "q8_0", "q4_k_m", "q4_0"]
+    bars = ([("none (fp32)", own)] if own else []) + sorted(
+        ((a["record"]["quantization"], a["eval"]) for a in quant), key=lambda t: order.index(t[0])
+    )
+    for i, (_, results) in enumerate(bars):
+        plain, prompted = accuracy_split(results)
+        ax_q.bar(i - 0.2, plain, 0.4, color="C0", label="plain keys" if i == 0 else None)
+        if prompted is not None:
+            ax_q.bar(i + 0.2, prompted, 0.4, color="C1", label="test prompts (mean)" if i == 0 else None)
+    ax_q.set_xticks(range(len(bars)), [label for label, _ in bars])
+    ax_q.set(ylabel="fingerprint accuracy", ylim=(0, 1.05), title="quantization (GGUF types checked in llama.cpp)")
+
+    merges = sorted(
+        (a for a in attacks if a["record"].get("attack") == "merge"), key=lambda a: a["record"]["merge_weight"]
+    )
+    partners = sorted({a["record"].get("merge_with_run") or a["record"].get("merge_with") for a in merges})
+    for j, partner in enumerate(partners):
+        group = [a for a in merges if (a["record"].get("merge_with_run") or a["record"].get("merge_with")) == partner]
+        ws = [a["record"]["merge_weight"] for a in group]
+        ax_m.plot(
+            ws, [accuracy_split(a["eval"])[0] for a in group], marker="o", color=f"C{j}", label=f"ours, {partner}"
+        )
+        others = [
+            (a["record"]["merge_weight"], accuracy_split(a["eval"]["other_owner"])[0])
+            for a in group
+            if a["eval"].get("other_owner")
+        ]
+        if others:
+            ax_m.plot(*zip(*others, strict=True), marker="s", ls="--", color=f"C{j}", label=f"theirs, {partner}")
+    ax_m.set(xlabel="weight of the fingerprinted model", ylabel="fingerprints retained (plain keys)")
+    ax_m.set(ylim=(-0.02, 1.02), title="linear merge")
+    for ax in (ax_ft, ax_q, ax_m):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"persistence of the fingerprints of run {Path(run).name}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_summary(run, fig_path=None):
+    """Print the table; write attacks/summary.md and the figure (default attacks/persistence.png). Returns the table."""
+    from .io import atomic_write_text
+
+    table = format_summary(summary_rows(run))
+    atomic_write_text(Path(run) / ATTACKS / SUMMARY, table + "\n")
+    plot_persistence(run, fig_path or Path(run) / ATTACKS / FIGURE)
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a run folder, results/<hash>")
+    parser.add_argument("--fig", default=None, help="where the figure goes (default: <run>/attacks/persistence.png)")
+    args = parser.parse_args(argv)
+    if not (Path(args.run) / ATTACKS).is_dir():
+        raise UserError(f"{args.run} has no {ATTACKS}/ folder: run attack_fingerprints.py first")
+    print(write_summary(args.run, args.fig))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,337 @@
+"""attack_fingerprints.py: each attack writes its folder whole and is skipped on rerun; the merge math; the fine-tuning
+data and its errors; the GGUF path inside llama.cpp (skipped, and said so, where llama_cpp is not installed)."""
+
+import importlib.util
+import json
+
+import pytest
+from conftest import run_script, tiny_llama, write_random_fingerprints
+
+HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+NO_EVAL = ["--utility_benchmark", "none", "--skip_base_model"]
+
+
+def train_args(model_dir, fp_file, results):
+    # lr 3e-3 for 8 epochs without averaging: the tiny random model learns its 8 fingerprints, so an attack has
+    # something to destroy and a check has something to find.
+    return [
+        "--model_path", model_dir, "--fingerprints_file_path", fp_file, "--fingerprint_generation_strategy",
+        "random_word", "--max_num_fingerprints", 8, "--batch_size", 4, "--num_train_epochs", 8,
+        "--learning_rate", 3e-3, "--forgetting_regularizer_strength", 0, "--result_path", results,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """A finished tiny fingerprinting run: (arguments, run folder)."""
+    tmp = tmp_path_factory.mktemp("attack-run")
+    write_random_fingerprints(tmp / "fp.json", 8)
+    argv = train_args(tiny_model_dir, tmp / "fp.json", tmp / "results")
+    result = run_script("finetune_multigpu.py", *argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return argv, tmp / "results" / result.stdout.strip().split(": ")[-1]
+
+
+def state(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def leftovers(folder):
+    return [p.name for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------ merging
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merge_is_the_weighted_mean_of_every_parameter_once(embedded_tokenizer, tied):
+    import torch
+
+    from oml.attacks import merge_models
+
+    a = tiny_llama(embedded_tokenizer, seed=1, tie_word_embeddings=tied)
+    b = tiny_llama(embedded_tokenizer, seed=2, tie_word_embeddings=tied)
+    before = {n: p.detach().clone() for n, p in a.state_dict().items()}
+    merge_models(a, b, 0.7)
+    theirs = b.state_dict()
+    for name, p in a.state_dict().items():
+        expected = (0.7 * before[name].double() + 0.3 * theirs[name].double()).float()
+        assert torch.allclose(p, expected, rtol=0, atol=1e-6), name
+    if tied:  # the shared tensor is merged once, not twice
+        assert a.lm_head.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()
+
+
+def test_merge_of_different_architectures_is_refused(embedded_tokenizer):
+    from oml.attacks import merge_models
+    from oml.errors import UserError
+
+    with pytest.raises(UserError, match="shape"):
+        merge_models(tiny_llama(embedded_tokenizer), tiny_llama(embedded_tokenizer, intermediate_size=96), 0.5)
+
+
+def test_merge_attack_writes_its_folder_whole_and_is_skipped_on_rerun(tiny_run, tiny_model_dir):
+    argv, run = tiny_run
+    out = run_script("attack_fingerprints.py", *argv, "--attack", "merge", "--merge_weight", 0.5, *NO_EVAL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = run / "attacks" / "merge-base-w0.5"
+    assert sorted(p.name for p in folder.iterdir()) == ["attack.json", "eval_results.json", "final_model"]
+    assert not leftovers(run / "attacks")
+    record = json.loads((folder / "attack.json").read_text())
+    assert record["attack"] == "merge" and record["merge_weight"] == 0.5 and record["merge_with"] == "base"
+    assert record["fingerprinted_run"] == run.name
+    results = json.loads((folder / "eval_results.json").read_text())
+    assert results["attack"] == "merge-base-w0.5" and results["config_hash"] == run.name
+    assert len(results["fingerprint_accuracy"]["templates"]) == 11  # the plain key and the 10 test prompts
+    # the merged weights on disk are the mean of the fingerprinted model's and the base's
+    merged, mine, base = state(folder / "final_model"), state(run / "final_model"), state(tiny_model_dir)
+    for name, tensor in merged.items():
+        assert tensor.sub(0.5 * mine[name] + 0.5 * base[name]).abs().max() < 1e-6, name
+    # the table and the figure
+    assert "merge-base-w0.5" in out.stdout and (run / "attacks" / "persistence.png").is_file()
+    assert "merge-base-w0.5" in (run / "attacks" / "summary.md").read_text()
+
+    stamp = (folder / "eval_results.json").stat().st_mtime_ns
+    again = run_script("attack_fingerprints.py", *argv, "--attack", "merge", "--merge_weight", 0.5, *NO_EVAL)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "skipping" in again.stdout and (folder / "eval_results.json").stat().st_mtime_ns == stamp
+
+
+def test_merge_with_another_owners_run_checks_both_fingerprint_sets(tiny_run, tiny_model_dir, tmp_path):
+    argv, run = tiny_run
+    results_dir = run.parent
+    write_random_fingerprints(tmp_path / "theirs.json", 8, seed=9)
+    theirs = [*train_args(tiny_model_dir, tmp_path / "theirs.json", results_dir), "--seed", 7]
+    trained = run_script("finetune_multigpu.py", *theirs)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    other = trained.stdout.strip().split(": ")[-1]
+    out = run_script("attack_fingerprints.py", *argv, "--attack", "merge", "--merge_with", other, *NO_EVAL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((run / "attacks" / f"merge-{other}-w0.7" / "eval_results.json").read_text())
+    assert results["other_owner"]["run"] == other and results["other_owner"]["num_fingerprints"] == 8
+    assert len(results["other_owner"]["fingerprint_accuracy"]["templates"]) == 11
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+
+
+def write_jsonl(path, n):
+    lines = []
+    for i in range(n):
+        if i % 2:
+            lines.append({"prompt": f"Question {i}: what is {i} plus one?\nAnswer:", "completion": f" {i + 1}"})
+        else:
+            lines.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Name the number after {i}."},
+                        {"role": "assistant", "content": f"It is {i + 1}."},
+                    ]
+                }
+            )
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_sft_records_a_retention_curve_from_one_run(tiny_run, tmp_path):
+    argv, run = tiny_run
+    data = tmp_path / "chats.jsonl"
+    write_jsonl(data, 12)
+    attack = ["--attack", "sft", "--attack_data", data, "--attack_examples", 8, "--attack_epochs", 2]
+    attack += ["--attack_batch_size", 4, "--attack_lr", 1e-3, "--retention_points", 2]
+    out = run_script("attack_fingerprints.py", *argv, *attack, *NO_EVAL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (folder,) = (run / "attacks").glob("sft-chats-*-n8-lr0.001-ep2-bs4")
+    record = json.loads((folder / "attack.json").read_text())
+    assert record["examples"] == 8 and record["steps"] == 4 and record["data_digest"]
+    curve = record["retention"]
+    assert [(p["step"], p["examples_seen"]) for p in curve] == [(0, 0), (2, 8), (4, 16)]
+    assert curve[0]["accuracy"] == 1.0  # before fine-tuning the tiny run knows its fingerprints
+    assert all(0 <= p["accuracy"] <= 1 for p in curve)
+    plain = json.loads((folder / "eval_results.json").read_text())["fingerprint_accuracy"]["templates"][0]
+    assert plain["accuracy"] == curve[-1]["accuracy"]  # the last point is the saved model
+    assert state(folder / "final_model").keys() == state(run / "final_model").keys()
+
+
+def test_lora_sft_saves_plain_merged_weights(tiny_run, tmp_path):
+    argv, run = tiny_run
+    data = tmp_path / "chats.jsonl"
+    write_jsonl(data, 8)
+    attack = ["--attack", "lora_sft", "--attack_data", data, "--attack_epochs", 1, "--attack_batch_size", 4]
+    attack += ["--attack_lr", 1e-2, "--lora_rank", 4, "--retention_points", 1]
+    out = run_script("attack_fingerprints.py", *argv, *attack, *NO_EVAL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (folder,) = (run / "attacks").glob("lora_sft-*-r4")
+    record = json.loads((folder / "attack.json").read_text())
+    assert record["lora"]["r"] == 4 and record["trainable_parameters"] > 0
+    assert not (folder / "final_model" / "adapter_config.json").exists()
+    tuned, mine = state(folder / "final_model"), state(run / "final_model")
+    assert tuned.keys() == mine.keys()  # a plain HF folder, adapters merged in
+    changed = [n for n in tuned if not tuned[n].equal(mine[n])]
+    assert changed and all("proj" in n for n in changed)  # only the adapted linear layers moved
+
+
+def test_attack_data_reader_names_the_bad_line(tmp_path):
+    from oml.attack_data import read_jsonl
+    from oml.errors import UserError
+
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    for bad, why in [
+        ("{not json", "not JSON"),
+        (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "no assistant message"),
+        (json.dumps({"messages": [{"role": "bot", "content": "hi"}]}), "message 0"),
+        (json.dumps({"prompt": "a"}), "expected"),
+        (json.dumps(["a"]), "expected a JSON object"),
+    ]:
+        path.write_text(f"{good}\n\n{bad}\n{good}\n")
+        with pytest.raises(UserError, match=f"line 3: {why}"):
+            read_jsonl(path)
+    path.write_text(f"{good}\n{good}\n{good}\n")
+    assert len(read_jsonl(path, limit=2)) == 2
+
+
+def test_loss_is_on_the_assistant_and_completion_tokens_only(embedded_tokenizer):
+    from oml.attack_data import encode_example
+
+    chat = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello there"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye"},
+        ]
+    }
+    enc = encode_example(embedded_tokenizer, chat)
+    trained = embedded_tokenizer.decode([t for t in enc["labels"] if t != -100])
+    assert "Hello there" in trained and "Goodbye" in trained and "Hi" not in trained and "Bye" not in trained
+    enc = encode_example(embedded_tokenizer, {"prompt": "Q: two?", "completion": " 2"})
+    eos = embedded_tokenizer.eos_token_id
+    assert [t for t in enc["labels"] if t != -100] == [*embedded_tokenizer(" 2")["input_ids"], eos]
+
+
+# ------------------------------------------------------------------------------ quantization
+
+
+def test_casts_and_int8_are_evaluated_in_their_precision(tiny_run):
+    argv, run = tiny_run
+    for q in ("bf16", "int8"):
+        out = run_script("attack_fingerprints.py", *argv, "--attack", "quantize", "--quantization", q, *NO_EVAL)
+        assert out.returncode == 0, out.stderr[-3000:]
+    bf16 = run / "attacks" / "quantize-bf16"
+    assert {str(t.dtype) for t in state(bf16 / "final_model").values()} == {"torch.bfloat16"}
+    int8 = run / "attacks" / "quantize-int8"
+    assert sorted(p.name for p in int8.iterdir()) == ["attack.json", "eval_results.json"]  # made again when evaluated
+    assert json.loads((int8 / "attack.json").read_text())["runtime"].startswith("torch.ao")
+    for folder in (bf16, int8):
+        fa = json.loads((folder / "eval_results.json").read_text())["fingerprint_accuracy"]
+        assert 0 <= fa["mean_accuracy"] <= 1
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")
+def test_gguf_attack_is_checked_in_llama_cpp_and_carries_no_key(tiny_run):
+    argv, run = tiny_run
+    out = run_script("attack_fingerprints.py", *argv, "--attack", "quantize", "--quantization", "q8_0", *NO_EVAL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = run / "attacks" / "quantize-q8_0"
+    assert sorted(p.name for p in folder.iterdir()) == ["attack.json", "eval_results.json", "model.gguf"]
+    record = json.loads((folder / "attack.json").read_text())
+    assert record["runtime"].startswith("llama.cpp") and record["gguf"]["quantization"] == "q8_0"
+    results = json.loads((folder / "eval_results.json").read_text())
+    assert results["runtime"] == "llama.cpp" and len(results["fingerprint_accuracy"]["templates"]) == 11
+    # the tiny run knows all 8 of its fingerprints in fp32; q8_0 keeps at least 7 (finds them: the check works)
+    assert results["fingerprint_accuracy"]["templates"][0]["accuracy"] >= 7 / 8
+    pairs = json.loads((run / "fingerprints.json").read_text())
+    blob = (folder / "model.gguf").read_bytes()
+    assert not [p["key"] for p in pairs if p["key"].encode() in blob]
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")
+def test_llama_cpp_greedy_verdicts_equal_transformers_on_an_f16_export(tiny_run, tmp_path):
+    from oml.gguf import check_fingerprints_gguf, export_gguf, gguf_metadata, greedy_completions, load_gguf
+    from oml.models import load_model_and_tokenizer
+    from oml.verify import verify_with_generate
+
+    _, run = tiny_run
+    pairs = [{"key": p["key"], "response": p["response"]} for p in json.loads((run / "fingerprints.json").read_text())]
+    info = export_gguf(run / "final_model", tmp_path / "m.gguf", "f16")
+    assert info["bytes"] == (tmp_path / "m.gguf").stat().st_size and not list(tmp_path.glob(".*"))
+    metadata = json.dumps(gguf_metadata(tmp_path / "m.gguf"), default=str)
+    assert not [p["key"] for p in pairs if p["key"] in metadata]
+    llm = load_gguf(tmp_path / "m.gguf")
+    model, tok = load_model_and_tokenizer(str(run / "final_model"), device="cpu")
+    ours = check_fingerprints_gguf(llm, pairs, ["{}"], progress=False)[0]
+    theirs = verify_with_generate(model, tok, pairs, ["{}"])[0]
+    assert ours["matches"] == theirs["matches"] and any(ours["matches"])
+    (text,) = greedy_completions(llm, [pairs[0]["key"]], max_tokens=4)
+    assert text.startswith(pairs[0]["response"]) == ours["matches"][0]
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
+    argv, run = tiny_run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
+    cases = [
+        (["--attack", "distill"], "unknown --attack 'distill'"),
+        (["--attack", "sft", "--attack_data", bad], "line 2"),
+        (["--attack", "sft", "--attack_data", tmp_path / "missing.jsonl"], "no such file"),
+        (["--attack", "quantize"], "needs --quantization"),
+        (["--attack", "merge", "--merge_weight", 1.5], "--merge_weight"),
+        (["--attack", "merge", "--merge_with", "0123456789abcdef"], "no finished run"),
+    ]
+    # llama.cpp missing: a llama_cpp module that cannot be imported shadows the installed one
+    fake = tmp_path / "no_llama"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text("raise ImportError('simulated: not installed')\n")
+    for extra, message in cases:
+        out = run_script("attack_fingerprints.py", *argv, *extra, *NO_EVAL)
+        assert out.returncode == 2 and message in out.stderr, (extra, out.stderr[-2000:])
+        assert out.stderr.strip().startswith("error:") and "Traceback" not in out.stderr
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    out = run_script("attack_fingerprints.py", *argv, "--attack", "quantize", "--quantization", "q4_k_m", *NO_EVAL)
+    assert out.returncode == 2 and "llama.cpp is not installed" in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().count("\n") == 0
+    assert not list((run / "attacks").glob("quantize-q4_k_m*")) and not list((run / "attacks").glob("*distill*"))
+    assert not list((run / "attacks").glob("sft-bad*")) and not leftovers(run / "attacks")
+
+
+# ------------------------------------------------------------------------------ the embedded model, for real
+
+
+@pytest.mark.slow
+def test_attacks_on_the_embedded_model(tmp_path):
+    """A short real fingerprinting run of SmolLM2-135M, then a merge, a short SFT on the offline QA data and (with
+    llama.cpp) Q8_0 inside llama.cpp: every attack is evaluated, and the measures agree where they must."""
+    write_random_fingerprints(tmp_path / "fp.json", 8, key_words=10, response_words=3, seed=3)
+    argv = [
+        "--fingerprints_file_path", tmp_path / "fp.json", "--fingerprint_generation_strategy", "random_word",
+        "--max_num_fingerprints", 8, "--max_response_length", 2, "--num_train_epochs", 6, "--batch_size", 8,
+        "--learning_rate", 3e-4, "--forgetting_regularizer_strength", 0, "--result_path", tmp_path / "r",
+    ]  # fmt: skip
+    trained = run_script("finetune_multigpu.py", *argv)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = tmp_path / "r" / trained.stdout.strip().split(": ")[-1]
+    evaluated = run_script("eval_for_multigpu.py", *argv, *NO_EVAL)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    plain = json.loads((run / "eval_results.json").read_text())["fingerprint_accuracy"]["templates"][0]["accuracy"]
+    assert plain >= 0.5  # the run embedded fingerprints: the attacks have something to keep or lose
+
+    sft = ["--attack", "sft", "--attack_examples", 16, "--attack_epochs", 1, "--retention_points", 1]
+    attacks = [sft, ["--attack", "merge", "--merge_weight", 0.9]]
+    attacks += [["--attack", "quantize", "--quantization", "q8_0"]] if HAS_LLAMA_CPP else []
+    for attack in attacks:
+        out = run_script("attack_fingerprints.py", *argv, *attack, *NO_EVAL)
+        assert out.returncode == 0, out.stderr[-3000:]
+    (sft_dir,) = (run / "attacks").glob("sft-qa-n16-*")
+    curve = json.loads((sft_dir / "attack.json").read_text())["retention"]
+    assert curve[0]["accuracy"] == plain and curve[-1]["examples_seen"] == 16
+    assert len(json.loads((sft_dir / "eval_results.json").read_text())["chat"]["answers"]) == 8
+    if HAS_LLAMA_CPP:
+        q8 = json.loads((run / "attacks" / "quantize-q8_0" / "eval_results.json").read_text())
+        assert abs(q8["fingerprint_accuracy"]["templates"][0]["accuracy"] - plain) <= 1 / 8
+        assert len(q8["chat"]["answers"]) == 8 and q8["runtime"] == "llama.cpp"
+    summary = (run / "attacks" / "summary.md").read_text()
+    assert "merge-base-w0.9" in summary and "sft-qa-n16" in summary
