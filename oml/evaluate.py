@@ -252,28 +252,22 @@ def evaluate(args, load_model=None):
             fingerprint["base_match_probability"] = base_check["mean_match_probability"]
         base_answers = chat_answers(base, base_tok) if answers is not None else None
         seconds["base_fingerprint_accuracy"] = time.time() - t
+
+        def on_base(cached, settings):  # the base's result from its cache, computed on the loaded base if missing
+            return cached(
+                args.model, lambda: (base, base_tok), base_cache_dir(args), batch_size=args.eval_batch_size, **settings
+            )
+
         if utility is not None:
             t = time.time()
-            base_utility = base_utility_cached(
-                args.model,
-                lambda: (base, base_tok),
-                base_cache_dir(args),
-                batch_size=args.eval_batch_size,
-                **suite,
-            )
+            base_utility = on_base(base_utility_cached, suite)
             utility["base_mean"] = base_utility["mean"]
             utility["base_tasks"] = base_utility["tasks"]
             utility["delta"], utility["delta_stderr"] = paired_delta(utility["per_item"], base_utility["per_item"])
             seconds["base_utility"] = time.time() - t
         if generation is not None:
             t = time.time()
-            base_generation = base_generation_cached(
-                args.model,
-                lambda: (base, base_tok),
-                base_cache_dir(args),
-                batch_size=args.eval_batch_size,
-                **generation_settings,
-            )
+            base_generation = on_base(base_generation_cached, generation_settings)
             pair_generation(generation, base_generation)
             seconds["base_generation"] = time.time() - t
         del base

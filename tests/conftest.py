@@ -70,3 +70,15 @@ def write_random_fingerprints(path, n, key_words=8, response_words=4, seed=0):
     ]
     Path(path).write_text(json.dumps(fps))
     return fps
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: batch-of-one generate calls gain little from threads, and on a CPU shared
+    with other jobs the threads spin waiting for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,14 +35,6 @@ def peaked_llama(embedded_tokenizer):
     return tiny_llama(embedded_tokenizer, initializer_range=1.0)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_pairs(n, seed=0):
     rng, words = random.Random(seed), english_words()
     return [{"key": " ".join(rng.sample(words, 6)), "response": " " + " ".join(rng.sample(words, 3))} for _ in range(n)]

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REPO, write_random_fingerprints
 from safetensors.torch import load_file
-from test_sweep import fake_tool, launch
+from test_sweep import fake_launcher, launch
 
 from oml import distributed
 from oml.errors import UserError
@@ -235,10 +235,7 @@ def test_nodes_given_different_runs_refuse_to_train(tmp_path, tiny_model_dir):
 )
 def test_per_node_command_line(tmp_path, tiny_model_dir, env, gpus, expected, hostfile):
     """What the sweep launches on node 1 of 2 without ssh, seen by a stand-in `deepspeed`."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_tool(bin_dir, "deepspeed", f'echo "$*" > {tmp_path}/deepspeed_args; exit 1')
-    fake_tool(bin_dir, "nvidia-smi", f'for i in $(seq 0 $(({gpus} - 1))); do echo "GPU $i: fake"; done')
+    bin_dir = fake_launcher(tmp_path, gpus)
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)
     env = {"LAUNCHER": "deepspeed", "USE_PROMPT_AUGMENTATION": "false", "CUDA_VISIBLE_DEVICES": "", **env}

@@ -336,6 +336,15 @@ def test_sweep_end_to_end_resume_and_a_failing_point(tmp_path, tiny_model_dir):
     assert "2 of 4 points did not finish" in second.stderr
 
 
+def fake_launcher(tmp_path, gpus):
+    """A folder with a stand-in `deepspeed` that records its arguments and an `nvidia-smi` listing `gpus` GPUs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_tool(bin_dir, "deepspeed", f'echo "$*" > {tmp_path}/deepspeed_args; exit 1')
+    fake_tool(bin_dir, "nvidia-smi", f'for i in $(seq 0 $(({gpus} - 1))); do echo "GPU $i: fake"; done')
+    return bin_dir
+
+
 def fake_tool(folder, name, body):
     path = Path(folder) / name
     path.write_text("#!/usr/bin/env bash\n" + body + "\n")
@@ -357,10 +366,7 @@ def fake_tool(folder, name, body):
 )
 def test_deepspeed_command_line(tmp_path, tiny_model_dir, env, gpus, expected):
     """The launcher the sweep builds, seen by a stand-in `deepspeed` (and `nvidia-smi` listing `gpus` GPUs)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_tool(bin_dir, "deepspeed", f'echo "$*" > {tmp_path}/deepspeed_args; exit 1')
-    fake_tool(bin_dir, "nvidia-smi", f'for i in $(seq 0 $(({gpus} - 1))); do echo "GPU $i: fake"; done')
+    bin_dir = fake_launcher(tmp_path, gpus)
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)
     env = {

@@ -44,16 +44,6 @@ def random_llama():
 
 
 @pytest.fixture
-def one_thread():
-    # Batch-of-one generate calls gain little from intra-op threads, and on a CPU shared with other jobs
-    # the threads spin waiting for each other: one thread is several times faster there.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def tiny_model(random_llama, one_thread):
     return random_llama
 
