@@ -397,3 +397,18 @@ def test_best_recipe_is_the_most_useful_one_that_learned(tmp_path):
     assert "LORA_RANKS=16" in best(tmp_path, "perinucleus", 256, 0.8)
     with pytest.raises(UserError, match="no evaluated english run"):
         best(tmp_path, "english", 256, 0.95)
+
+
+def test_capacity_preset_evaluates_with_the_resolving_suite():
+    """--preset capacity: the evaluation's own defaults are every item of the four tasks; a flag given still wins."""
+    import argparse
+
+    from oml.args import add_train_args, apply_eval_preset
+    from oml.evaluate import add_eval_args
+
+    parser = add_eval_args(add_train_args(argparse.ArgumentParser()))
+    args = apply_eval_preset(parser.parse_args(["--preset", "capacity"]), parser)
+    assert args.utility_limit == "all" and args.utility_tasks == ["arc_challenge", "arc_easy", "winogrande", "piqa"]
+    args = apply_eval_preset(parser.parse_args(["--preset", "capacity", "--utility_limit", "50"]), parser)
+    assert args.utility_limit == "50" or args.utility_limit == 50
+    assert apply_eval_preset(parser.parse_args([]), parser).utility_limit == parser.get_default("utility_limit")
