@@ -9,7 +9,7 @@ Examples:
     python finetune_multigpu.py                                          # the run to attack
     python attack_fingerprints.py --attack sft                           # 2000 offline QA examples, 2 ep, lr 1e-5
     python attack_fingerprints.py --attack sft --attack_lr 5e-5 --attack_epochs 1
-    python attack_fingerprints.py --attack lora_sft --attack_lr 1e-4 --lora_rank 16
+    python attack_fingerprints.py --attack lora_sft --attack_lr 1e-4 --attack_lora_rank 16
     python attack_fingerprints.py --attack sft --attack_data my_chats.jsonl --attack_examples 500
     python attack_fingerprints.py --attack quantize --quantization q4_k_m    # GGUF, checked inside llama.cpp
     python attack_fingerprints.py --attack quantize --quantization int8      # torch dynamic int8

@@ -44,7 +44,7 @@ ATTACK_ARGS = [
     (["--attack_lr"], dict(type=float, default=1e-5)),
     (["--attack_batch_size"], dict(type=int, default=8, help="examples per optimizer step, over all ranks")),
     (["--attack_max_length"], dict(type=int, default=DEFAULT_MAX_LENGTH, help="fine-tuning examples are cut here")),
-    (["--lora_rank"], dict(type=int, default=16, help="lora_sft: adapter rank (alpha = 2 x rank, all linear layers)")),
+    (["--attack_lora_rank"], dict(type=int, default=16, help="lora_sft: adapter rank (alpha = 2 x rank, all linear layers)")),
     (["--retention_points"], dict(type=int, default=8,
                                   help="fine-tuning: check the plain keys at this many evenly spaced steps")),
     (["--quantization"], dict(default=None, help="quantize: " + " | ".join(QUANTIZATIONS))),
@@ -81,7 +81,7 @@ def check_attack_args(args):
             raise UserError(f"--merge_weight must be within [0, 1], got {args.merge_weight}")
         merge_partner(args)
     if args.attack in ("sft", "lora_sft"):
-        for name in ("attack_examples", "attack_epochs", "attack_batch_size", "attack_max_length", "lora_rank"):
+        for name in ("attack_examples", "attack_epochs", "attack_batch_size", "attack_max_length", "attack_lora_rank"):
             if getattr(args, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
         if args.attack_lr <= 0:
@@ -111,7 +111,7 @@ def attack_id(args, n_examples=None):
         if args.attack_max_length != DEFAULT_MAX_LENGTH:
             name += f"-len{args.attack_max_length}"
         if args.attack == "lora_sft":
-            name += f"-r{args.lora_rank}"
+            name += f"-r{args.attack_lora_rank}"
         return name
     if args.attack == "quantize":
         return f"quantize-{args.quantization}"
@@ -226,8 +226,8 @@ def fine_tune(args, run, examples, log_fn=print):
         from peft import LoraConfig, get_peft_model
 
         lora = dict(
-            r=args.lora_rank,
-            lora_alpha=LORA_ALPHA_PER_RANK * args.lora_rank,
+            r=args.attack_lora_rank,
+            lora_alpha=LORA_ALPHA_PER_RANK * args.attack_lora_rank,
             lora_dropout=LORA_DROPOUT,
             target_modules="all-linear",
         )
@@ -398,7 +398,7 @@ def attack_settings(args, n_examples=None):
             max_length=args.attack_max_length,
         )
         if args.attack == "lora_sft":
-            settings["lora_rank"] = args.lora_rank
+            settings["lora_rank"] = args.attack_lora_rank
     elif args.attack == "quantize":
         settings["quantization"] = args.quantization
     else:
@@ -486,7 +486,7 @@ def evaluate_gguf(args, run, gguf_path):
     """Fingerprint accuracy per template and the chat check, inside llama.cpp. No utility: the local suite scores
     log-likelihoods through transformers, which a GGUF file does not load into without dequantizing."""
     from .chat import chat_check
-    from .evaluate import templates_for
+    from .evaluate import templates_for, usable
     from .fingerprints import read_fingerprints
     from .gguf import chat_answers_gguf, check_fingerprints_gguf, load_gguf
     from .models import load_tokenizer
@@ -496,7 +496,9 @@ def evaluate_gguf(args, run, gguf_path):
     pairs = [{"key": p["key"], "response": p["response"]} for p in read_fingerprints(run / FINGERPRINTS)]
     tokenizer = load_tokenizer(str(run / FINAL_MODEL), args.trust_remote_code)
     llm = load_gguf(gguf_path)
-    fingerprint = summarize(check_fingerprints_gguf(llm, pairs, templates_for(args), args.use_chat_template, tokenizer))
+    fingerprint = summarize(
+        check_fingerprints_gguf(llm, pairs, usable(templates_for(args), tokenizer), args.use_chat_template, tokenizer)
+    )
     seconds = {"fingerprint_accuracy": time.time() - t0}
     answers = chat_answers_gguf(llm, tokenizer)
     seconds["total"] = time.time() - t0

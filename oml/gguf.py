@@ -254,7 +254,7 @@ def check_fingerprints_gguf(llm, pairs, templates, use_chat_template=False, toke
     """
     from tqdm import tqdm
 
-    from .encoding import prompt_text
+    from .encoding import is_chat, prompt_text
 
     if use_chat_template and tokenizer is None:
         raise UserError("checking chat-template fingerprints in llama.cpp needs the model's HF tokenizer")
@@ -264,7 +264,7 @@ def check_fingerprints_gguf(llm, pairs, templates, use_chat_template=False, toke
             matches, fractions = [], []
             for pair in pairs:
                 text = prompt_text(tokenizer, pair["key"], template, use_chat_template)
-                tokens = prompt_tokens(llm, text, chat=use_chat_template)
+                tokens = prompt_tokens(llm, text, chat=use_chat_template or is_chat(template))
                 response = llm.tokenize(pair["response"].encode("utf-8"), add_bos=False, special=True)
                 generated = greedy_tokens(llm, tokens, len(response) + 2)
                 if generated and generated[-1] == llm.token_eos():

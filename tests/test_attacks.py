@@ -83,7 +83,7 @@ def test_merge_attack_writes_its_folder_whole_and_is_skipped_on_rerun(tiny_run, 
     assert record["fingerprinted_run"] == run.name
     results = json.loads((folder / "eval_results.json").read_text())
     assert results["attack"] == "merge-base-w0.5" and results["config_hash"] == run.name
-    assert len(results["fingerprint_accuracy"]["templates"]) == 11  # the plain key and the 10 test prompts
+    assert len(results["fingerprint_accuracy"]["templates"]) == 22  # plain key, 10 test prompts, 11 chat rows
     # the merged weights on disk are the mean of the fingerprinted model's and the base's
     merged, mine, base = state(folder / "final_model"), state(run / "final_model"), state(tiny_model_dir)
     for name, tensor in merged.items():
@@ -110,7 +110,7 @@ def test_merge_with_another_owners_run_checks_both_fingerprint_sets(tiny_run, ti
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((run / "attacks" / f"merge-{other}-w0.7" / "eval_results.json").read_text())
     assert results["other_owner"]["run"] == other and results["other_owner"]["num_fingerprints"] == 8
-    assert len(results["other_owner"]["fingerprint_accuracy"]["templates"]) == 11
+    assert len(results["other_owner"]["fingerprint_accuracy"]["templates"]) == 22
 
 
 # ------------------------------------------------------------------------------ fine-tuning
@@ -158,7 +158,7 @@ def test_lora_sft_saves_plain_merged_weights(tiny_run, tmp_path):
     data = tmp_path / "chats.jsonl"
     write_jsonl(data, 8)
     attack = ["--attack", "lora_sft", "--attack_data", data, "--attack_epochs", 1, "--attack_batch_size", 4]
-    attack += ["--attack_lr", 1e-2, "--lora_rank", 4, "--retention_points", 1]
+    attack += ["--attack_lr", 1e-2, "--attack_lora_rank", 4, "--retention_points", 1]
     out = run_script("attack_fingerprints.py", *argv, *attack, *NO_EVAL)
     assert out.returncode == 0, out.stderr[-3000:]
     (folder,) = (run / "attacks").glob("lora_sft-*-r4")
@@ -238,7 +238,7 @@ def test_gguf_attack_is_checked_in_llama_cpp_and_carries_no_key(tiny_run):
     record = json.loads((folder / "attack.json").read_text())
     assert record["runtime"].startswith("llama.cpp") and record["gguf"]["quantization"] == "q8_0"
     results = json.loads((folder / "eval_results.json").read_text())
-    assert results["runtime"] == "llama.cpp" and len(results["fingerprint_accuracy"]["templates"]) == 11
+    assert results["runtime"] == "llama.cpp" and len(results["fingerprint_accuracy"]["templates"]) == 22
     # the tiny run knows all 8 of its fingerprints in fp32; q8_0 keeps at least 7 (finds them: the check works)
     assert results["fingerprint_accuracy"]["templates"][0]["accuracy"] >= 7 / 8
     pairs = json.loads((run / "fingerprints.json").read_text())
