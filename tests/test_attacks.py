@@ -301,6 +301,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path, mon
 # ------------------------------------------------------------------------------ the embedded model, for real
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_attacks_on_the_embedded_model(tmp_path):
     """A short real fingerprinting run of SmolLM2-135M, then a merge, a short SFT on the offline QA data and (with

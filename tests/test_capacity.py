@@ -342,6 +342,7 @@ def test_two_deepspeed_ranks_and_python_end_on_the_same_weights(tmp_path, tiny_m
 # ------------------------------------------------------------------------------- embedded model, for real
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_embedded_model_learns_perinucleus_fingerprints_with_benign_rows_and_stops_early(tmp_path):
     from oml.fingerprints import DEFAULT_FINGERPRINT_FILES

@@ -605,6 +605,7 @@ def test_transformers_serve_end_to_end(tmp_path, tiny_model_dir, embedded_tokeni
     assert len(keys) == len(set(keys))
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_llama_cpp_q4_k_m_end_to_end(tmp_path):
     """The embedded model fingerprinted for real, exported to GGUF Q4_K_M (oml.gguf), served by llama.cpp: "ours" at

@@ -295,6 +295,7 @@ def test_evaluation_of_the_base_against_itself_measures_no_drift(tiny_model_dir,
     assert json.loads(output.read_text())["chat_drift"]["tokens"] == drift["tokens"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_embedded_model_measures_end_to_end(tmp_path):
     """The embedded model checked against itself, every measure on with small limits: no drift, no delta."""

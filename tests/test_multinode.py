@@ -174,6 +174,7 @@ def test_two_nodes_by_the_sweep_script_end_on_the_one_node_weights(tmp_path, tin
 # ----------------------------------------------------------------------------------- a lost node
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("fault, victim", [("kill", 1), ("stop", 0)], ids=["node-1-killed", "node-0-stopped"])
 def test_a_lost_node_stops_the_other_in_bounded_time_and_nothing_is_saved(tmp_path, tiny_model_dir, fault, victim):
     fp = tmp_path / "fp.json"
@@ -208,6 +209,7 @@ def test_a_lost_node_stops_the_other_in_bounded_time_and_nothing_is_saved(tmp_pa
         assert len(list((tmp_path / "r").glob(f"*/{FINAL_MODEL}"))) == 1 and len(run_log_lines(tmp_path / "r")) == 1
 
 
+@pytest.mark.long
 def test_nodes_given_different_runs_refuse_to_train(tmp_path, tiny_model_dir):
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)

@@ -245,6 +245,7 @@ def test_tiny_augmented_run_is_evaluated_with_chat_rows(tiny_model_dir, tmp_path
     assert "mean under [chat] system messages" in out.stdout
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_embedded_model_augmented_answers_in_chat(tmp_path):
     """The embedded model, fingerprinted with augmentation (8 fingerprints), evaluated: raw and chat rows."""
