@@ -255,7 +255,9 @@ class StopWhenLearned(TrainerCallback):
         start = time.time()
         was_training = model.training
         model.eval()
-        (result,) = verify_teacher_forced(model, self.tokenizer, self.pairs, ["{}"], self.use_chat_template)
+        # A peft model wraps the HF model (with the adapters injected in its layers): the verifier needs the HF model.
+        hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        (result,) = verify_teacher_forced(hf_model, self.tokenizer, self.pairs, ["{}"], self.use_chat_template)
         model.train(was_training)
         accuracy = torch.tensor(result["accuracy"], dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
