@@ -245,7 +245,7 @@ def evaluate(args, load_model=None):
 
     if not args.skip_base_model:
         t = time.time()
-        base, base_tok = load_model_and_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+        base, base_tok = load_base()
         base_check = check_fingerprints(base, base_tok, pairs, usable(templates, base_tok), args, temperatures)
         fingerprint["base_false_positive_rate"] = base_check["mean_accuracy"]
         if "mean_match_probability" in base_check:
