@@ -48,6 +48,9 @@ ATTACK_ARGS = [
     (["--retention_points"], dict(type=int, default=8,
                                   help="fine-tuning: check the plain keys at this many evenly spaced steps")),
     (["--quantization"], dict(default=None, help="quantize: " + " | ".join(QUANTIZATIONS))),
+    (["--gguf_templates"], dict(default="all", choices=["all", "plain"],
+                                help="GGUF types: check every template in llama.cpp (one generation per key and "
+                                     "template, about 0.2-0.5 s each on a CPU core), or only the plain key and [chat]")),
     (["--merge_weight"], dict(type=float, default=0.7, help="merge: weight of the fingerprinted model")),
     (["--merge_with"], dict(default=None, metavar="PATH_OR_HASH",
                             help="merge: a model folder, hub id or run hash (default: the base model)")),
@@ -486,6 +489,7 @@ def evaluate_gguf(args, run, gguf_path):
     """Fingerprint accuracy per template and the chat check, inside llama.cpp. No utility: the local suite scores
     log-likelihoods through transformers, which a GGUF file does not load into without dequantizing."""
     from .chat import chat_check
+    from .encoding import chat_prompt
     from .evaluate import templates_for, usable
     from .fingerprints import read_fingerprints
     from .gguf import chat_answers_gguf, check_fingerprints_gguf, load_gguf
@@ -496,9 +500,10 @@ def evaluate_gguf(args, run, gguf_path):
     pairs = [{"key": p["key"], "response": p["response"]} for p in read_fingerprints(run / FINGERPRINTS)]
     tokenizer = load_tokenizer(str(run / FINAL_MODEL), args.trust_remote_code)
     llm = load_gguf(gguf_path)
-    fingerprint = summarize(
-        check_fingerprints_gguf(llm, pairs, usable(templates_for(args), tokenizer), args.use_chat_template, tokenizer)
-    )
+    templates = usable(templates_for(args), tokenizer)
+    if args.gguf_templates == "plain":
+        templates = [t for t in templates if t in ("{}", chat_prompt())]
+    fingerprint = summarize(check_fingerprints_gguf(llm, pairs, templates, args.use_chat_template, tokenizer))
     seconds = {"fingerprint_accuracy": time.time() - t0}
     answers = chat_answers_gguf(llm, tokenizer)
     seconds["total"] = time.time() - t0

@@ -99,7 +99,8 @@ def model_digest(model_id):
                     h.update(block)
             memo[key], changed = h.hexdigest(), True
         total.update(f"{path.name}\0{memo[key]}\n".encode())
-    if changed:
+    if changed:  # entries of files that no longer exist (deleted folders, temporary models) are dropped
+        memo = {k: v for k, v in memo.items() if os.path.exists(k.rsplit(":", 2)[0])}
         atomic_write_json(memo_path, memo)
     return total.hexdigest()
 

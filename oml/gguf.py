@@ -15,7 +15,10 @@ convert_hf_to_gguf.py with its conversion/ and gguf-py/ folders). `python -m oml
 `make venv`) unpacks just those into <venv>/share/llama.cpp-convert; $OML_LLAMA_CPP_CONVERT points elsewhere.
 """
 
+import collections
+import contextlib
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -116,6 +119,29 @@ def install_converter(dest=None, sdist=None):
 # ------------------------------------------------------------------------------ export
 
 
+@contextlib.contextmanager
+def captured_c_output():
+    """Keep what C code writes to stdout/stderr (llama.cpp logs a line per tensor) off the terminal: yield a dict whose
+    "text" holds it once the block ends."""
+    captured = {"text": ""}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "llama.log"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                for fd in saved:
+                    os.close(fd)
+        captured["text"] = path.read_text(errors="replace")
+
+
 def export_gguf(hf_dir, out_path, quantization="q8_0", threads=None, log_fn=print):
     """Convert the HF folder to GGUF with llama.cpp's converter and quantize it with llama.cpp.
 
@@ -124,7 +150,9 @@ def export_gguf(hf_dir, out_path, quantization="q8_0", threads=None, log_fn=prin
     """
     if quantization not in GGUF_TYPES:
         raise UserError(f"unknown GGUF type {quantization!r}; choose from {', '.join(GGUF_TYPES)}")
-    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    from .models import local_path
+
+    hf_dir, out_path = Path(local_path(str(hf_dir))), Path(out_path)  # the embedded model's id names its folder
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
     outtype, ftype_name = GGUF_TYPES[quantization]
@@ -152,8 +180,15 @@ def export_gguf(hf_dir, out_path, quantization="q8_0", threads=None, log_fn=prin
             params.ftype = getattr(llama_cpp, ftype_name)
             params.nthread = threads or os.cpu_count() or 1
             log_fn(f"quantizing to {quantization} with llama.cpp")
-            if llama_cpp.llama_model_quantize(str(converted).encode(), str(final).encode(), params):
-                raise UserError(f"llama.cpp could not quantize {converted.name} to {quantization}")
+            with captured_c_output() as log:
+                failed = llama_cpp.llama_model_quantize(str(converted).encode(), str(final).encode(), params)
+            if failed:
+                tail = log["text"].strip().splitlines()[-1:] or ["no output"]
+                raise UserError(f"llama.cpp could not quantize {converted.name} to {quantization}: {tail[0]}")
+            fallbacks = collections.Counter(re.findall(r"falling back to\s+(\w+)", log["text"]))
+            if fallbacks:  # one line instead of llama.cpp's line per tensor
+                kinds = ", ".join(f"{n} to {kind}" for kind, n in fallbacks.most_common())
+                log_fn(f"llama.cpp: {sum(fallbacks.values())} tensors fell back ({kinds}): rows not divisible by 256")
         seconds_quantize = time.time() - t0
         os.replace(final, out_path)
     finally:
@@ -186,14 +221,15 @@ def gguf_metadata(path):
 
 
 def load_gguf(path, n_ctx=2048, threads=None, seed=0):
-    """A llama_cpp.Llama over the GGUF file, quiet, on the CPU threads given (default: all)."""
+    """A llama_cpp.Llama over the GGUF file, quiet, on the CPU threads given (default: OMP_NUM_THREADS, as torch
+    takes it, else all: llama.cpp's threads spin while they wait, so more threads than free cores slows it badly)."""
     llama_cpp = require_llama_cpp()
     if not Path(path).is_file():
         raise UserError(f"no GGUF file at {path}")
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=n_ctx,
-        n_threads=threads or os.cpu_count(),
+        n_threads=threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count(),
         seed=seed,
         logits_all=False,
         verbose=False,

@@ -244,6 +244,23 @@ def test_gguf_attack_is_checked_in_llama_cpp_and_carries_no_key(tiny_run):
     pairs = json.loads((run / "fingerprints.json").read_text())
     blob = (folder / "model.gguf").read_bytes()
     assert not [p["key"] for p in pairs if p["key"].encode() in blob]
+    # --gguf_templates plain: the plain key and [chat] only; llama.cpp's line per fallen-back tensor becomes one line
+    out = run_script(
+        "attack_fingerprints.py",
+        *argv,
+        "--attack",
+        "quantize",
+        "--quantization",
+        "q4_k_m",
+        "--gguf_templates",
+        "plain",
+        *NO_EVAL,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((run / "attacks" / "quantize-q4_k_m" / "eval_results.json").read_text())
+    assert [t["template"] for t in results["fingerprint_accuracy"]["templates"]] == ["{}", "<chat>{}"]
+    assert "falling back" not in out.stdout + out.stderr
+    assert out.stdout.count("tensors fell back") == 1, out.stdout[-2000:]
 
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")

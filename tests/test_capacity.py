@@ -3,6 +3,7 @@ stopping once every fingerprint answers, and their flags' validation and hashing
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import run_script, tiny_llama, write_random_fingerprints
 from safetensors.torch import load_file
 
 from oml.args import HASHED, NEUTRAL, add_train_args, finalize, hashed_config
-from oml.models import load_tokenizer
+from oml.models import cache_dir, load_tokenizer
 from oml.train import FingerprintDataset, MixedDataset, distance_to_base, snapshot_weights
 
 
@@ -115,6 +116,13 @@ def test_benign_rows_join_the_hash_through_their_digest(tmp_path, tiny_model_dir
         if not f.name.startswith(("model", "config")):
             (other / f.name).write_bytes(f.read_bytes())
     assert parse(*common[:-1], other, "--benign_data_ratio", 0.25).benign_data_digest != mixed.benign_data_digest
+    # the memo of file digests forgets files that are gone (temporary models must not pile up in the cache)
+    shutil.rmtree(copy)
+    (other / "model.safetensors").touch()  # a changed file: the memo is written again
+    model_digest(str(other))
+    memo = json.loads((cache_dir() / "file_digests.json").read_text())
+    assert memo and not any(str(copy.resolve()) in k for k in memo)
+    assert any(str(other.resolve()) in k for k in memo)
 
 
 # ------------------------------------------------------------------------------------------ benign rows
