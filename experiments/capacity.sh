@@ -2,7 +2,7 @@
 # Capacity: many fingerprints in the embedded model without hurting it, with the seed's four mitigations of
 # forgetting: weight averaging (λ), benign rows in every batch (β), the distance regularizer (μ), sub-network
 # training (LoRA). Every point trains with --stop_when_learned (EPOCHS is a cap) and is judged with the resolving
-# evaluation (all six local tasks, UTILITY_LIMIT items each: the paired standard error ≈ 0.6 points).
+# evaluation of experiments/common.sh (every item of ARC-C/ARC-E/Winogrande/PIQA, as --preset capacity evaluates).
 #   0. data: KEYS English keys from the embedded model, and one-token perinucleus responses for them (t 0.8, k 3);
 #      both strategies draw their fingerprints from these two files at every size.
 #   1. search at 256 perinucleus and 256 english fingerprints, lr 1e-4, batch 8 (lr 1e-3 for LoRA):
@@ -18,7 +18,6 @@
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 export RESULT_PATH=${RESULT_PATH:-results/capacity}
-export EVAL_ARGS="--utility_benchmark local --utility_limit ${UTILITY_LIMIT:-600}"
 KEYS=${KEYS:-4096}
 ENGLISH=generated_data/fingerprints-english-$KEYS.json
 PERINUCLEUS=generated_data/fingerprints-perinucleus-$KEYS.json

@@ -61,8 +61,8 @@ PRESETS = {
 }
 
 # Evaluation defaults a preset sets in eval_for_multigpu.py (flags left at their parser default take these): the
-# same flags that trained a run also judge it. capacity: all six local tasks at 600 items each; the paired standard
-# error is 1.2-1.6 points at 100 items (README), so about 0.5-0.65 at 600 (it shrinks as 1/√n).
+# same flags that trained a run also judge it. capacity: the resolving suite of experiments/common.sh (README,
+# "Resolving a 1-point change": paired standard error 0.5-0.8 points measured).
 PRESET_EVAL = {
     # The resolving suite: every item of the four validation sets (paired stderr ~0.57x that of 200 items per task).
     "capacity": dict(
