@@ -124,10 +124,10 @@ def plot_persistence(run, path):
     partners = sorted({a["record"].get("merge_with_run") or a["record"].get("merge_with") for a in merges})
     for j, partner in enumerate(partners):
         group = [a for a in merges if (a["record"].get("merge_with_run") or a["record"].get("merge_with")) == partner]
-        ws = [a["record"]["merge_weight"] for a in group]
-        ax_m.plot(
-            ws, [accuracy_split(a["eval"])[0] for a in group], marker="o", color=f"C{j}", label=f"ours, {partner}"
-        )
+        points = [(a["record"]["merge_weight"], accuracy_split(a["eval"])[0]) for a in group]
+        if own:  # weight 1 is the fingerprinted model itself
+            points.append((1.0, accuracy_split(own)[0]))
+        ax_m.plot(*zip(*points, strict=True), marker="o", color=f"C{j}", label=f"ours, {partner}")
         others = [
             (a["record"]["merge_weight"], accuracy_split(a["eval"]["other_owner"])[0])
             for a in group
