@@ -92,11 +92,12 @@ def plot_persistence(run, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks = [a for a in read_attacks(run) if a["eval"]]
+    every = read_attacks(run)  # the retention curve is in attack.json: fine-tuning attacks need no evaluation
+    attacks = [a for a in every if a["eval"]]
     own = read_json(Path(run) / EVAL_RESULTS)
     fig, (ax_ft, ax_q, ax_m) = plt.subplots(1, 3, figsize=(15, 4.2))
 
-    for a in attacks:
+    for a in every:
         r = a["record"]
         if r.get("attack") in ("sft", "lora_sft") and r.get("retention"):
             xs = [p["examples_seen"] for p in r["retention"]]
