@@ -209,10 +209,15 @@ HASHED = [
 ]
 
 
-def add_train_args(parser):
-    for flags, kwargs in TRAIN_ARGS:
+def add_arguments(parser, spec):
+    """Add an argument spec (a list of (flags, kwargs), each script's arguments as data) to the parser."""
+    for flags, kwargs in spec:
         parser.add_argument(*flags, **kwargs)
     return parser
+
+
+def add_train_args(parser):
+    return add_arguments(parser, TRAIN_ARGS)
 
 
 def apply_preset(args):

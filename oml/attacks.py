@@ -58,9 +58,9 @@ ATTACK_ARGS = [
 
 
 def add_attack_args(parser):
-    for flags, kwargs in ATTACK_ARGS:
-        parser.add_argument(*flags, **kwargs)
-    return parser
+    from .args import add_arguments
+
+    return add_arguments(parser, ATTACK_ARGS)
 
 
 # ------------------------------------------------------------------------------ checking and naming

@@ -48,9 +48,9 @@ RESULT_FIELDS = ("keys_revealed", "matches", "p0", "p_value", "verdict")
 
 
 def add_check_args(parser):
-    for flags, kwargs in CHECK_ARGS:
-        parser.add_argument(*flags, **kwargs)
-    return parser
+    from .args import add_arguments
+
+    return add_arguments(parser, CHECK_ARGS)
 
 
 def validate(args):

@@ -66,9 +66,9 @@ def local_task_list(text):
 
 
 def add_eval_args(parser):
-    for flags, kwargs in EVAL_ARGS:
-        parser.add_argument(*flags, **kwargs)
-    return parser
+    from .args import add_arguments
+
+    return add_arguments(parser, EVAL_ARGS)
 
 
 # ----------------------------------------------------------------------------- the evaluation

@@ -58,9 +58,9 @@ GENERATE_ARGS = [
 
 
 def add_generate_args(parser):
-    for flags, kwargs in GENERATE_ARGS:
-        parser.add_argument(*flags, **kwargs)
-    return parser
+    from .args import add_arguments
+
+    return add_arguments(parser, GENERATE_ARGS)
 
 
 def parse_generate_args(argv):
