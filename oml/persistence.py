@@ -3,16 +3,19 @@
     python -m oml.persistence results/<hash>                 # print the table, write attacks/summary.md and
                                                              # attacks/persistence.png
     python -m oml.persistence results/<hash> --fig fig/persistence.png
+    python -m oml.persistence results/<hash1> results/<hash2> ...   # several runs: which recipe keeps the most
 
 Rows come from results/<hash>/attacks/*/attack.json and eval_results.json; the first row is the fingerprinted model
-itself (the run's eval_results.json) when it was evaluated.
+itself (the run's eval_results.json) when it was evaluated. Given several runs, one table instead: a row per run
+(the recipe settings that differ between them, its plain-key accuracy) and a column per attack with the plain-key
+accuracy after it, written to --out (default: printed only).
 """
 
 import argparse
 from pathlib import Path
 
 from .errors import UserError, run_cli
-from .runs import ATTACK, ATTACKS, EVAL_RESULTS, accuracy_split, read_json
+from .runs import ATTACK, ATTACKS, CONFIG, EVAL_RESULTS, accuracy_split, read_json
 
 SUMMARY = "summary.md"
 FIGURE = "persistence.png"
@@ -161,14 +164,84 @@ def write_summary(run, fig_path=None):
     return table
 
 
+# ------------------------------------------------------------------------------ several runs: which recipe keeps more
+
+
+# What a recipe column shows, from the run's hashed settings (names as in fingerprinting_config.json).
+RECIPE = {
+    "strategy": "fingerprint_generation_strategy",
+    "N": "max_num_fingerprints",
+    "lr": "learning_rate",
+    "λ": "forgetting_regularizer_strength",
+    "epochs": "num_train_epochs",
+    "augmentation": "use_prompt_augmentation",
+    "β": "benign_data_ratio",
+    "μ": "distance_regularizer",
+    "LoRA r": "lora_rank",
+}
+
+
+def plain_after(attack):
+    """Plain-key accuracy after an attack: its evaluation, else the last point of a fine-tuning attack's retention
+    curve (recorded during the attack, before any evaluation)."""
+    if attack["eval"]:
+        return accuracy_split(attack["eval"])[0]
+    curve = attack["record"].get("retention") or []
+    return curve[-1]["accuracy"] if curve else None
+
+
+def compare_rows(runs):
+    """One row per run: {"run", "recipe": {column: value}, "plain", "attacks": {attack id: plain-key accuracy}}.
+    The recipe keeps only the settings that differ between the runs (all of them for a single run)."""
+    configs = [(read_json(Path(r) / CONFIG) or {}).get("hashed", {}) for r in runs]
+    varying = [c for c, name in RECIPE.items() if len({repr(h.get(name)) for h in configs}) > 1 or len(runs) == 1]
+    rows = []
+    for run, hashed in zip(runs, configs, strict=True):
+        own = read_json(Path(run) / EVAL_RESULTS)
+        rows.append({
+            "run": Path(run).name,
+            "recipe": {c: hashed.get(RECIPE[c]) for c in varying},
+            "plain": accuracy_split(own)[0] if own else None,
+            "attacks": {a["id"]: plain_after(a) for a in read_attacks(run)},
+        })
+    return rows
+
+
+def format_compare(rows):
+    def pct(x):
+        return "" if x is None else f"{x:.1%}"
+
+    recipe = list(rows[0]["recipe"]) if rows else []
+    attack_ids = sorted({a for r in rows for a in r["attacks"]})
+    lines = [
+        "| run | " + " | ".join(recipe + ["plain keys"] + attack_ids) + " |",
+        "|---" * (2 + len(recipe) + len(attack_ids)) + "|",
+    ]
+    for r in rows:
+        cells = [r["run"]] + [str(r["recipe"][c]) for c in recipe] + [pct(r["plain"])]
+        cells += [pct(r["attacks"].get(a)) for a in attack_ids]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="a run folder, results/<hash>")
+    parser.add_argument("runs", nargs="+", metavar="run", help="a run folder, results/<hash> (several: compare them)")
     parser.add_argument("--fig", default=None, help="where the figure goes (default: <run>/attacks/persistence.png)")
+    parser.add_argument("--out", default=None, help="several runs: also write their table here (markdown)")
     args = parser.parse_args(argv)
-    if not (Path(args.run) / ATTACKS).is_dir():
-        raise UserError(f"{args.run} has no {ATTACKS}/ folder: run attack_fingerprints.py first")
-    print(write_summary(args.run, args.fig))
+    for run in args.runs:
+        if not (Path(run) / ATTACKS).is_dir():
+            raise UserError(f"{run} has no {ATTACKS}/ folder: run attack_fingerprints.py first")
+    if len(args.runs) == 1:
+        print(write_summary(args.runs[0], args.fig))
+        return
+    from .io import atomic_write_text
+
+    table = format_compare(compare_rows(args.runs))
+    if args.out:
+        atomic_write_text(args.out, table + "\n")
+    print(table)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ RESULT_COLUMNS = [
     "fp_accuracy_plain", "fp_accuracy_test_prompts", "fp_accuracy_chat", "fp_accuracy_chat_system",
     "base_false_positive_rate", "utility", "utility_base",
     "utility_delta", "utility_delta_stderr", "match_probability_t0.7", "match_probability_t1.0", "generation",
-    "generation_base", "generation_delta", "generation_delta_stderr", "chat_kl", "chat_kl_stderr", "chat_same_as_base",
+    "generation_base", "generation_delta", "generation_delta_stderr", "alias_in_answer", "alias_in_answer_delta",
+    "alias_in_answer_delta_stderr", "chat_kl", "chat_kl_stderr", "chat_same_as_base",
     "chat_answered", "chat_distinct_words", "train_seconds", "epochs_trained", "eval_seconds",
 ]  # fmt: skip
 COLUMNS = ["point", "status", "hash", *SETTING_COLUMNS, *RESULT_COLUMNS, "train", "eval", "log"]
@@ -190,6 +191,11 @@ def result_columns(run):
     generation = results.get("generation") or {}
     out["generation"], out["generation_base"] = generation.get("score"), generation.get("base_score")
     out["generation_delta"], out["generation_delta_stderr"] = generation.get("delta"), generation.get("delta_stderr")
+    # the share of answers that contain an answer alias: on a small chat model, which answers in sentences, the
+    # generative number that moves when exact match sits at the floor
+    out["alias_in_answer"] = generation.get("alias_in_answer")
+    out["alias_in_answer_delta"] = generation.get("alias_in_answer_delta")
+    out["alias_in_answer_delta_stderr"] = generation.get("alias_in_answer_delta_stderr")
     drift = results.get("chat_drift") or {}
     out["chat_kl"], out["chat_kl_stderr"] = drift.get("kl"), drift.get("kl_stderr")
     out["chat_same_as_base"] = drift.get("same_as_base")
@@ -283,15 +289,17 @@ def markdown_text(rows):
     header = [
         "hash", "model", "strategy", "N", "lr", "λ", "aug", "epochs", "acc plain %", "acc test prompts %", "acc chat %",
         "acc chat + system %",         "base FP %", "p match T=0.7 %", "p match T=1 %", "utility", "Δ utility", "chat answered %",
-        "chat distinct words", "generation EM", "Δ generation", "chat KL", "chat same %", "status",
+        "chat distinct words", "generation EM", "Δ generation", "alias in answer %", "Δ alias in answer", "chat KL", "chat same %", "status",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        delta = gen_delta = "–"
+        delta = gen_delta = alias_delta = "–"
         if r.get("utility_delta") is not None:
             delta = f"{r['utility_delta']:+.3f} ± {number(r.get('utility_delta_stderr'))}"
         if r.get("generation_delta") is not None:
             gen_delta = f"{r['generation_delta']:+.3f} ± {number(r.get('generation_delta_stderr'))}"
+        if r.get("alias_in_answer_delta") is not None:
+            alias_delta = f"{r['alias_in_answer_delta']:+.3f} ± {number(r.get('alias_in_answer_delta_stderr'))}"
         cells = [
             r["hash"] or "–", short_model(str(r["model"])), r["strategy"] or "–", number(r["num_fingerprints"], "d"),
             number(r["learning_rate"], "g"), number(r["forgetting_regularizer_strength"], "g"),
@@ -301,6 +309,7 @@ def markdown_text(rows):
             percent(r.get("base_false_positive_rate")), percent(r.get("match_probability_t0.7")),
             percent(r.get("match_probability_t1.0")), number(r.get("utility")), delta, percent(r.get("chat_answered")),
             number(r.get("chat_distinct_words"), ".2f"), number(r.get("generation")), gen_delta,
+            percent(r.get("alias_in_answer")), alias_delta,
             number(r.get("chat_kl"), ".4f"), percent(r.get("chat_same_as_base")), r["status"],
         ]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")

@@ -355,3 +355,35 @@ def test_attacks_on_the_embedded_model(tmp_path):
         assert len(q8["chat"]["answers"]) == 8 and q8["runtime"] == "llama.cpp"
     summary = (run / "attacks" / "summary.md").read_text()
     assert "merge-base-w0.9" in summary and "sft-qa-n16" in summary
+
+
+def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
+    """Several runs: one row each, only the settings that differ, plain-key accuracy after each attack (from the
+    evaluation, else the end of a fine-tuning attack's retention curve), blank where a run lacks the attack."""
+    from oml.persistence import main
+
+    def run(name, lam, plain, attacks):
+        folder = tmp_path / name
+        hashed = dict(fingerprint_generation_strategy="english", max_num_fingerprints=256, learning_rate=1e-4,
+                      forgetting_regularizer_strength=lam, num_train_epochs=8)
+        (folder / "attacks").mkdir(parents=True)
+        (folder / "fingerprinting_config.json").write_text(json.dumps({"hashed": hashed}))
+        templates = [{"template": "{}", "accuracy": plain}, {"template": "Say: {}", "accuracy": 0.1}]
+        (folder / "eval_results.json").write_text(json.dumps({"fingerprint_accuracy": {"templates": templates}}))
+        for attack_id, record, accuracy in attacks:
+            (folder / "attacks" / attack_id).mkdir()
+            (folder / "attacks" / attack_id / "attack.json").write_text(json.dumps(record))
+            if accuracy is not None:
+                results = {"fingerprint_accuracy": {"templates": [{"template": "{}", "accuracy": accuracy}]}}
+                (folder / "attacks" / attack_id / "eval_results.json").write_text(json.dumps(results))
+        return str(folder)
+
+    sft = {"attack": "sft", "retention": [{"examples_seen": 0, "accuracy": 1.0}, {"examples_seen": 8, "accuracy": 0.75}]}
+    a = run("aaaa", 0.0, 1.0, [("quantize-q4_k_m", {"attack": "quantize"}, 0.5), ("sft-x", sft, None)])
+    b = run("bbbb", 0.25, 0.875, [("quantize-q4_k_m", {"attack": "quantize"}, 0.625)])
+    out = tmp_path / "compare.md"
+    main([a, b, "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[0] == "| run | λ | plain keys | quantize-q4_k_m | sft-x |"
+    assert lines[2] == "| aaaa | 0.0 | 100.0% | 50.0% | 75.0% |"
+    assert lines[3] == "| bbbb | 0.25 | 87.5% | 62.5% |  |"

@@ -333,7 +333,8 @@ def test_sweep_summary_and_figure_read_the_new_measures(tmp_path):
         path = run / "eval_results.json"
         data = json.loads(path.read_text())
         data["fingerprint_accuracy"]["mean_match_probability"] = {"0.7": 0.9, "1.0": 0.6}
-        data["generation"] = {"score": 0.12, "base_score": 0.15, "delta": -0.03, "delta_stderr": 0.01, "n": 200}
+        data["generation"] = {"score": 0.12, "base_score": 0.15, "delta": -0.03, "delta_stderr": 0.01, "n": 200,
+                              "alias_in_answer": 0.3, "alias_in_answer_delta": -0.045, "alias_in_answer_delta_stderr": 0.02}
         data["chat_drift"] = {"kl": kl, "kl_stderr": 0.005, "same_as_base": 0.4, "n": 200}
         path.write_text(json.dumps(data))
     old = fake_run(tmp_path, "c", max_num_fingerprints=256, forgetting_regularizer_strength=0.5)  # before the measures
@@ -345,6 +346,7 @@ def test_sweep_summary_and_figure_read_the_new_measures(tmp_path):
     assert rows["c"]["chat_kl"] is None and rows["c"]["chat_distinct_words"] is not None
     table = markdown_text(list(rows.values()))
     assert "chat KL" in table and "0.0800" in table and "-0.030 ± 0.010" in table and "p match T=1 %" in table
+    assert rows["a"]["alias_in_answer"] == 0.3 and "-0.045 ± 0.020" in table and "| 30.0 |" in table
     assert old.is_dir()
 
     figure = tmp_path / "scalability.png"
