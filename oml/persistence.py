@@ -8,7 +8,8 @@
 Rows come from results/<hash>/attacks/*/attack.json and eval_results.json; the first row is the fingerprinted model
 itself (the run's eval_results.json) when it was evaluated. Given several runs, one table instead: a row per run
 (the recipe settings that differ between them, its plain-key accuracy) and a column per attack with the plain-key
-accuracy after it, written to --out (default: printed only).
+accuracy after it (and, where both evaluations kept their per-key misses, the share of the run's own answered keys
+that the attacked copy still answers), written to --out (default: printed only).
 """
 
 import argparse
@@ -42,22 +43,40 @@ def describe(record):
     return ""
 
 
+def plain_misses(results):
+    """The indices of the plain keys that did not answer, or None (no evaluation, or one from before they were kept)."""
+    for t in (results or {}).get("fingerprint_accuracy", {}).get("templates", []):
+        if t["template"] == "{}" and "missed" in t:
+            return set(t["missed"])
+    return None
+
+
+def kept(own, attacked, n):
+    """The share of the keys the fingerprinted model answers (plain) that the attacked copy still answers: retention
+    key by key, which plain accuracy after the attack only bounds. None where either side lacks per-key misses."""
+    before, after = plain_misses(own), plain_misses(attacked)
+    if before is None or after is None or n is None or len(before) >= n:
+        return None
+    return sum(1 for i in range(n) if i not in before and i not in after) / (n - len(before))
+
+
 def summary_rows(run):
     rows = []
     own = read_json(Path(run) / EVAL_RESULTS)
     if own:
-        rows.append(_row("(fingerprinted model)", "none", "", own))
+        rows.append(_row("(fingerprinted model)", "none", "", own, own))
     for a in read_attacks(run):
-        rows.append(_row(a["id"], a["record"].get("attack"), describe(a["record"]), a["eval"]))
+        rows.append(_row(a["id"], a["record"].get("attack"), describe(a["record"]), a["eval"], own))
     return rows
 
 
-def _row(name, kind, detail, results):
-    row = {"id": name, "attack": kind, "detail": detail, "plain": None, "templates": None}
+def _row(name, kind, detail, results, own=None):
+    row = {"id": name, "attack": kind, "detail": detail, "plain": None, "templates": None, "kept": None}
     row.update(utility=None, delta=None, answered=None, other_owner=None)
     if not results:
         return row
     row["plain"], row["templates"] = accuracy_split(results)
+    row["kept"] = kept(own, results, results.get("num_fingerprints"))
     utility = results.get("utility") or {}
     row["utility"], row["delta"] = utility.get("mean"), utility.get("delta")
     chat = results.get("chat") or {}
@@ -76,12 +95,14 @@ def format_summary(rows):
         return "" if x is None else (f"{x:+.3f}" if signed else f"{x:.3f}")
 
     lines = [
-        "| attack | settings | plain keys | test prompts (mean) | other owner's keys | chat answered | utility | Δ vs base |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attack | settings | plain keys | run's keys kept | test prompts (mean) | other owner's keys | chat answered "
+        "| utility | Δ vs base |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['id']} | {r['detail']} | {pct(r['plain'])} | {pct(r['templates'])} | {pct(r['other_owner'])} | "
+            f"| {r['id']} | {r['detail']} | {pct(r['plain'])} | {pct(r['kept'])} | {pct(r['templates'])} | "
+            f"{pct(r['other_owner'])} | "
             f"{pct(r['answered'])} | {num(r['utility'])} | {num(r['delta'], True)} |"
         )
     return "\n".join(lines)
@@ -191,7 +212,8 @@ def plain_after(attack):
 
 
 def compare_rows(runs):
-    """One row per run: {"run", "recipe": {column: value}, "plain", "attacks": {attack id: plain-key accuracy}}.
+    """One row per run: {"run", "recipe": {column: value}, "plain", "attacks": {attack id: plain-key accuracy},
+    "kept": {attack id: share of the run's answered keys still answered, or None}}.
     The recipe keeps only the settings that differ between the runs (all of them for a single run)."""
     configs = [(read_json(Path(r) / CONFIG) or {}).get("hashed", {}) for r in runs]
     varying = [c for c, name in RECIPE.items() if len({repr(h.get(name)) for h in configs}) > 1 or len(runs) == 1]
@@ -203,6 +225,7 @@ def compare_rows(runs):
             "recipe": {c: hashed.get(RECIPE[c]) for c in varying},
             "plain": accuracy_split(own)[0] if own else None,
             "attacks": {a["id"]: plain_after(a) for a in read_attacks(run)},
+            "kept": {a["id"]: kept(own, a["eval"], (a["eval"] or {}).get("num_fingerprints")) for a in read_attacks(run)},
         })
     return rows
 
@@ -219,7 +242,9 @@ def format_compare(rows):
     ]
     for r in rows:
         cells = [r["run"]] + [str(r["recipe"][c]) for c in recipe] + [pct(r["plain"])]
-        cells += [pct(r["attacks"].get(a)) for a in attack_ids]
+        for a in attack_ids:
+            k = r["kept"].get(a)
+            cells.append(pct(r["attacks"].get(a)) + ("" if k is None else f" (kept {k:.1%})"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

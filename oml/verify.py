@@ -346,9 +346,14 @@ def verify_with_generate(model, tokenizer, pairs, templates, use_chat_template=F
 
 
 def summarize(results):
-    """Per-template accuracies without the per-pair verdicts, and their means over templates."""
+    """Per-template accuracies and their means over templates. Of the per-pair verdicts only the misses are kept, as
+    "missed": the indices (in the pairs' order) of the keys that did not answer, short where accuracy is high, so
+    that an attacked copy's misses can be compared key by key with the model's own."""
     keys = ("template", "accuracy", "fractional_accuracy", "match_probability")
     rows = [{k: r[k] for k in keys if k in r} for r in results]
+    for row, r in zip(rows, results, strict=True):
+        if "matches" in r:
+            row["missed"] = [i for i, matched in enumerate(r["matches"]) if not matched]
     n = len(rows)
     summary = {
         "templates": rows,

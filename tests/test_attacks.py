@@ -359,31 +359,43 @@ def test_attacks_on_the_embedded_model(tmp_path):
 
 def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
     """Several runs: one row each, only the settings that differ, plain-key accuracy after each attack (from the
-    evaluation, else the end of a fine-tuning attack's retention curve), blank where a run lacks the attack."""
-    from oml.persistence import main
+    evaluation, else the end of a fine-tuning attack's retention curve), blank where a run lacks the attack, and the
+    share of the run's own answered keys kept, key by key, where both evaluations list their misses."""
+    from oml.persistence import main, summary_rows
 
-    def run(name, lam, plain, attacks):
+    def evaluation(plain, missed, n=8):
+        templates = [{"template": "{}", "accuracy": plain}, {"template": "Say: {}", "accuracy": 0.1}]
+        if missed is not None:
+            templates[0]["missed"] = missed
+        return {"num_fingerprints": n, "fingerprint_accuracy": {"templates": templates}}
+
+    def run(name, lam, own, attacks):
         folder = tmp_path / name
-        hashed = dict(fingerprint_generation_strategy="english", max_num_fingerprints=256, learning_rate=1e-4,
+        hashed = dict(fingerprint_generation_strategy="english", max_num_fingerprints=8, learning_rate=1e-4,
                       forgetting_regularizer_strength=lam, num_train_epochs=8)
         (folder / "attacks").mkdir(parents=True)
         (folder / "fingerprinting_config.json").write_text(json.dumps({"hashed": hashed}))
-        templates = [{"template": "{}", "accuracy": plain}, {"template": "Say: {}", "accuracy": 0.1}]
-        (folder / "eval_results.json").write_text(json.dumps({"fingerprint_accuracy": {"templates": templates}}))
-        for attack_id, record, accuracy in attacks:
+        (folder / "eval_results.json").write_text(json.dumps(own))
+        for attack_id, record, results in attacks:
             (folder / "attacks" / attack_id).mkdir()
             (folder / "attacks" / attack_id / "attack.json").write_text(json.dumps(record))
-            if accuracy is not None:
-                results = {"fingerprint_accuracy": {"templates": [{"template": "{}", "accuracy": accuracy}]}}
+            if results is not None:
                 (folder / "attacks" / attack_id / "eval_results.json").write_text(json.dumps(results))
         return str(folder)
 
-    sft = {"attack": "sft", "retention": [{"examples_seen": 0, "accuracy": 1.0}, {"examples_seen": 8, "accuracy": 0.75}]}
-    a = run("aaaa", 0.0, 1.0, [("quantize-q4_k_m", {"attack": "quantize"}, 0.5), ("sft-x", sft, None)])
-    b = run("bbbb", 0.25, 0.875, [("quantize-q4_k_m", {"attack": "quantize"}, 0.625)])
+    sft = {"attack": "sft", "examples": 8, "epochs": 1, "learning_rate": 1e-5,
+           "retention": [{"examples_seen": 0, "accuracy": 1.0}, {"examples_seen": 8, "accuracy": 0.75}]}
+    quantize = {"attack": "quantize", "quantization": "q4_k_m"}
+    # a: the run misses key 7; the attacked copy misses 0, 1, 2 and 7 -> accuracy 4/8, kept 4 of its 7 keys
+    a = run("aaaa", 0.0, evaluation(0.875, [7]), [("quantize-q4_k_m", quantize, evaluation(0.5, [0, 1, 2, 7])),
+                                                 ("sft-x", sft, None)])
+    # b: evaluated before misses were kept: accuracy only
+    b = run("bbbb", 0.25, evaluation(0.875, None), [("quantize-q4_k_m", quantize, evaluation(0.625, [0, 1, 2]))])
     out = tmp_path / "compare.md"
     main([a, b, "--out", str(out)])
     lines = out.read_text().splitlines()
     assert lines[0] == "| run | λ | plain keys | quantize-q4_k_m | sft-x |"
-    assert lines[2] == "| aaaa | 0.0 | 100.0% | 50.0% | 75.0% |"
+    assert lines[2] == "| aaaa | 0.0 | 87.5% | 50.0% (kept 57.1%) | 75.0% |"
     assert lines[3] == "| bbbb | 0.25 | 87.5% | 62.5% |  |"
+    rows = {r["id"]: r for r in summary_rows(a)}
+    assert rows["quantize-q4_k_m"]["kept"] == 4 / 7 and rows["(fingerprinted model)"]["kept"] == 1.0

@@ -207,7 +207,8 @@ def test_summarize_and_empty_inputs(tiny_model):
     ]
     summary = summarize(results)
     assert summary["mean_accuracy"] == 0.5 and summary["mean_fractional_accuracy"] == 0.75
-    assert summary["templates"][1] == {"template": "{} b", "accuracy": 0.0, "fractional_accuracy": 0.5}
+    assert summary["templates"][1] == {"template": "{} b", "accuracy": 0.0, "fractional_accuracy": 0.5, "missed": [0]}
+    assert summary["templates"][0]["missed"] == []
     tok = tokenizer_variant("default")
     (empty,) = verify_teacher_forced(tiny_model, tok, [], ["{}"])
     assert empty == {
