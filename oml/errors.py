@@ -8,7 +8,8 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run a script's main(); a UserError becomes `error: <message>` and exit 2."""
+    """Run a script's main(); a UserError becomes `error: <message>` and exit 2. A reader that stops early (`| head`)
+    ends the output quietly, as for any Unix tool, instead of a traceback."""
     try:
         main()
     except UserError as e:
@@ -17,3 +18,8 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python would complain again at exit
+        sys.exit(141)
