@@ -220,13 +220,17 @@ def compare_rows(runs):
     rows = []
     for run, hashed in zip(runs, configs, strict=True):
         own = read_json(Path(run) / EVAL_RESULTS)
-        rows.append({
-            "run": Path(run).name,
-            "recipe": {c: hashed.get(RECIPE[c]) for c in varying},
-            "plain": accuracy_split(own)[0] if own else None,
-            "attacks": {a["id"]: plain_after(a) for a in read_attacks(run)},
-            "kept": {a["id"]: kept(own, a["eval"], (a["eval"] or {}).get("num_fingerprints")) for a in read_attacks(run)},
-        })
+        rows.append(
+            {
+                "run": Path(run).name,
+                "recipe": {c: hashed.get(RECIPE[c]) for c in varying},
+                "plain": accuracy_split(own)[0] if own else None,
+                "attacks": {a["id"]: plain_after(a) for a in read_attacks(run)},
+                "kept": {
+                    a["id"]: kept(own, a["eval"], (a["eval"] or {}).get("num_fingerprints")) for a in read_attacks(run)
+                },
+            }
+        )
     return rows
 
 

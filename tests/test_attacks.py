@@ -371,8 +371,13 @@ def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
 
     def run(name, lam, own, attacks):
         folder = tmp_path / name
-        hashed = dict(fingerprint_generation_strategy="english", max_num_fingerprints=8, learning_rate=1e-4,
-                      forgetting_regularizer_strength=lam, num_train_epochs=8)
+        hashed = dict(
+            fingerprint_generation_strategy="english",
+            max_num_fingerprints=8,
+            learning_rate=1e-4,
+            forgetting_regularizer_strength=lam,
+            num_train_epochs=8,
+        )
         (folder / "attacks").mkdir(parents=True)
         (folder / "fingerprinting_config.json").write_text(json.dumps({"hashed": hashed}))
         (folder / "eval_results.json").write_text(json.dumps(own))
@@ -383,12 +388,21 @@ def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
                 (folder / "attacks" / attack_id / "eval_results.json").write_text(json.dumps(results))
         return str(folder)
 
-    sft = {"attack": "sft", "examples": 8, "epochs": 1, "learning_rate": 1e-5,
-           "retention": [{"examples_seen": 0, "accuracy": 1.0}, {"examples_seen": 8, "accuracy": 0.75}]}
+    sft = {
+        "attack": "sft",
+        "examples": 8,
+        "epochs": 1,
+        "learning_rate": 1e-5,
+        "retention": [{"examples_seen": 0, "accuracy": 1.0}, {"examples_seen": 8, "accuracy": 0.75}],
+    }
     quantize = {"attack": "quantize", "quantization": "q4_k_m"}
     # a: the run misses key 7; the attacked copy misses 0, 1, 2 and 7 -> accuracy 4/8, kept 4 of its 7 keys
-    a = run("aaaa", 0.0, evaluation(0.875, [7]), [("quantize-q4_k_m", quantize, evaluation(0.5, [0, 1, 2, 7])),
-                                                 ("sft-x", sft, None)])
+    a = run(
+        "aaaa",
+        0.0,
+        evaluation(0.875, [7]),
+        [("quantize-q4_k_m", quantize, evaluation(0.5, [0, 1, 2, 7])), ("sft-x", sft, None)],
+    )
     # b: evaluated before misses were kept: accuracy only
     b = run("bbbb", 0.25, evaluation(0.875, None), [("quantize-q4_k_m", quantize, evaluation(0.625, [0, 1, 2]))])
     out = tmp_path / "compare.md"

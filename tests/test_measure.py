@@ -333,8 +333,16 @@ def test_sweep_summary_and_figure_read_the_new_measures(tmp_path):
         path = run / "eval_results.json"
         data = json.loads(path.read_text())
         data["fingerprint_accuracy"]["mean_match_probability"] = {"0.7": 0.9, "1.0": 0.6}
-        data["generation"] = {"score": 0.12, "base_score": 0.15, "delta": -0.03, "delta_stderr": 0.01, "n": 200,
-                              "alias_in_answer": 0.3, "alias_in_answer_delta": -0.045, "alias_in_answer_delta_stderr": 0.02}
+        data["generation"] = {
+            "score": 0.12,
+            "base_score": 0.15,
+            "delta": -0.03,
+            "delta_stderr": 0.01,
+            "n": 200,
+            "alias_in_answer": 0.3,
+            "alias_in_answer_delta": -0.045,
+            "alias_in_answer_delta_stderr": 0.02,
+        }
         data["chat_drift"] = {"kl": kl, "kl_stderr": 0.005, "same_as_base": 0.4, "n": 200}
         path.write_text(json.dumps(data))
     old = fake_run(tmp_path, "c", max_num_fingerprints=256, forgetting_regularizer_strength=0.5)  # before the measures
