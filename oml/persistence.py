@@ -87,10 +87,11 @@ def _row(name, kind, detail, results, own=None):
     return row
 
 
-def format_summary(rows):
-    def pct(x):
-        return "" if x is None else f"{x:.1%}"
+def pct(x):
+    return "" if x is None else f"{x:.1%}"
 
+
+def format_summary(rows):
     def num(x, signed=False):
         return "" if x is None else (f"{x:+.3f}" if signed else f"{x:.3f}")
 
@@ -219,25 +220,20 @@ def compare_rows(runs):
     varying = [c for c, name in RECIPE.items() if len({repr(h.get(name)) for h in configs}) > 1 or len(runs) == 1]
     rows = []
     for run, hashed in zip(runs, configs, strict=True):
-        own = read_json(Path(run) / EVAL_RESULTS)
+        own, attacks = read_json(Path(run) / EVAL_RESULTS), read_attacks(run)
         rows.append(
             {
                 "run": Path(run).name,
                 "recipe": {c: hashed.get(RECIPE[c]) for c in varying},
                 "plain": accuracy_split(own)[0] if own else None,
-                "attacks": {a["id"]: plain_after(a) for a in read_attacks(run)},
-                "kept": {
-                    a["id"]: kept(own, a["eval"], (a["eval"] or {}).get("num_fingerprints")) for a in read_attacks(run)
-                },
+                "attacks": {a["id"]: plain_after(a) for a in attacks},
+                "kept": {a["id"]: kept(own, a["eval"], (a["eval"] or {}).get("num_fingerprints")) for a in attacks},
             }
         )
     return rows
 
 
 def format_compare(rows):
-    def pct(x):
-        return "" if x is None else f"{x:.1%}"
-
     recipe = list(rows[0]["recipe"]) if rows else []
     attack_ids = sorted({a for r in rows for a in r["attacks"]})
     lines = [
