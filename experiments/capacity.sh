@@ -8,6 +8,8 @@
 #   1. search at 256 perinucleus and 256 english fingerprints, lr 1e-4, batch 8 (lr 1e-3 for LoRA):
 #        λ 0.1 and 0.25        averaging alone: today's recipe (λ 0.1) and the stronger pull that kept utility at 64
 #        λ 0.1 + β 0.25, 0.5   Scalable Fingerprinting's data mixing on top of today's averaging
+#        λ 0 + β 0.25, 0.5     mixing alone: keeps the fingerprints' margin, hence quantization and merging
+#                              (README, "Near the base without averaging")
 #        λ 0 + μ 0.1, 1        the distance regularizer alone, a weak and a strong pull
 #        LoRA r 16, λ 0        sub-network training alone; and LoRA r 16 + β 0.25
 #   2. the best recipe per strategy (python -m oml.capacity best: ≥ 95% plain-key accuracy, then the best paired
@@ -45,8 +47,8 @@ points() {
 search=(MAX_NUM_FINGERPRINTS=256 EPOCHS="${EPOCHS:-16}")
 for strategy in inverse_nucleus english; do
   points "averaging" $strategy "${search[@]}" LEARNING_RATES=1e-4 FORGETTING_REGULARIZER_STRENGTHS="0.1 0.25"
-  points "averaging + benign rows" $strategy "${search[@]}" LEARNING_RATES=1e-4 FORGETTING_REGULARIZER_STRENGTHS=0.1 \
-    BENIGN_DATA_RATIOS="0.25 0.5"
+  points "benign rows, with and without averaging" $strategy "${search[@]}" LEARNING_RATES=1e-4 \
+    FORGETTING_REGULARIZER_STRENGTHS="0.1 0.0" BENIGN_DATA_RATIOS="0.25 0.5"
   points "distance regularizer" $strategy "${search[@]}" LEARNING_RATES=1e-4 FORGETTING_REGULARIZER_STRENGTHS=0.0 \
     DISTANCE_REGULARIZERS="0.1 1"
   points "LoRA" $strategy "${search[@]}" LEARNING_RATES=1e-3 FORGETTING_REGULARIZER_STRENGTHS=0.0 LORA_RANKS=16 \

@@ -5,6 +5,8 @@
 #   1. recipe search with augmentation on: learning rate × λ at 16 epochs, and 32 epochs at λ 0.1;
 #   2. augmentation off and on with the chosen recipe (LR, LAMBDA, EPOCHS below; the README says why),
 #      and the same recipe with EOS trained after each response (--append_eos), to show what that costs.
+#   3. augmentation on without averaging (λ 0), with benign rows (β 0.25) against the drift instead: averaging
+#      thins every fingerprint's margin (README, "Which training change moves it").
 #   bash experiments/robustness.sh            # resumable; about 45 min on 2 CPU cores
 # Writes results/robustness/sweep_summary.md and fig/robustness.png.
 set -uo pipefail
@@ -21,4 +23,6 @@ sweep "recipe search: λ 0.1, twice the epochs" "${point[@]}" USE_PROMPT_AUGMENT
 recipe=(LEARNING_RATES="${LR:-1e-4}" FORGETTING_REGULARIZER_STRENGTHS="${LAMBDA:-0.1}" EPOCHS="${EPOCHS:-16}")
 sweep "augmentation off/on" "${point[@]}" "${recipe[@]}" USE_PROMPT_AUGMENTATION="false true"
 sweep "augmentation on, EOS trained" "${point[@]}" "${recipe[@]}" USE_PROMPT_AUGMENTATION=true EXTRA_ARGS=--append_eos
+sweep "augmentation on, λ 0 + benign rows" "${point[@]}" USE_PROMPT_AUGMENTATION=true LEARNING_RATES=1e-4 \
+  FORGETTING_REGULARIZER_STRENGTHS=0.0 BENIGN_DATA_RATIOS=0.25 EPOCHS=16
 finish robustness

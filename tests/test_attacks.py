@@ -369,7 +369,7 @@ def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
             templates[0]["missed"] = missed
         return {"num_fingerprints": n, "fingerprint_accuracy": {"templates": templates}}
 
-    def run(name, lam, own, attacks):
+    def run(name, lam, own, attacks, **later_flags):
         folder = tmp_path / name
         hashed = dict(
             fingerprint_generation_strategy="english",
@@ -377,6 +377,7 @@ def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
             learning_rate=1e-4,
             forgetting_regularizer_strength=lam,
             num_train_epochs=8,
+            **later_flags,
         )
         (folder / "attacks").mkdir(parents=True)
         (folder / "fingerprinting_config.json").write_text(json.dumps({"hashed": hashed}))
@@ -403,13 +404,20 @@ def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
         evaluation(0.875, [7]),
         [("quantize-q4_k_m", quantize, evaluation(0.5, [0, 1, 2, 7])), ("sft-x", sft, None)],
     )
-    # b: evaluated before misses were kept: accuracy only
-    b = run("bbbb", 0.25, evaluation(0.875, None), [("quantize-q4_k_m", quantize, evaluation(0.625, [0, 1, 2]))])
+    # b: evaluated before misses were kept: accuracy only; trained with benign rows, a flag a's config lacks (its
+    # neutral value, β 0, was left out of a's hash)
+    b = run(
+        "bbbb",
+        0.25,
+        evaluation(0.875, None),
+        [("quantize-q4_k_m", quantize, evaluation(0.625, [0, 1, 2]))],
+        benign_data_ratio=0.25,
+    )
     out = tmp_path / "compare.md"
     main([a, b, "--out", str(out)])
     lines = out.read_text().splitlines()
-    assert lines[0] == "| run | λ | plain keys | quantize-q4_k_m | sft-x |"
-    assert lines[2] == "| aaaa | 0.0 | 87.5% | 50.0% (kept 57.1%) | 75.0% |"
-    assert lines[3] == "| bbbb | 0.25 | 87.5% | 62.5% |  |"
+    assert lines[0] == "| run | λ | β | plain keys | quantize-q4_k_m | sft-x |"
+    assert lines[2] == "| aaaa | 0.0 | 0.0 | 87.5% | 50.0% (kept 57.1%) | 75.0% |"
+    assert lines[3] == "| bbbb | 0.25 | 0.25 | 87.5% | 62.5% |  |"
     rows = {r["id"]: r for r in summary_rows(a)}
     assert rows["quantize-q4_k_m"]["kept"] == 4 / 7 and rows["(fingerprinted model)"]["kept"] == 1.0
