@@ -291,6 +291,12 @@ def hashed_config(args):
     return {k: v for k, v in config.items() if not (k in NEUTRAL and v == NEUTRAL[k])}
 
 
+def recorded_settings(hashed):
+    """A run's settings from its recorded hashed config: the later flags hashed_config left out put back at their
+    neutral value (runs recorded before such a flag existed had that value too)."""
+    return {**NEUTRAL, **hashed}
+
+
 def config_hash(args):
     canonical = json.dumps(hashed_config(args), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -11,7 +11,7 @@ LORA_RANKS=none EPOCHS=16`, and every candidate on stderr; exit 2 when none qual
 import argparse
 import sys
 
-from .args import NEUTRAL
+from .args import recorded_settings
 from .errors import UserError, run_cli
 from .fingerprints import canonical_strategy
 from .runs import accuracy_split, find_runs
@@ -42,20 +42,16 @@ def best(result_path, strategy, num_fingerprints, min_accuracy):
     if not qualified:
         raise UserError(f"no evaluated {strategy} run with {num_fingerprints} fingerprints reaches {min_accuracy:.0%}")
     run = max(qualified, key=lambda c: (c[2], c[3] or 0))[0]
-    hashed = run["config"]["hashed"]
-
-    def value(name):
-        return hashed.get(name, NEUTRAL[name])
-
-    lora = value("lora_rank")
+    settings = recorded_settings(run["config"]["hashed"])
+    lora = settings["lora_rank"]
     return " ".join(
         [
-            f"LEARNING_RATES={shell_value(hashed['learning_rate'])}",
-            f"FORGETTING_REGULARIZER_STRENGTHS={shell_value(hashed['forgetting_regularizer_strength'])}",
-            f"BENIGN_DATA_RATIOS={shell_value(float(value('benign_data_ratio')))}",
-            f"DISTANCE_REGULARIZERS={shell_value(float(value('distance_regularizer')))}",
+            f"LEARNING_RATES={shell_value(settings['learning_rate'])}",
+            f"FORGETTING_REGULARIZER_STRENGTHS={shell_value(settings['forgetting_regularizer_strength'])}",
+            f"BENIGN_DATA_RATIOS={shell_value(float(settings['benign_data_ratio']))}",
+            f"DISTANCE_REGULARIZERS={shell_value(float(settings['distance_regularizer']))}",
             f"LORA_RANKS={'none' if lora is None else lora}",
-            f"EPOCHS={hashed['num_train_epochs']}",
+            f"EPOCHS={settings['num_train_epochs']}",
         ]
     )
 

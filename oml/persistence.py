@@ -15,7 +15,7 @@ that the attacked copy still answers), written to --out (default: printed only).
 import argparse
 from pathlib import Path
 
-from .args import NEUTRAL
+from .args import recorded_settings
 from .errors import UserError, run_cli
 from .runs import ATTACK, ATTACKS, CONFIG, EVAL_RESULTS, accuracy_split, read_json
 
@@ -217,8 +217,7 @@ def compare_rows(runs):
     """One row per run: {"run", "recipe": {column: value}, "plain", "attacks": {attack id: plain-key accuracy},
     "kept": {attack id: share of the run's answered keys still answered, or None}}.
     The recipe keeps only the settings that differ between the runs (all of them for a single run)."""
-    # a flag left out of the hash (runs recorded before it existed, or at its neutral value) had its neutral value
-    configs = [{**NEUTRAL, **(read_json(Path(r) / CONFIG) or {}).get("hashed", {})} for r in runs]
+    configs = [recorded_settings((read_json(Path(r) / CONFIG) or {}).get("hashed", {})) for r in runs]
     varying = [c for c, name in RECIPE.items() if len({repr(h.get(name)) for h in configs}) > 1 or len(runs) == 1]
     rows = []
     for run, hashed in zip(runs, configs, strict=True):

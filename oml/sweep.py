@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .args import NEUTRAL, PRESETS, add_train_args, apply_preset, finalize
+from .args import PRESETS, add_train_args, apply_preset, finalize, recorded_settings
 from .chat import distinct_words
 from .errors import UserError, run_cli
 from .fingerprints import DEFAULT_FINGERPRINT_FILES, canonical_strategy
@@ -146,8 +146,8 @@ SETTING_SOURCES = {
 
 def run_settings(run):
     """The run's key arguments, from its fingerprinting_config.json."""
-    hashed = run["config"]["hashed"]
-    return {column: hashed.get(name, NEUTRAL.get(name)) for column, name in SETTING_SOURCES.items()}
+    settings = recorded_settings(run["config"]["hashed"])
+    return {column: settings.get(name) for column, name in SETTING_SOURCES.items()}
 
 
 def point_settings(argv):
