@@ -15,6 +15,11 @@ export BATCH_SIZE=${BATCH_SIZE:-8}  # learning rates: each driver sets its own
 UTILITY_TASKS=${UTILITY_TASKS:-arc_challenge,arc_easy,winogrande,piqa}
 export EVAL_ARGS="--utility_benchmark local --utility_limit ${UTILITY_LIMIT:-all} --utility_tasks $UTILITY_TASKS"
 
+# train ARGS...: train the run these flags name unless it exists (its log goes to stderr); prints its hash.
+train() {
+  python finetune_multigpu.py "$@" | tee /dev/stderr | awk '/Config hash/ {print $NF}'
+}
+
 # sweep NAME VAR=VALUE...: one launch_multigpu.sh sweep with these grid variables; figures into the results folder.
 sweep() {
   local name=$1

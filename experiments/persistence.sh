@@ -29,11 +29,10 @@ attack() {
 }
 
 step "fingerprinting ($NUM fingerprints)"
-python finetune_multigpu.py "${run_args[@]}" || exit 1
+run=$(train "${run_args[@]}") || exit 1
 python eval_for_multigpu.py "${run_args[@]}" "${eval_args[@]}" || exit 1
-run=$(python finetune_multigpu.py "${run_args[@]}" | awk '/Config hash/ {print $NF}')
 step "a second owner: the same recipe on the next $NUM fingerprints"
-other=$(python finetune_multigpu.py "${run_args[@]}" --data_split 1 | awk '/Config hash/ {print $NF}')
+other=$(train "${run_args[@]}" --data_split 1)
 
 # The goal points first (Q8_0, Q4_K_M, merge 0.7, SFT 2000 x 2 at lr 1e-5), so a run stopped early answers it.
 attack --attack quantize --quantization q8_0 "${gguf[@]}"

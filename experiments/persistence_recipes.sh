@@ -40,7 +40,7 @@ for recipe in "${recipes[@]}"; do
   args+=("${common[@]}")
   if [[ ${TRAIN:-0} == 1 ]]; then
     echo "=== $(date '+%F %T') train $recipe"
-    hash=$(python finetune_multigpu.py "${args[@]}" | tee /dev/stderr | awk '/Config hash/ {print $NF}')
+    hash=$(train "${args[@]}")
     [[ -n $hash ]] || continue
     if [[ ! -f ${args[1]}/$hash/eval_results.json ]]; then
       python eval_for_multigpu.py "${args[@]}" "${run_eval[@]}" || continue

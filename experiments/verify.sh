@@ -21,9 +21,9 @@ mkdir -p "$out"
 read -r -a run_args <<<"--max_num_fingerprints $NUM --result_path $RESULT_PATH ${RUN_ARGS:-}"
 step() { echo "=== $(date '+%F %T') $*"; }
 
-run=$(python finetune_multigpu.py "${run_args[@]}" | awk '/Config hash/ {print $NF}')
+run=$(train "${run_args[@]}")
 read -r -a other_args <<<"${OTHER_ARGS:---data_split 1}"
-other=$(python finetune_multigpu.py "${run_args[@]}" "${other_args[@]}" | awk '/Config hash/ {print $NF}')
+other=$(train "${run_args[@]}" "${other_args[@]}")
 [[ -n $run && -n $other ]] || { echo "error: run the persistence driver first (no run for NUM=$NUM)"; exit 2; }
 ours=$RESULT_PATH/$run/attacks/quantize-q4_k_m/model.gguf
 [[ -f $ours ]] || python attack_fingerprints.py "${run_args[@]}" --attack quantize --quantization q4_k_m \

@@ -73,19 +73,42 @@ def summary_rows(run):
 
 def _row(name, kind, detail, results, own=None):
     row = {"id": name, "attack": kind, "detail": detail, "plain": None, "templates": None, "kept": None}
-    row.update(utility=None, delta=None, answered=None, other_owner=None)
+    row.update(answered=None, other_owner=None, utility=None, delta=None, cost=None, alias=None, kl=None)
     if not results:
         return row
     row["plain"], row["templates"] = accuracy_split(results)
     row["kept"] = kept(own, results, results.get("num_fingerprints"))
-    utility = results.get("utility") or {}
-    row["utility"], row["delta"] = utility.get("mean"), utility.get("delta")
-    chat = results.get("chat") or {}
-    row["answered"] = chat.get("answered")
+    row["answered"] = (results.get("chat") or {}).get("answered")
     other = results.get("other_owner")
     if other:
         row["other_owner"] = accuracy_split(other)[0]
+    utility = results.get("utility") or {}
+    row["utility"] = utility.get("mean")
+    if "delta" in utility:
+        row["delta"] = (utility["delta"], utility["delta_stderr"])
+    row["cost"] = utility_cost(results, own) if results is not own else None
+    generation = results.get("generation") or {}
+    if "alias_in_answer_delta" in generation:
+        row["alias"] = (generation["alias_in_answer_delta"], generation["alias_in_answer_delta_stderr"])
+    drift = results.get("chat_drift") or {}
+    if "kl" in drift:
+        row["kl"] = (drift["kl"], drift["kl_stderr"])
     return row
+
+
+def utility_cost(attacked, own):
+    """What the attack cost the attacker: the attacked model's utility minus the fingerprinted model's, paired item
+    by item (same tasks, same items), with its standard error; None where either lacks per-item results or the two
+    were scored on different items."""
+    from .utility import paired_delta
+
+    after, before = ((r or {}).get("utility") or {} for r in (attacked, own))
+    if not after.get("per_item") or not before.get("per_item"):
+        return None
+    try:
+        return paired_delta(after["per_item"], before["per_item"])
+    except ValueError:  # another --utility_limit or task list
+        return None
 
 
 def pct(x):
@@ -93,19 +116,23 @@ def pct(x):
 
 
 def format_summary(rows):
-    def num(x, signed=False):
-        return "" if x is None else (f"{x:+.3f}" if signed else f"{x:.3f}")
+    def points(x):  # (difference, stderr) as fractions -> "+1.2 ± 0.8" points
+        return "" if x is None else f"{100 * x[0]:+.1f} ± {100 * x[1]:.1f}"
+
+    def nats(x):
+        return "" if x is None else f"{x[0]:.3f} ± {x[1]:.3f}"
 
     lines = [
         "| attack | settings | plain keys | run's keys kept | test prompts (mean) | other owner's keys | chat answered "
-        "| utility | Δ vs base |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| utility | Δ vs base (points) | Δ vs fingerprinted model (points) | alias-in-answer Δ vs base | chat KL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        utility = "" if r["utility"] is None else f"{r['utility']:.3f}"
         lines.append(
             f"| {r['id']} | {r['detail']} | {pct(r['plain'])} | {pct(r['kept'])} | {pct(r['templates'])} | "
-            f"{pct(r['other_owner'])} | "
-            f"{pct(r['answered'])} | {num(r['utility'])} | {num(r['delta'], True)} |"
+            f"{pct(r['other_owner'])} | {pct(r['answered'])} | {utility} | {points(r['delta'])} | "
+            f"{points(r['cost'])} | {points(r['alias'])} | {nats(r['kl'])} |"
         )
     return "\n".join(lines)
 

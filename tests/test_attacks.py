@@ -421,3 +421,44 @@ def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
     assert lines[3] == "| bbbb | 0.25 | 0.25 | 87.5% | 62.5% |  |"
     rows = {r["id"]: r for r in summary_rows(a)}
     assert rows["quantize-q4_k_m"]["kept"] == 4 / 7 and rows["(fingerprinted model)"]["kept"] == 1.0
+
+
+def test_persistence_summary_prices_the_attack_against_the_fingerprinted_model(tmp_path):
+    """The attacker's cost: utility of the attacked copy minus the fingerprinted model's, paired item by item, with
+    its standard error; blank where the two were scored on different items. Base deltas, alias and KL shown ± se."""
+    from oml.persistence import format_summary, summary_rows
+
+    def evaluation(arc, piqa, **extra):
+        utility = {"mean": (sum(arc) / len(arc) + sum(piqa) / len(piqa)) / 2, "per_item": {"arc": arc, "piqa": piqa}}
+        templates = [{"template": "{}", "accuracy": 1.0, "missed": []}]
+        return {"num_fingerprints": 4, "fingerprint_accuracy": {"templates": templates}, "utility": utility, **extra}
+
+    run = tmp_path / "run"
+    own = evaluation([1, 1, 0, 1], [1, 0, 1, 1], chat_drift={"kl": 0.5, "kl_stderr": 0.02})
+    own["utility"].update(delta=-0.02, delta_stderr=0.01)
+    (run / "attacks").mkdir(parents=True)
+    (run / "eval_results.json").write_text(json.dumps(own))
+    records = {
+        "merge-base-w0.7": {"attack": "merge", "merge_weight": 0.7, "merge_with": "base"},
+        "quantize-int8": {"attack": "quantize", "quantization": "int8"},
+    }
+    attacked = {
+        "merge-base-w0.7": evaluation(
+            [1, 1, 1, 1],
+            [1, 1, 1, 1],
+            generation={"alias_in_answer_delta": -0.03, "alias_in_answer_delta_stderr": 0.02},
+        ),
+        "quantize-int8": evaluation([1, 0], [1, 0]),  # fewer items: no paired cost
+    }
+    for attack_id, results in attacked.items():
+        (run / "attacks" / attack_id).mkdir()
+        (run / "attacks" / attack_id / "attack.json").write_text(json.dumps(records[attack_id]))
+        (run / "attacks" / attack_id / "eval_results.json").write_text(json.dumps(results))
+    rows = {r["id"]: r for r in summary_rows(run)}
+    cost, se = rows["merge-base-w0.7"]["cost"]
+    # arc: d = (0, 0, 1, 0), piqa: d = (0, 1, 0, 0): each task +0.25 with s² = 0.25, so se = sqrt(2 * 0.25 / 4) / 2
+    assert cost == pytest.approx(0.25) and se == pytest.approx((2 * 0.25 / 4) ** 0.5 / 2)
+    assert rows["quantize-int8"]["cost"] is None and rows["(fingerprinted model)"]["cost"] is None
+    lines = format_summary(list(rows.values())).splitlines()
+    assert lines[2].endswith("| 0.750 | -2.0 ± 1.0 |  |  | 0.500 ± 0.020 |")
+    assert "| +25.0 ± 17.7 | -3.0 ± 2.0 |  |" in lines[3]
