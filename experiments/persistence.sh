@@ -7,7 +7,7 @@
 #   fine-tuning   full SFT on 2000 offline QA chat examples: lr 1e-5 x 2 epochs, lr 5e-5 x 1 epoch; LoRA lr 1e-4 x 2
 #   bash experiments/persistence.sh                                   # resumable: every step skips what exists
 #   NUM=32 bash experiments/persistence.sh                            # smaller: minutes instead of hours on a CPU
-#   ATTACK_EVAL_ARGS="--utility_limit 200" bash experiments/persistence.sh   # attacked models on fewer utility items
+#   ATTACK_EVAL_ARGS="--utility_limit 200" bash experiments/persistence.sh   # fewer utility items (run and attacks)
 #   GGUF_TEMPLATES=plain bash experiments/persistence.sh              # GGUF types: plain key and [chat] in llama.cpp
 #   RUN_ARGS="--learning_rate 3e-5 --forgetting_regularizer_strength 0" bash experiments/persistence.sh
 # Writes results/persistence/<hash>/attacks/summary.md and fig/persistence.png.
@@ -17,15 +17,15 @@ export RESULT_PATH=${RESULT_PATH:-results/persistence}
 NUM=${NUM:-256}
 EXAMPLES=${EXAMPLES:-2000}
 read -r -a run_args <<<"--max_num_fingerprints $NUM --result_path $RESULT_PATH ${RUN_ARGS:-}"
-# ATTACK_EVAL_ARGS: the attacked models' evaluation (default: the run's; e.g. "--utility_limit 200" to save time)
-read -r -a eval_args <<<"$EVAL_ARGS"
+# ATTACK_EVAL_ARGS: added to the evaluation of the run and of every attacked model (e.g. "--utility_limit 200" to save
+# time). One evaluation for both, so each attack's utility cost is paired item by item with the run's.
 gguf=(--gguf_templates "${GGUF_TEMPLATES:-all}")  # plain: only the plain key and [chat] in llama.cpp (much faster)
-read -r -a attack_eval_args <<<"$EVAL_ARGS ${ATTACK_EVAL_ARGS:-}"
+read -r -a eval_args <<<"$EVAL_ARGS ${ATTACK_EVAL_ARGS:-}"
 
 step() { echo "=== $(date '+%F %T') $*"; }
 attack() {
   step "attack $*"
-  python attack_fingerprints.py "${run_args[@]}" "${attack_eval_args[@]}" "$@" || echo "(attack $* did not finish)"
+  python attack_fingerprints.py "${run_args[@]}" "${eval_args[@]}" "$@" || echo "(attack $* did not finish)"
 }
 
 step "fingerprinting ($NUM fingerprints)"

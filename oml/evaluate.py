@@ -165,6 +165,48 @@ def base_cache_dir(args):
     return Path(args.result_path) / "base_utility"
 
 
+BASE_CHECK_VERSION = 1  # bump when check_fingerprints or the chat check change what they return
+
+
+def base_check_cached(args, pairs, templates, temperatures, load_base, with_answers):
+    """The base model's fingerprint check (its false-positive rate) and, with_answers, its chat-check answers:
+    computed once per (base model, fingerprints, templates, check settings) and kept as JSON in base_cache_dir, so
+    evaluating many runs or attacked copies on the same fingerprints loads the base once. load_base() ->
+    (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
+    Returns {"check": check_fingerprints' summary, "answers": list or None}."""
+    import hashlib
+    import json
+
+    from filelock import FileLock
+
+    from .chat import CHAT_QUESTIONS
+    from .io import atomic_write_json
+    from .utility import folder_state
+
+    key = dict(
+        version=BASE_CHECK_VERSION,
+        model=str(args.model),
+        pairs=hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest(),
+        templates=templates,
+        temperatures=list(temperatures),
+        chat_questions=CHAT_QUESTIONS if with_answers else None,
+        **{k: getattr(args, k) for k in ("use_chat_template", "verify_with_generate", "temperature", "seed")},
+        **{k: getattr(args, k) for k in ("screen_bf16", "eval_batch_size")},
+    )
+    if Path(args.model).is_dir():  # a local folder can be rewritten in place: key on what is in it too
+        key["folder_state"] = folder_state(args.model)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = base_cache_dir(args) / f"fingerprints-{digest}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            base, tokenizer = load_base()
+            check = check_fingerprints(base, tokenizer, pairs, usable(templates, tokenizer), args, temperatures)
+            answers = chat_answers(base, tokenizer) if with_answers else None
+            atomic_write_json(path, {"key": key, "check": check, "answers": answers})
+        return json.loads(path.read_text())
+
+
 def release_memory():
     """Return freed model memory (after the caller's `del model`) to the system, and the GPU's to the GPU."""
     import gc
@@ -197,7 +239,7 @@ def evaluate(args, load_model=None):
 
     seconds, t0 = {}, time.time()
     generation_settings, drift_settings, temperatures = measure_settings(args)
-    templates = templates_for(args)
+    templates = all_templates = templates_for(args)
     if args.check_model:
         model_id, pairs = args.check_model, read_fingerprints(args.fingerprints_file_path)
         output = Path(args.output_file or Path(args.result_path) / "checks" / f"{safe_name(model_id)}.json")
@@ -244,19 +286,23 @@ def evaluate(args, load_model=None):
     release_memory()
 
     if not args.skip_base_model:
+        loaded = []  # the base loads at the first cache miss, once
+
+        def base_model():
+            if not loaded:
+                loaded.append(load_base())
+            return loaded[0]
+
         t = time.time()
-        base, base_tok = load_base()
-        base_check = check_fingerprints(base, base_tok, pairs, usable(templates, base_tok), args, temperatures)
+        cached = base_check_cached(args, pairs, all_templates, temperatures, base_model, answers is not None)
+        base_check, base_answers = cached["check"], cached["answers"]
         fingerprint["base_false_positive_rate"] = base_check["mean_accuracy"]
         if "mean_match_probability" in base_check:
             fingerprint["base_match_probability"] = base_check["mean_match_probability"]
-        base_answers = chat_answers(base, base_tok) if answers is not None else None
         seconds["base_fingerprint_accuracy"] = time.time() - t
 
-        def on_base(cached, settings):  # the base's result from its cache, computed on the loaded base if missing
-            return cached(
-                args.model, lambda: (base, base_tok), base_cache_dir(args), batch_size=args.eval_batch_size, **settings
-            )
+        def on_base(cached, settings):  # the base's result from its cache, computed on the base if missing
+            return cached(args.model, base_model, base_cache_dir(args), batch_size=args.eval_batch_size, **settings)
 
         if utility is not None:
             t = time.time()
@@ -270,7 +316,7 @@ def evaluate(args, load_model=None):
             base_generation = on_base(base_generation_cached, generation_settings)
             pair_generation(generation, base_generation)
             seconds["base_generation"] = time.time() - t
-        del base
+        loaded.clear()
         release_memory()
     seconds["total"] = time.time() - t0
     results = {

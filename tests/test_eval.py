@@ -50,6 +50,37 @@ def test_eval_writes_results_for_the_same_arguments(tiny_run):
     assert 0 <= chat["answered"] <= 1 and 0 <= chat["same_as_base"] <= 1
 
 
+def test_the_base_check_is_computed_once_per_fingerprints_and_settings(tiny_run, tmp_path, monkeypatch):
+    """Evaluating many runs or attacked copies on the same fingerprints loads the base once: its false positives and
+    chat answers come from base_utility/fingerprints-*.json, keyed on the fingerprints and the check's settings."""
+    import argparse
+
+    import oml.models
+    from oml.args import add_train_args, finalize
+    from oml.evaluate import add_eval_args, evaluate
+
+    argv, results, _ = tiny_run
+    for old in (results / "base_utility").glob("fingerprints-*.json"):
+        old.unlink()
+    parser = add_eval_args(add_train_args(argparse.ArgumentParser()))
+
+    def args(*extra):
+        flags = [*argv, "--utility_benchmark", "none", *NO_GENERATION, "--output_file", tmp_path / "e.json", *extra]
+        return finalize(parser.parse_args([str(a) for a in flags]))
+
+    loads, real = [], oml.models.load_model_and_tokenizer
+    monkeypatch.setattr(oml.models, "load_model_and_tokenizer", lambda m, **kw: loads.append(str(m)) or real(m, **kw))
+    base = str(args().model)
+    first, _ = evaluate(args())
+    second, _ = evaluate(args())
+    assert loads.count(base) == 1 and len(loads) == 3  # the run's model twice, the base once
+    for key in ("base_false_positive_rate", "base_match_probability"):
+        assert first["fingerprint_accuracy"][key] == second["fingerprint_accuracy"][key]
+    assert first["chat"]["base_answers"] == second["chat"]["base_answers"] and len(first["chat"]["base_answers"]) == 8
+    evaluate(args("--match_temperatures", "0.5"))  # other settings: checked again, cached apart
+    assert loads.count(base) == 2 and len(list((results / "base_utility").glob("fingerprints-*.json"))) == 2
+
+
 def test_chat_check_counts_empty_answers_and_agreement_with_the_base():
     from oml.chat import chat_check
 
