@@ -177,10 +177,8 @@ def base_check_cached(args, pairs, templates, temperatures, load_base, with_answ
     import hashlib
     import json
 
-    from filelock import FileLock
-
     from .chat import CHAT_QUESTIONS
-    from .io import atomic_write_json
+    from .io import cached_json, keyed_path
     from .utility import folder_state
 
     key = dict(
@@ -195,16 +193,13 @@ def base_check_cached(args, pairs, templates, temperatures, load_base, with_answ
     )
     if Path(args.model).is_dir():  # a local folder can be rewritten in place: key on what is in it too
         key["folder_state"] = folder_state(args.model)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = base_cache_dir(args) / f"fingerprints-{digest}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not path.is_file():
-            base, tokenizer = load_base()
-            check = check_fingerprints(base, tokenizer, pairs, usable(templates, tokenizer), args, temperatures)
-            answers = chat_answers(base, tokenizer) if with_answers else None
-            atomic_write_json(path, {"key": key, "check": check, "answers": answers})
-        return json.loads(path.read_text())
+
+    def compute():
+        base, tokenizer = load_base()
+        check = check_fingerprints(base, tokenizer, pairs, usable(templates, tokenizer), args, temperatures)
+        return {"key": key, "check": check, "answers": chat_answers(base, tokenizer) if with_answers else None}
+
+    return cached_json(keyed_path(base_cache_dir(args), "fingerprints-", key), compute)
 
 
 def release_memory():

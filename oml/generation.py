@@ -22,8 +22,6 @@ lower bound on the full KL, exact when the base puts no mass outside its top TOP
 mass it leaves out (`base_tail_mass`), so the gap can be judged.
 """
 
-import hashlib
-import json
 import math
 import os
 import re
@@ -34,7 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from .errors import UserError
-from .io import atomic_write_json
+from .io import cached_json, keyed_path
 
 GENERATION_BENCHMARKS = ("trivia_qa", "nq_open")
 # Bump when prompts, items or scoring change: cached base results then miss.
@@ -218,10 +216,7 @@ def _cache_path(cache_dir, kind, model_id, settings, suffix):
     key = {"kind": kind, "model_id": str(model_id), "version": GENERATION_VERSION, **settings}
     if Path(model_id).is_dir():  # a local folder can be rewritten in place: key on what is in it too
         key["folder_state"] = folder_state(model_id)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"{kind}-{digest}{suffix}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, key
+    return keyed_path(cache_dir, f"{kind}-", key, suffix), key
 
 
 def base_generation_cached(model_id, load_fn, cache_dir, batch_size=32, **settings):
@@ -229,16 +224,12 @@ def base_generation_cached(model_id, load_fn, cache_dir, batch_size=32, **settin
 
     load_fn() -> (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
     """
-    from filelock import FileLock
-
     settings = {**GENERATION_DEFAULTS, **settings}
     path, key = _cache_path(cache_dir, "generation", model_id, settings, ".json")
-    with FileLock(str(path) + ".lock"):
-        if not path.is_file():
-            model, tokenizer = load_fn()
-            result = evaluate_generation(model, tokenizer, batch_size=batch_size, **settings)
-            atomic_write_json(path, {"model_id": str(model_id), "key": key, **result})
-        return json.loads(path.read_text())
+    return cached_json(
+        path,
+        lambda: {"model_id": str(model_id), "key": key, **evaluate_generation(*load_fn(), batch_size, **settings)},
+    )
 
 
 # ---------------------------------------------------------------- chat drift

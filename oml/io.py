@@ -1,6 +1,8 @@
-"""Atomic file writes and safe appends: nothing half-written is ever left under its final name."""
+"""Atomic file writes, safe appends and computed-once JSON caches: nothing half-written is ever left under its final
+name."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +29,23 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def keyed_path(folder, prefix, key, suffix=".json"):
+    """folder/<prefix><16 hex digits of the key's sha256><suffix>: one file per distinct key (a dict of JSON values)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(folder) / f"{prefix}{digest}{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cached_json(path, compute):
+    """The JSON object at path; compute() makes it (written atomically) when the file is missing. Concurrent callers
+    wait on a file lock, so compute runs once."""
+    with FileLock(str(path) + ".lock"):
+        if not Path(path).is_file():
+            atomic_write_json(path, compute())
+        return json.loads(Path(path).read_text())
 
 
 def append_line_locked(path, line):

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 from .errors import UserError
-from .io import atomic_write_json
+from .io import cached_json, keyed_path
 
 BENCHMARKS = ("tinyBenchmarks", "local", "none")
 TINY_NAME = "tinyBenchmarks (lm-eval group, IRT estimates)"
@@ -471,19 +471,12 @@ def base_utility_cached(model_id, load_fn, cache_dir, **suite_kwargs):
     the same time wait on a file lock, so the base model is evaluated once. Returns evaluate_utility's
     dict plus "model_id" and "cache_file" (None for benchmark "none").
     """
-    from filelock import FileLock
-
     key = suite_key(model_id, **suite_kwargs)
     if key["benchmark"] == "none":
         return None
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"{digest}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not path.is_file():
-            model, tokenizer = load_fn()
-            result = evaluate_utility(model, tokenizer, **suite_kwargs)
-            atomic_write_json(path, {"model_id": str(model_id), "key": key, **result})
-        cached = json.loads(path.read_text())
+    path = keyed_path(cache_dir, "", key)
+    cached = cached_json(
+        path, lambda: {"model_id": str(model_id), "key": key, **evaluate_utility(*load_fn(), **suite_kwargs)}
+    )
     cached["cache_file"] = str(path)
     return cached
