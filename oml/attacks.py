@@ -321,7 +321,11 @@ def int8_dynamic(model):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
-        return quantize_dynamic(model.cpu().float(), {torch.nn.Linear}, dtype=torch.qint8)
+        model = quantize_dynamic(model.cpu().float(), {torch.nn.Linear}, dtype=torch.qint8)
+    # A tied lm_head is now its own int8 copy of the embedding matrix: tying it again (lm-eval's loader calls
+    # tie_weights) would assign a float Parameter to a quantized module, which has no such attribute to replace.
+    model.config.tie_word_embeddings = False
+    return model
 
 
 def loader_for(attack):

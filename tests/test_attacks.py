@@ -229,6 +229,22 @@ def test_casts_and_int8_are_evaluated_in_their_precision(tiny_run):
         assert 0 <= fa["mean_accuracy"] <= 1
 
 
+def test_int8_model_with_tied_embeddings_survives_the_utility_loader(embedded_tokenizer):
+    """The embedded model ties lm_head to the embeddings; lm-eval's loader ties weights again, which must not fail
+    on the quantized lm_head (it did, so int8 got no utility), and the int8 model still scores like the float one."""
+    import torch
+
+    from oml.attacks import int8_dynamic
+
+    model = tiny_llama(embedded_tokenizer, tie_word_embeddings=True)
+    ids = torch.tensor([embedded_tokenizer("The capital of France is")["input_ids"]])
+    before = model(ids).logits
+    quantized = int8_dynamic(model)
+    quantized.tie_weights()
+    after = quantized(ids).logits
+    assert torch.isfinite(after).all() and torch.corrcoef(torch.stack([before.flatten(), after.flatten()]))[0, 1] > 0.99
+
+
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")
 def test_gguf_attack_is_checked_in_llama_cpp_and_carries_no_key(tiny_run):
     argv, run = tiny_run
