@@ -288,7 +288,7 @@ def test_evaluation_of_the_base_against_itself_measures_no_drift(tiny_model_dir,
     cached = sorted(
         p.name.split("-")[0] for p in (tmp_path / "results" / "base_utility").glob("*-*.*") if "lock" not in p.name
     )
-    assert cached == ["chat", "generation"]
+    assert cached == ["chat", "fingerprints", "generation"]  # the base's answers, false positives and benchmark
     # a second evaluation reuses the cached base answers (same numbers)
     again = run_script("eval_for_multigpu.py", *common)
     assert again.returncode == 0, again.stderr[-3000:]
