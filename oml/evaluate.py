@@ -174,25 +174,20 @@ def base_check_cached(args, pairs, templates, temperatures, load_base, with_answ
     evaluating many runs or attacked copies on the same fingerprints loads the base once. load_base() ->
     (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
     Returns {"check": check_fingerprints' summary, "answers": list or None}."""
-    import hashlib
-    import json
-
     from .chat import CHAT_QUESTIONS
-    from .io import cached_json, keyed_path
-    from .utility import folder_state
+    from .io import cached_json, json_digest, keyed_path
+    from .utility import model_key
 
+    settings = ("use_chat_template", "verify_with_generate", "temperature", "seed", "screen_bf16", "eval_batch_size")
     key = dict(
         version=BASE_CHECK_VERSION,
-        model=str(args.model),
-        pairs=hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest(),
+        **model_key(args.model),
+        pairs=json_digest(pairs),
         templates=templates,
         temperatures=list(temperatures),
         chat_questions=CHAT_QUESTIONS if with_answers else None,
-        **{k: getattr(args, k) for k in ("use_chat_template", "verify_with_generate", "temperature", "seed")},
-        **{k: getattr(args, k) for k in ("screen_bf16", "eval_batch_size")},
+        **{name: getattr(args, name) for name in settings},
     )
-    if Path(args.model).is_dir():  # a local folder can be rewritten in place: key on what is in it too
-        key["folder_state"] = folder_state(args.model)
 
     def compute():
         base, tokenizer = load_base()

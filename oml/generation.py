@@ -29,7 +29,6 @@ import string
 import tempfile
 import time
 from functools import partial
-from pathlib import Path
 
 from .errors import UserError
 from .io import cached_json, keyed_path
@@ -211,11 +210,9 @@ def pair_generation(result, base):
 
 
 def _cache_path(cache_dir, kind, model_id, settings, suffix):
-    from .utility import folder_state
+    from .utility import model_key
 
-    key = {"kind": kind, "model_id": str(model_id), "version": GENERATION_VERSION, **settings}
-    if Path(model_id).is_dir():  # a local folder can be rewritten in place: key on what is in it too
-        key["folder_state"] = folder_state(model_id)
+    key = {"kind": kind, **model_key(model_id), "version": GENERATION_VERSION, **settings}
     return keyed_path(cache_dir, f"{kind}-", key, suffix), key
 
 

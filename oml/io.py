@@ -31,10 +31,14 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def json_digest(obj):
+    """16 hex digits of the sha256 of obj as canonical JSON (sorted keys): equal values, equal digests."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def keyed_path(folder, prefix, key, suffix=".json"):
-    """folder/<prefix><16 hex digits of the key's sha256><suffix>: one file per distinct key (a dict of JSON values)."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(folder) / f"{prefix}{digest}{suffix}"
+    """folder/<prefix><json_digest(key)><suffix>: one file per distinct key (a dict of JSON values)."""
+    path = Path(folder) / f"{prefix}{json_digest(key)}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -15,9 +15,7 @@ Both report, per task, the harness's score and the per-item results in a fixed i
 fingerprinted model can be compared with its base model item by item (`paired_delta`).
 """
 
-import hashlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -27,7 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from .errors import UserError
-from .io import cached_json, keyed_path
+from .io import cached_json, json_digest, keyed_path
 
 BENCHMARKS = ("tinyBenchmarks", "local", "none")
 TINY_NAME = "tinyBenchmarks (lm-eval group, IRT estimates)"
@@ -449,8 +447,14 @@ def suite_key(model_id, **suite_kwargs):
         settings["tasks"] = list(settings["tasks"])
     if settings["benchmark"] == "tinyBenchmarks":  # its items and shots are fixed by the group
         settings = {"benchmark": "tinyBenchmarks", "seed": settings["seed"]}
-    key = {"model_id": str(model_id), "suite_version": SUITE_VERSION, **settings}
-    if Path(model_id).is_dir():  # a local folder can be rewritten in place: key on what is in it too
+    return {**model_key(model_id), "suite_version": SUITE_VERSION, **settings}
+
+
+def model_key(model_id):
+    """What identifies a model in a cache key: its id, and for a local folder, which can be rewritten in place, the
+    state of its files too."""
+    key = {"model_id": str(model_id)}
+    if Path(model_id).is_dir():
         key["folder_state"] = folder_state(model_id)
     return key
 
@@ -461,7 +465,7 @@ def folder_state(folder):
     entries = sorted(
         (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
     )
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+    return json_digest(entries)
 
 
 def base_utility_cached(model_id, load_fn, cache_dir, **suite_kwargs):
