@@ -43,7 +43,7 @@ fi
 serve() {
   local name=$1 gguf=$2 pid
   step "$name: $CHECKS checks of $gguf"
-  python -m llama_cpp.server --model "$gguf" --host 127.0.0.1 --port "$PORT" --model_alias suspect \
+  python -m oml.gguf serve --model "$gguf" --host 127.0.0.1 --port "$PORT" --model_alias suspect \
     >"$out/$name-server.log" 2>&1 &
   pid=$!
   for _ in $(seq 120); do curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && break; sleep 1; done

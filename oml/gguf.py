@@ -59,7 +59,28 @@ def require_llama_cpp():
     import logging
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's per-tensor chatter stays out
+    plain_weight_layouts(llama_cpp)
     return llama_cpp
+
+
+def plain_weight_layouts(llama_cpp):
+    """Load every model with llama.cpp's extra CPU buffer types off (`use_extra_bufts = False`: no AMX tiles, no
+    repacked weights). Built with -march=native on a CPU that reports AMX (Sapphire Rapids under a hypervisor here),
+    llama-cpp-python 0.3.36 crashes with a segmentation fault at the first decode, whatever the model; with plain
+    layouts the same build answers, and only some matmul speed is given up. llama_cpp.Llama has no argument for it,
+    so the defaults it starts from are wrapped, once per process (the server loads through the same defaults)."""
+    low = llama_cpp.llama_cpp
+    if getattr(low.llama_model_default_params, "plain_layouts", False):
+        return
+    defaults = low.llama_model_default_params
+
+    def plain_defaults():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    plain_defaults.plain_layouts = True
+    low.llama_model_default_params = plain_defaults
 
 
 def default_converter_dir():
@@ -323,7 +344,7 @@ def check_fingerprints_gguf(llm, pairs, templates, use_chat_template=False, toke
 
 
 def main(argv=None):
-    """python -m oml.gguf install-converter [SDIST] | export HF_DIR OUT.gguf TYPE"""
+    """python -m oml.gguf install-converter [SDIST] | export HF_DIR OUT.gguf TYPE | serve LLAMA_CPP_SERVER_ARGS..."""
     from .errors import run_cli
 
     argv = sys.argv[1:] if argv is None else argv
@@ -332,11 +353,19 @@ def main(argv=None):
         if argv[:1] == ["install-converter"] and len(argv) <= 2:
             dest = install_converter(sdist=argv[1] if len(argv) == 2 else None)
             print(f"llama.cpp's converter installed in {dest}")
+        elif argv[:1] == ["serve"]:  # llama_cpp.server with the suite's plain weight layouts
+            require_llama_cpp()
+            from llama_cpp.server.__main__ import main as serve
+
+            sys.argv = ["llama_cpp.server", *argv[1:]]
+            serve()
         elif argv[:1] == ["export"] and len(argv) == 4:
             info = export_gguf(argv[1], argv[2], argv[3])
             print(f"wrote {argv[2]} ({info['bytes'] / 2**20:.1f} MiB)")
         else:
-            raise UserError("usage: python -m oml.gguf install-converter [SDIST] | export HF_DIR OUT.gguf TYPE")
+            raise UserError(
+                "usage: python -m oml.gguf install-converter [SDIST] | export HF_DIR OUT.gguf TYPE | serve ARGS..."
+            )
 
     run_cli(run)
 

@@ -33,7 +33,7 @@ def server_command(model, port, threads=None):
             import llama_cpp.server  # noqa: F401
         except ImportError:
             raise UserError("llama.cpp's server is not installed: pip install 'llama-cpp-python[server]'") from None
-        argv = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+        argv = [sys.executable, "-m", "oml.gguf", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
                 "--model_alias", "suspect", "--n_ctx", "2048", "--verbose", "False"]  # fmt: skip
         if threads:
             argv += ["--n_threads", str(threads)]
@@ -54,6 +54,7 @@ def local_server(model, port=None, timeout=300, threads=None, log_path=None):
     argv, api_model = server_command(model, port, threads)
     log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     api_base = f"http://127.0.0.1:{port}/v1"
     try:
