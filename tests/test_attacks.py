@@ -282,6 +282,20 @@ def test_gguf_attack_is_checked_in_llama_cpp_and_carries_no_key(tiny_run):
 
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")
+def test_llama_cpp_loads_with_plain_weight_layouts():
+    # the extra CPU buffer types (AMX, repacking) segfaulted at the first decode on an AMX-reporting CPU
+    from oml.gguf import require_llama_cpp
+
+    llama_cpp = require_llama_cpp()
+    require_llama_cpp()  # wrapped once, not twice
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is False
+    assert (
+        llama_cpp.llama_cpp.llama_model_default_params().n_gpu_layers
+        == llama_cpp.llama_model_default_params().n_gpu_layers
+    )
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")
 def test_llama_cpp_greedy_verdicts_equal_transformers_on_an_f16_export(tiny_run, tmp_path):
     from oml.gguf import check_fingerprints_gguf, export_gguf, gguf_metadata, greedy_completions, load_gguf
     from oml.models import load_model_and_tokenizer
