@@ -46,7 +46,7 @@ PRESET=${PRESET:-embedded}
 case $PRESET in
 embedded)
   use_prompt_augmentation=(false true)
-  eval_args="--utility_benchmark local --utility_limit 30"
+  eval_args="" # the evaluation's defaults: --measure quick (fingerprints, false positives, 30 utility items a task)
   ;;
 seed)
   use_prompt_augmentation=(false)

@@ -11,9 +11,9 @@ export BATCH_SIZE=${BATCH_SIZE:-8}  # learning rates: each driver sets its own
 # Utility: every item of the four validation sets (299/570/1267/1838), the same for every run and for the base model,
 # so deltas are paired and their standard error is about 0.57x that of 200 items per task (README: resolving a
 # 1-point change). MMLU (chance level for a 135M model) and HellaSwag (the slowest task) are left out.
-# The generative benchmark and chat drift run at the evaluation's defaults (200 questions each).
+# --measure full: the generative benchmark, chat drift (200 questions each) and the match probabilities too.
 UTILITY_TASKS=${UTILITY_TASKS:-arc_challenge,arc_easy,winogrande,piqa}
-export EVAL_ARGS="--utility_benchmark local --utility_limit ${UTILITY_LIMIT:-all} --utility_tasks $UTILITY_TASKS"
+export EVAL_ARGS="--measure full --utility_benchmark local --utility_limit ${UTILITY_LIMIT:-all} --utility_tasks $UTILITY_TASKS"
 
 # train ARGS...: train the run these flags name unless it exists (its log goes to stderr); prints its hash.
 train() {

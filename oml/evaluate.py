@@ -7,6 +7,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from . import eval_cost
 from .chat import chat_answers, chat_check
 from .encoding import chat_prompt, has_chat_template, is_chat, template_label
 from .fingerprints import (
@@ -20,6 +21,21 @@ from .generation import CHAT_DRIFT_DEFAULTS, GENERATION_DEFAULTS
 from .runs import EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, accuracy_split, chat_accuracy_split, find_run
 from .utility import SUITE_DEFAULTS
 
+# What --measure turns on. quick: what a first look needs, about a minute on the embedded model (the fingerprint check
+# under every template, the base's false positives, the chat check, 30 utility items per task). full: the resolving
+# measures of the experiments too. A measure's own flag, given by name, wins over the profile.
+MEASURES = {
+    "quick": dict(utility_limit=30, generation_benchmark="none", chat_drift_limit="none", match_temperatures="none"),
+    "full": dict(
+        utility_limit=SUITE_DEFAULTS["limit"],
+        generation_benchmark=GENERATION_DEFAULTS["benchmark"],
+        chat_drift_limit=CHAT_DRIFT_DEFAULTS["limit"],
+        match_temperatures=None,  # oml.verify.MATCH_TEMPERATURES
+    ),
+}
+# --eval_templates: the groups of prompt templates the fingerprint check can be limited to.
+TEMPLATE_GROUPS = ("plain", "raw", "chat", "chat_system")
+
 EVAL_ARGS = [
     (["--check_model"], dict(default=None, metavar="PATH_OR_HUB_ID",
                              help="evaluate this model against --fingerprints_file_path directly (no hash lookup)")),
@@ -32,20 +48,27 @@ EVAL_ARGS = [
     (["--screen_bf16"], dict(action="store_true",
                              help="fp32 model: decide verdicts on a bf16 copy and recompute near-ties in fp32 "
                                   "(1.5-1.7x faster on CPUs with AMX; see oml/verify.py)")),
+    (["--measure"], dict(default="quick", choices=list(MEASURES),
+                         help="quick (default): fingerprints, false positives, a small utility look, about a minute "
+                              "on the embedded model; full: also the resolving measures (generative benchmark, chat "
+                              "drift, match probabilities, 100 utility items per task). A measure's own flag wins")),
+    (["--eval_templates"], dict(default="all", type=lambda text: template_groups(text),
+                                help="which prompt templates the fingerprint check uses: all, or some of "
+                                     f"{','.join(TEMPLATE_GROUPS)} (comma-separated)")),
     (["--utility_benchmark"], dict(default="local", choices=["local", "tinyBenchmarks", "none"])),
-    (["--utility_limit"], dict(default=SUITE_DEFAULTS["limit"],
-                               help="items per task of the local suite, or 'all' (the experiments: see the README)")),
+    (["--utility_limit"], dict(default=None, help="items per task of the local suite, or 'all' (the experiments: "
+                                                   "see the README); default: --measure's")),
     (["--utility_tasks"], dict(default=None, type=lambda text: local_task_list(text),
                                help="local suite tasks, comma-separated (default: all six)")),
     (["--num_fewshot"], dict(type=int, default=0)),
-    (["--generation_benchmark"], dict(default=GENERATION_DEFAULTS["benchmark"],
-                                      help="generative benchmark: trivia_qa | nq_open | none (see oml/generation.py)")),
+    (["--generation_benchmark"], dict(default=None, help="generative benchmark: trivia_qa | nq_open | none (see "
+                                                          "oml/generation.py); default: --measure's")),
     (["--generation_limit"], dict(type=int, default=GENERATION_DEFAULTS["limit"],
                                   help="questions of the generative benchmark")),
-    (["--chat_drift_limit"], dict(default=CHAT_DRIFT_DEFAULTS["limit"],
-                                  help="questions for chat drift (KL to the base over its answers), or none")),
-    (["--match_temperatures"], dict(default=None, help="comma-separated sampling temperatures for the "
-                                    "match probability (default 0.7,1.0, oml/verify.py), or none")),
+    (["--chat_drift_limit"], dict(default=None, help="questions for chat drift (KL to the base over its answers), "
+                                                      "or none; default: --measure's")),
+    (["--match_temperatures"], dict(default=None, help="comma-separated sampling temperatures for the match "
+                                                        "probability (0.7,1.0 with --measure full), or none")),
     (["--eval_batch_size"], dict(type=int, default=32)),
     (["--skip_base_model"], dict(action="store_true",
                                  help="don't evaluate the base model (no false-positive rate, no utility delta)")),
@@ -65,10 +88,32 @@ def local_task_list(text):
     return tasks
 
 
+def template_groups(text):
+    """--eval_templates: 'all', or a comma-separated subset of TEMPLATE_GROUPS (returned as a tuple)."""
+    import argparse
+
+    groups = tuple(g for g in str(text).replace(",", " ").split() if g)
+    if groups == ("all",):
+        return "all"
+    unknown = [g for g in groups if g not in TEMPLATE_GROUPS]
+    if unknown or not groups:
+        raise argparse.ArgumentTypeError(f"unknown template group(s) {unknown or text!r}; choose all or some of "
+                                         f"{', '.join(TEMPLATE_GROUPS)}")  # fmt: skip
+    return groups
+
+
 def add_eval_args(parser):
     from .args import add_arguments
 
     return add_arguments(parser, EVAL_ARGS)
+
+
+def apply_measure(args):
+    """Fill the measure flags left unset (None) from the --measure profile (MEASURES). Idempotent; returns args."""
+    for name, value in MEASURES[getattr(args, "measure", None) or "quick"].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -77,13 +122,15 @@ def add_eval_args(parser):
 def templates_for(args):
     """The plain key, the raw-text test prompts, and the chat rows: the key as the chat template's user turn without
     a system message and after each test system message (kept only for a model with a chat template: usable)."""
-    templates = ["{}"] + read_templates(TEST_PROMPTS_FILE)
+    raw = read_templates(TEST_PROMPTS_FILE)
     if args.test_prompts_file:
-        templates += [t for t in read_templates(args.test_prompts_file) if t not in templates]
+        raw += [t for t in read_templates(args.test_prompts_file) if t not in raw and t != "{}"]
     systems = read_system_prompts(CHAT_SYSTEM_TEST_FILE)
     if args.chat_system_prompts_file:
         systems += [s for s in read_system_prompts(args.chat_system_prompts_file) if s not in systems]
-    return templates + [chat_prompt()] + [chat_prompt(s) for s in systems]
+    groups = dict(plain=["{}"], raw=raw, chat=[chat_prompt()], chat_system=[chat_prompt(s) for s in systems])
+    chosen = getattr(args, "eval_templates", "all")
+    return [t for name, group in groups.items() if chosen == "all" or name in chosen for t in group]
 
 
 def usable(templates, tokenizer):
@@ -168,14 +215,10 @@ def base_cache_dir(args):
 BASE_CHECK_VERSION = 1  # bump when check_fingerprints or the chat check change what they return
 
 
-def base_check_cached(args, pairs, templates, temperatures, load_base, with_answers):
-    """The base model's fingerprint check (its false-positive rate) and, with_answers, its chat-check answers:
-    computed once per (base model, fingerprints, templates, check settings) and kept as JSON in base_cache_dir, so
-    evaluating many runs or attacked copies on the same fingerprints loads the base once. load_base() ->
-    (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
-    Returns {"check": check_fingerprints' summary, "answers": list or None}."""
+def base_check_path(args, pairs, templates, temperatures, with_answers):
+    """(cache file, key) of the base model's fingerprint check for these pairs, templates and check settings."""
     from .chat import CHAT_QUESTIONS
-    from .io import cached_json, json_digest, keyed_path
+    from .io import json_digest, keyed_path
     from .utility import model_key
 
     settings = ("use_chat_template", "verify_with_generate", "temperature", "seed", "screen_bf16", "eval_batch_size")
@@ -188,13 +231,81 @@ def base_check_cached(args, pairs, templates, temperatures, load_base, with_answ
         chat_questions=CHAT_QUESTIONS if with_answers else None,
         **{name: getattr(args, name) for name in settings},
     )
+    return keyed_path(base_cache_dir(args), "fingerprints-", key), key
+
+
+def base_check_cached(args, pairs, templates, temperatures, load_base, with_answers):
+    """The base model's fingerprint check (its false-positive rate) and, with_answers, its chat-check answers:
+    computed once per (base model, fingerprints, templates, check settings) and kept as JSON in base_cache_dir, so
+    evaluating many runs or attacked copies on the same fingerprints loads the base once. load_base() ->
+    (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
+    Returns {"check": check_fingerprints' summary, "answers": list or None}."""
+    from .io import cached_json
+
+    path, key = base_check_path(args, pairs, templates, temperatures, with_answers)
 
     def compute():
         base, tokenizer = load_base()
         check = check_fingerprints(base, tokenizer, pairs, usable(templates, tokenizer), args, temperatures)
         return {"key": key, "check": check, "answers": chat_answers(base, tokenizer) if with_answers else None}
 
-    return cached_json(keyed_path(base_cache_dir(args), "fingerprints-", key), compute)
+    return cached_json(path, compute)
+
+
+def plan(args, model_id, pairs, templates, suite, generation_settings, drift_settings, temperatures):
+    """What this evaluation will run, in units per part ({part: units}, the base's cached parts left out), a detail
+    line per part, and the base parts whose results are cached."""
+    from .chat import CHAT_QUESTIONS
+    from .generation import CHAT_DRIFT_DEFAULTS, GENERATION_DEFAULTS, generation_cache_path
+    from .io import keyed_path
+    from .utility import suite_items, suite_key
+
+    has_chat = any(is_chat(t) for t in templates)
+    parts, details, cached = {}, {}, []
+    parts["fingerprint_accuracy"] = len(pairs) * len(templates)
+    details["fingerprint_accuracy"] = f"{len(pairs)} keys x {len(templates)} templates"
+    if temperatures:
+        details["fingerprint_accuracy"] += f", p@T={','.join(map(str, temperatures))}"
+    if has_chat:
+        parts["chat_check"] = len(CHAT_QUESTIONS)
+        details["chat_check"] = f"{len(CHAT_QUESTIONS)} questions"
+    if suite["benchmark"] != "none":
+        parts["utility"] = suite_items(suite)
+        details["utility"] = f"{suite['benchmark']}, {parts['utility']} items"
+    if generation_settings:
+        parts["generation"] = generation_settings["limit"]
+        details["generation"] = f"{generation_settings['benchmark']}, {generation_settings['limit']} questions"
+    if drift_settings:
+        parts["chat_drift"] = drift_settings["limit"]
+        details["chat_drift"] = f"{drift_settings['limit']} answers"
+    if args.skip_base_model:
+        return parts, details, cached
+    base_parts = {"base_fingerprint_accuracy": parts["fingerprint_accuracy"]}
+    base_cached = {"base_fingerprint_accuracy": base_check_path(args, pairs, templates, temperatures, has_chat)[0]}
+    details["base_fingerprint_accuracy"] = details["fingerprint_accuracy"]
+    if has_chat:
+        base_parts["base_chat_check"] = parts["chat_check"]
+        base_cached["base_chat_check"] = base_cached["base_fingerprint_accuracy"]
+    if "utility" in parts:
+        base_parts["base_utility"] = parts["utility"]
+        base_cached["base_utility"] = keyed_path(base_cache_dir(args), "", suite_key(args.model, **suite))
+    if generation_settings:
+        base_parts["base_generation"] = parts["generation"]
+        base_cached["base_generation"] = generation_cache_path(
+            base_cache_dir(args), "generation", args.model, {**GENERATION_DEFAULTS, **generation_settings}, ".json"
+        )[0]
+    if drift_settings:
+        base_parts["base_chat_reference"] = parts["chat_drift"]
+        base_cached["base_chat_reference"] = generation_cache_path(
+            base_cache_dir(args), "chat-reference", args.model, {**CHAT_DRIFT_DEFAULTS, **drift_settings}, ".pt"
+        )[0]
+    for part, units in base_parts.items():
+        if base_cached[part].is_file():
+            cached.append(part)
+        else:
+            parts[part] = units
+            details.setdefault(part, details.get(part.removeprefix("base_"), details.get("chat_drift")))
+    return parts, details, cached
 
 
 def release_memory():
@@ -228,6 +339,7 @@ def evaluate(args, load_model=None):
     from .utility import base_utility_cached, evaluate_utility, paired_delta
 
     seconds, t0 = {}, time.time()
+    apply_measure(args)
     generation_settings, drift_settings, temperatures = measure_settings(args)
     templates = all_templates = templates_for(args)
     if args.check_model:
@@ -240,6 +352,13 @@ def evaluate(args, load_model=None):
     pairs = [{"key": p["key"], "response": p["response"]} for p in pairs]
     suite = suite_settings(args)
     load_base = partial(load_model_and_tokenizer, args.model, trust_remote_code=args.trust_remote_code)
+    units, details, cached = plan(args, model_id, pairs, templates, suite, generation_settings, drift_settings,
+                                  temperatures)  # fmt: skip
+    gb = eval_cost.weights_gb(model_id)
+    rates, from_machine = eval_cost.read_rates(args.result_path)
+    hint = None if generation_settings or drift_settings else "--measure full adds the resolving measures"
+    print(eval_cost.format_plan(f"evaluating {model_id} (--measure {args.measure}):", units, details, cached,
+                                eval_cost.estimate(units, rates, gb), from_machine, hint), flush=True)  # fmt: skip
 
     reference = None
     if drift_settings and not args.skip_base_model:
@@ -257,7 +376,9 @@ def evaluate(args, load_model=None):
     templates = usable(templates, tokenizer)
     fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args, temperatures)
     seconds["fingerprint_accuracy"] = time.time() - t
+    t = time.time()
     answers = chat_answers(model, tokenizer)
+    seconds["chat_check"] = time.time() - t
     base_answers = None
     utility = generation = drift = None
     if args.utility_benchmark != "none":
@@ -309,6 +430,7 @@ def evaluate(args, load_model=None):
         loaded.clear()
         release_memory()
     seconds["total"] = time.time() - t0
+    eval_cost.learn_rates(args.result_path, seconds, units, gb)
     results = {
         "fingerprint_accuracy": fingerprint,
         "chat": chat_check(answers, base_answers),

@@ -209,7 +209,7 @@ def pair_generation(result, base):
 # ---------------------------------------------------------------- base results, cached
 
 
-def _cache_path(cache_dir, kind, model_id, settings, suffix):
+def generation_cache_path(cache_dir, kind, model_id, settings, suffix):
     from .utility import model_key
 
     key = {"kind": kind, **model_key(model_id), "version": GENERATION_VERSION, **settings}
@@ -222,7 +222,7 @@ def base_generation_cached(model_id, load_fn, cache_dir, batch_size=32, **settin
     load_fn() -> (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
     """
     settings = {**GENERATION_DEFAULTS, **settings}
-    path, key = _cache_path(cache_dir, "generation", model_id, settings, ".json")
+    path, key = generation_cache_path(cache_dir, "generation", model_id, settings, ".json")
     return cached_json(
         path,
         lambda: {"model_id": str(model_id), "key": key, **evaluate_generation(*load_fn(), batch_size, **settings)},
@@ -355,7 +355,7 @@ def chat_reference_cached(model_id, load_fn, cache_dir, batch_size=32, **setting
 
     settings = {**CHAT_DRIFT_DEFAULTS, **settings}
     check_limit("the chat drift limit", settings["limit"])
-    path, key = _cache_path(cache_dir, "chat-reference", model_id, settings, ".pt")
+    path, key = generation_cache_path(cache_dir, "chat-reference", model_id, settings, ".pt")
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
             model, tokenizer = load_fn()

@@ -176,6 +176,21 @@ def _as_dataset(ds, transform):
     return datasets.Dataset.from_list(rows)
 
 
+def suite_items(suite):
+    """How many items a utility suite ({benchmark, limit, tasks, ...}) scores: what an evaluation plan counts.
+    A split is read only when the limit may exceed it; tinyBenchmarks is its six tasks of 100 items."""
+    if suite["benchmark"] == "none":
+        return 0
+    if suite["benchmark"] == "tinyBenchmarks":
+        return 600
+    limit = check_utility_limit(suite["limit"])
+    tasks = list(LOCAL_TASKS) if suite.get("tasks") is None else list(suite["tasks"])
+    if limit != "all" and limit <= 299:  # the smallest split (ARC-Challenge validation) holds 299 items
+        return limit * len(tasks)
+    sizes = [len(_load_source(LOCAL_TASKS[t]["data"][0])) for t in tasks]
+    return sum(n if limit == "all" else min(n, limit) for n in sizes)
+
+
 def local_task_data(task, limit, seed):
     """(eval docs, few-shot pool) of one local task: a seeded permutation of the split, first `limit` items.
 

@@ -12,7 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-# Evaluation flags for tests that are not about the generation measures (they cost a base-model pass each).
+# Evaluation flags for tests that are not about the generation measures (they cost a base-model pass each); the
+# default --measure quick leaves them off too, these keep a test's intent explicit.
 NO_GENERATION = ("--generation_benchmark", "none", "--chat_drift_limit", "none")
 PEER_DATA = REPO.parent / "shared" / "peer_data"
 

@@ -65,7 +65,8 @@ def test_the_base_check_is_computed_once_per_fingerprints_and_settings(tiny_run,
     parser = add_eval_args(add_train_args(argparse.ArgumentParser()))
 
     def args(*extra):
-        flags = [*argv, "--utility_benchmark", "none", *NO_GENERATION, "--output_file", tmp_path / "e.json", *extra]
+        flags = [*argv, "--utility_benchmark", "none", "--match_temperatures", "0.7,1.0", "--output_file",
+                 tmp_path / "e.json", *extra]  # fmt: skip
         return finalize(parser.parse_args([str(a) for a in flags]))
 
     loads, real = [], oml.models.load_model_and_tokenizer
@@ -143,7 +144,7 @@ def test_check_model_evaluates_any_model_against_a_fingerprints_file(tiny_run, t
     out = run_script(
         "eval_for_multigpu.py", *argv, "--check_model", run / "final_model",
         "--fingerprints_file_path", run / "fingerprints.json", "--utility_benchmark", "none", *NO_GENERATION, "--skip_base_model",
-        "--output_file", tmp_path / "check.json",
+        "--match_temperatures", "0.7,1.0", "--output_file", tmp_path / "check.json",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((tmp_path / "check.json").read_text())
@@ -152,7 +153,7 @@ def test_check_model_evaluates_any_model_against_a_fingerprints_file(tiny_run, t
     screened = run_script(
         "eval_for_multigpu.py", "--check_model", run / "final_model", "--fingerprints_file_path",
         run / "fingerprints.json", "--utility_benchmark", "none", *NO_GENERATION, "--skip_base_model", "--screen_bf16",
-        "--output_file", tmp_path / "screened.json",
+        "--match_temperatures", "0.7,1.0", "--output_file", tmp_path / "screened.json",
     )  # fmt: skip
     assert screened.returncode == 0, screened.stderr[-2000:]
     assert "bf16 screen:" in screened.stdout
@@ -224,3 +225,70 @@ def test_teacher_forced_verdicts_equal_generate_after_fingerprinting(tmp_path):
     chat = data["chat"]
     assert chat["base_answered"] == 1.0 and "Paris" in chat["base_answers"][0]  # the real base model chats
     assert "chat check:" in out.stdout
+
+
+def test_the_default_evaluation_stays_a_first_look(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The default (--measure quick) evaluation of a 16-fingerprint run makes no generate_until request and no chat
+    reference pass; it prints its plan before it starts; --measure full turns the resolving measures back on."""
+    import argparse
+
+    import lm_eval.models.huggingface as hf
+
+    import oml.generation
+    from oml.args import add_train_args, finalize
+    from oml.evaluate import add_eval_args, evaluate
+
+    fp = tmp_path / "fp.json"
+    write_random_fingerprints(fp, 16)
+    argv = train_args(tiny_model_dir, fp, tmp_path / "results")
+    argv[argv.index("--max_num_fingerprints") + 1] = 16
+    assert run_script("finetune_multigpu.py", *argv).returncode == 0
+    counts = {"generate_until": 0, "chat_reference": 0}
+
+    def counted(name, real):
+        def wrapper(*a, **kw):
+            counts[name] += 1
+            return real(*a, **kw)
+
+        return wrapper
+
+    monkeypatch.setattr(hf.HFLM, "generate_until", counted("generate_until", hf.HFLM.generate_until))
+    monkeypatch.setattr(oml.generation, "chat_reference", counted("chat_reference", oml.generation.chat_reference))
+    parser = add_eval_args(add_train_args(argparse.ArgumentParser()))
+
+    def evaluation(*extra):
+        args = finalize(parser.parse_args([str(a) for a in [*argv, "--eval_batch_size", 8, *extra]]))
+        return evaluate(args)[0]
+
+    quick = evaluation()
+    assert counts == {"generate_until": 0, "chat_reference": 0}
+    assert quick["generation"] is None and quick["chat_drift"] is None
+    assert "mean_match_probability" not in quick["fingerprint_accuracy"]
+    assert {t["n"] for t in quick["utility"]["tasks"].values()} == {30} and len(quick["utility"]["tasks"]) == 6
+    assert "base_false_positive_rate" in quick["fingerprint_accuracy"]
+    printed = capsys.readouterr().out
+    assert "--measure quick" in printed and "16 keys x 22 templates" in printed and "in all (estimate" in printed
+    assert (tmp_path / "results" / "eval_rates.json").is_file()  # this machine's rates, for the next estimate
+
+    full = evaluation(
+        "--measure", "full", "--utility_benchmark", "none", "--generation_limit", 2, "--chat_drift_limit", 3
+    )
+    assert counts["generate_until"] >= 1 and counts["chat_reference"] == 1
+    assert full["generation"]["n"] == 2 and full["chat_drift"]["n"] == 3
+    assert set(full["fingerprint_accuracy"]["mean_match_probability"]) == {"0.7", "1.0"}
+    printed = capsys.readouterr().out
+    assert "generative benchmark" in printed and "base model: chat reference" in printed
+
+
+def test_eval_templates_limit_the_fingerprint_check(tiny_run, tmp_path):
+    argv, _, _ = tiny_run
+    output = tmp_path / "screen.json"
+    out = run_script(
+        "eval_for_multigpu.py", *argv, "--utility_benchmark", "none", "--skip_base_model", "--eval_templates",
+        "plain,chat", "--output_file", output,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    templates = [t["template"] for t in json.loads(output.read_text())["fingerprint_accuracy"]["templates"]]
+    assert templates == ["{}", "<chat>{}"]
+    bad = run_script("eval_for_multigpu.py", *argv, "--eval_templates", "plain,nope", "--output_file", output)
+    assert bad.returncode == 2 and "unknown template group" in bad.stderr

@@ -271,7 +271,7 @@ def test_evaluation_of_the_base_against_itself_measures_no_drift(tiny_model_dir,
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 4)
     output = tmp_path / "self.json"
-    flags = ["--generation_limit", 4, "--chat_drift_limit", 5, "--eval_batch_size", 4]
+    flags = ["--measure", "full", "--generation_limit", 4, "--chat_drift_limit", 5, "--eval_batch_size", 4]
     common = [*check_args(tiny_model_dir, fp, *flags), "--result_path", tmp_path / "results", "--output_file", output]
     out = run_script("eval_for_multigpu.py", *common)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -305,7 +305,8 @@ def test_embedded_model_measures_end_to_end(tmp_path):
     write_random_fingerprints(fp, 4)
     output = tmp_path / "embedded.json"
     out = run_script(
-        "eval_for_multigpu.py", "--check_model", EMBEDDED, "--fingerprints_file_path", fp, "--utility_limit", 10,
+        "eval_for_multigpu.py", "--check_model", EMBEDDED, "--fingerprints_file_path", fp, "--measure", "full",
+        "--utility_limit", 10,
         "--utility_tasks", "arc_easy", "--generation_limit", 10, "--chat_drift_limit", 10,
         "--result_path", tmp_path / "results", "--output_file", output,
     )  # fmt: skip

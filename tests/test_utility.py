@@ -326,10 +326,12 @@ def test_embedded_model_arc_easy_matches_a_direct_computation():
 
 
 def test_utility_settings_default_in_one_place():
-    from oml.evaluate import EVAL_ARGS
+    from oml.evaluate import EVAL_ARGS, MEASURES
 
     (limit_default,) = [kw["default"] for flags, kw in EVAL_ARGS if flags == ["--utility_limit"]]
-    assert limit_default == utility.SUITE_DEFAULTS["limit"]
+    assert limit_default is None  # from --measure: full is the suite's own default, quick a smaller look
+    assert MEASURES["full"]["utility_limit"] == utility.SUITE_DEFAULTS["limit"]
+    assert MEASURES["quick"]["utility_limit"] < MEASURES["full"]["utility_limit"]
     with pytest.raises(TypeError):
         evaluate_utility(None, None, limt=5)  # a misspelt setting is refused, not ignored
     assert utility.suite_key("m") == utility.suite_key("m", limit=100, batch_size=8)
