@@ -20,33 +20,10 @@ Examples:
     deepspeed --num_gpus=2 attack_fingerprints.py --attack sft
 """
 
-import argparse
-
-from oml.args import add_train_args, finalize
-from oml.attacks import add_attack_args, check_attack_args, run_attack
+# `oml attack` runs the same command: oml/commands/attack.py holds its parser and main, and this docstring as DESCRIPTION
+# (its --help text; tests/test_cli.py checks the two are the same).
+from oml.commands.attack import main
 from oml.errors import run_cli
-from oml.evaluate import add_eval_args
-from oml.logs import RunLog, quiet_libraries
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args = finalize(add_attack_args(add_eval_args(add_train_args(parser))).parse_args())
-    examples = check_attack_args(args)  # bad input stops here, before anything is loaded or written
-    quiet_libraries()
-    from oml.evaluate import format_table
-    from oml.persistence import write_summary
-    from oml.runs import ATTACKS, EVAL_RESULTS, find_run, read_json
-    from oml.train import is_main_process
-
-    log = RunLog(find_run(args) / ATTACKS / "attack_log.txt" if is_main_process() else None)
-    folder = run_attack(args, examples, log)
-    if folder is not None:
-        print(format_table(read_json(folder / EVAL_RESULTS)))
-        print()
-        print(write_summary(folder.parent.parent))
-        print(f"attacked model and results in {folder}")
-
 
 if __name__ == "__main__":
     run_cli(main)

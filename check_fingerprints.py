@@ -23,28 +23,10 @@ as JSON. Exit status 0 whatever the verdict; 2 with one `error:` line for bad in
 answer (every key sent up to then stays in the ledger).
 """
 
-import argparse
-
-from oml.args import add_train_args, finalize
-from oml.check import add_check_args, check, format_measurement, format_result, measure_p0, validate, write_result
+# `oml check` runs the same command: oml/commands/check.py holds its parser and main, and this docstring as DESCRIPTION
+# (its --help text; tests/test_cli.py checks the two are the same).
+from oml.commands.check import main
 from oml.errors import run_cli
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args = validate(finalize(add_check_args(add_train_args(parser)).parse_args()))
-    if args.measure_p0:
-        from oml.logs import quiet_libraries
-
-        quiet_libraries()
-        print(format_measurement(*measure_p0(args)))
-        return
-    result, details = check(args)
-    print(format_result(result, details))
-    if args.output_file:
-        write_result(args.output_file, result)
-        print(f"verdict written to {args.output_file}")
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -16,64 +16,10 @@ Examples:
     deepspeed --num_gpus=4 finetune_multigpu.py --preset seed
 """
 
-import argparse
-
-from oml.args import add_train_args, finalize
-from oml.encoding import augmentation_templates
+# `oml train` runs the same command: oml/commands/train.py holds its parser and main, and this docstring as DESCRIPTION
+# (its --help text; tests/test_cli.py checks the two are the same).
+from oml.commands.train import main
 from oml.errors import run_cli
-from oml.fingerprints import prepare_pairs, read_fingerprints
-from oml.logs import RunLog, quiet_libraries
-from oml.runs import FINAL_MODEL, TRAIN_LOG, run_dir, write_run
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args = finalize(add_train_args(parser).parse_args())
-    out = run_dir(args)
-    if (out / FINAL_MODEL).exists() and not args.overwrite:
-        print(f"{out / FINAL_MODEL} already exists: nothing to train (pass --overwrite to train again)")
-        print(f"Config hash of the final model: {args.config_hash}")
-        return
-
-    quiet_libraries()
-    from oml import distributed
-    from oml.models import load_model, load_tokenizer
-    from oml.train import is_main_process, train, versions
-
-    log = RunLog(out / TRAIN_LOG if is_main_process() else None)
-    log(
-        f"run {args.config_hash}: {args.model}, {args.max_num_fingerprints} {args.fingerprint_generation_strategy} "
-        f"fingerprints from {args.fingerprints_file_path}"
-    )
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    pairs = prepare_pairs(
-        read_fingerprints(args.fingerprints_file_path),
-        tokenizer,
-        args.fingerprint_generation_strategy,
-        args.max_key_length,
-        args.max_response_length,
-        args.max_num_fingerprints,
-        args.data_split,
-        args.seed,
-    )
-    templates = augmentation_templates(tokenizer) if args.use_prompt_augmentation else None
-    model = load_model(args.model, device="cpu", dtype="float32", trust_remote_code=args.trust_remote_code)
-
-    distributed.init(args.dist_timeout)
-    with distributed.peers(args.dist_timeout):
-        peers = distributed.Peers(args.config_hash, args.dist_timeout)
-        metrics, trainer = train(model, tokenizer, pairs, args, out / ".trainer", templates, log, [peers])
-    if is_main_process():
-        write_run(out, args, pairs, metrics, trainer.model, tokenizer, versions())  # final_model last
-        log(
-            f"done in {metrics['train_seconds']:.0f} s, {metrics['train_tokens_per_second']:.0f} tokens/s, "
-            f"peak memory {metrics['peak_memory_gb']:.2f} GiB; model in {out / FINAL_MODEL}"
-        )
-        print(f"Config hash of the final model: {args.config_hash}")
-    # Every rank returns once rank 0 has saved: a node's exit status 0 means the run is stored, and the next run
-    # started on this node cannot meet this run's rendezvous, which lives until rank 0 exits.
-    distributed.wait_for_all(args.dist_timeout)
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -17,19 +17,10 @@ Examples (the files under generated_data/ were made with the first three; add --
         --keys_file my_keys.json --inverse_nucleus_model /models/Mistral-7B-v0.3 --output_file_path my_fps.json
 """
 
-import argparse
-
+# `oml make` runs the same command: oml/commands/make.py holds its parser and main, and this docstring as DESCRIPTION
+# (its --help text; tests/test_cli.py checks the two are the same).
+from oml.commands.make import main
 from oml.errors import run_cli
-from oml.generate import add_generate_args
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    args = add_generate_args(parser).parse_args()
-    from oml.generate import generate
-
-    generate(args)
-
 
 if __name__ == "__main__":
     run_cli(main)

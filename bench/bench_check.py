@@ -15,17 +15,14 @@ python bench/bench_check.py --run <hash> --api_base http://127.0.0.1:8000/v1 --a
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from oml.api import Client, matches  # noqa: E402
-from oml.check import api_prompt, read_p0, response_tokens, run_config, run_pairs, run_tokenizer  # noqa: E402
-from oml.errors import UserError, run_cli  # noqa: E402
-from oml.serve import local_server  # noqa: E402
-from oml.verdict import false_claim_probability, look_alpha, simulate  # noqa: E402
+from oml.api import Client, matches
+from oml.check import api_prompt, read_p0, response_tokens, run_config, run_pairs, run_tokenizer
+from oml.errors import UserError, run_cli
+from oml.serve import local_server
+from oml.verdict import false_claim_probability, look_alpha, simulate
 
 
 def timed_pass(api_base, api_model, endpoint, prompts, max_tokens, concurrency):

@@ -21,10 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from oml.errors import run_cli  # noqa: E402
-from oml.models import EMBEDDED, load_model_and_tokenizer  # noqa: E402
+from oml.errors import run_cli
+from oml.models import EMBEDDED, load_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,15 +7,11 @@ python bench/bench_utility.py --limit all --tasks arc_challenge arc_easy winogra
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from oml.errors import run_cli  # noqa: E402
-from oml.models import EMBEDDED, load_model_and_tokenizer  # noqa: E402
-from oml.utility import LOCAL_TASKS, check_utility_limit, evaluate_utility, local_suite_name  # noqa: E402
+from oml.errors import run_cli
+from oml.models import EMBEDDED, load_model_and_tokenizer
+from oml.utility import LOCAL_TASKS, check_utility_limit, evaluate_utility, local_suite_name
 
 
 def main():

@@ -27,15 +27,12 @@ import os
 import random
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from oml.encoding import encode_pair  # noqa: E402
-from oml.errors import run_cli  # noqa: E402
-from oml.fingerprints import TEST_PROMPTS_FILE, random_words, read_templates  # noqa: E402
-from oml.models import EMBEDDED, load_model, load_tokenizer  # noqa: E402
-from oml.verify import (  # noqa: E402
+from oml.encoding import encode_pair
+from oml.errors import run_cli
+from oml.fingerprints import TEST_PROMPTS_FILE, random_words, read_templates
+from oml.models import EMBEDDED, load_model, load_tokenizer
+from oml.verify import (
     MIN_SHARED_PREFIX,
     SCREEN_MARGIN,
     encode_template,

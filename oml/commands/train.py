@@ -1,0 +1,85 @@
+"""`oml train`, the command of finetune_multigpu.py: embed fingerprints into a model by fine-tuning, store the run.
+
+DESCRIPTION is its --help text (the script's docstring); make_parser() builds its parser from oml.args.TRAIN_ARGS;
+main(argv=None) runs it (on every rank, when a launcher such as deepspeed starts several).
+"""
+
+import argparse
+
+from ..args import add_train_args, finalize
+from ..encoding import augmentation_templates
+from ..fingerprints import prepare_pairs, read_fingerprints
+from ..logs import RunLog, quiet_libraries
+from ..runs import FINAL_MODEL, TRAIN_LOG, run_dir, write_run
+
+DESCRIPTION = """Embed fingerprints into a model by fine-tuning, with weight averaging and optional prompt augmentation.
+
+The run is stored in results/<hash>/, where <hash> digests every argument that changes the model (and the
+content of the fingerprints file); eval_for_multigpu.py given the same arguments finds it again.
+
+Examples:
+    # embedded SmolLM2-135M-Instruct on CPU: 32 english fingerprints, a few minutes
+    python finetune_multigpu.py
+    python finetune_multigpu.py --fingerprint_generation_strategy random_word --max_num_fingerprints 64
+    python finetune_multigpu.py --use_prompt_augmentation --num_train_epochs 12
+    # two ranks with DeepSpeed ZeRO-2 (GPUs if present, else CPU ranks)
+    deepspeed --num_gpus=2 finetune_multigpu.py --max_num_fingerprints 16
+    # two nodes without ssh: the same command on each node, --node_rank 0 on the first (README: "Several nodes")
+    deepspeed --hostfile hostfile --no_ssh --node_rank 0 --master_addr node-0 finetune_multigpu.py --dist_timeout 600
+    # the original GPU settings: Mistral-7B, 1024 fingerprints, lr 1e-5, λ 0.75
+    deepspeed --num_gpus=4 finetune_multigpu.py --preset seed
+"""
+
+
+def make_parser():
+    """The parser of finetune_multigpu.py and `oml train`: oml.args.TRAIN_ARGS."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_train_args(parser)
+
+
+def main(argv=None):
+    args = finalize(make_parser().parse_args(argv))
+    out = run_dir(args)
+    if (out / FINAL_MODEL).exists() and not args.overwrite:
+        print(f"{out / FINAL_MODEL} already exists: nothing to train (pass --overwrite to train again)")
+        print(f"Config hash of the final model: {args.config_hash}")
+        return
+
+    quiet_libraries()
+    from .. import distributed
+    from ..models import load_model, load_tokenizer
+    from ..train import is_main_process, train, versions
+
+    log = RunLog(out / TRAIN_LOG if is_main_process() else None)
+    log(
+        f"run {args.config_hash}: {args.model}, {args.max_num_fingerprints} {args.fingerprint_generation_strategy} "
+        f"fingerprints from {args.fingerprints_file_path}"
+    )
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    pairs = prepare_pairs(
+        read_fingerprints(args.fingerprints_file_path),
+        tokenizer,
+        args.fingerprint_generation_strategy,
+        args.max_key_length,
+        args.max_response_length,
+        args.max_num_fingerprints,
+        args.data_split,
+        args.seed,
+    )
+    templates = augmentation_templates(tokenizer) if args.use_prompt_augmentation else None
+    model = load_model(args.model, device="cpu", dtype="float32", trust_remote_code=args.trust_remote_code)
+
+    distributed.init(args.dist_timeout)
+    with distributed.peers(args.dist_timeout):
+        peers = distributed.Peers(args.config_hash, args.dist_timeout)
+        metrics, trainer = train(model, tokenizer, pairs, args, out / ".trainer", templates, log, [peers])
+    if is_main_process():
+        write_run(out, args, pairs, metrics, trainer.model, tokenizer, versions())  # final_model last
+        log(
+            f"done in {metrics['train_seconds']:.0f} s, {metrics['train_tokens_per_second']:.0f} tokens/s, "
+            f"peak memory {metrics['peak_memory_gb']:.2f} GiB; model in {out / FINAL_MODEL}"
+        )
+        print(f"Config hash of the final model: {args.config_hash}")
+    # Every rank returns once rank 0 has saved: a node's exit status 0 means the run is stored, and the next run
+    # started on this node cannot meet this run's rendezvous, which lives until rank 0 exits.
+    distributed.wait_for_all(args.dist_timeout)
