@@ -4,7 +4,10 @@ verdict is decided, with every revealed key in the run's ledger.
     measure_p0(args)  the run's keys through reference models, locally (greedy generate, the API's match rule):
                       per-key outcomes and p0 = their Clopper-Pearson upper bound -> results/<hash>/reference_match_rates.json
     check(args)       the suspect's OpenAI-compatible API, sequential batches (oml.verdict), oml.ledger before every
-                      request -> the five-field verdict
+                      request -> the five-field verdict; with --claim_file also a claim (oml.claim) rewritten
+                      before and after every batch
+    trace(args)       --trace RUN [RUN ...]: one such check per candidate licensee's run, each at alpha / K
+                      (Bonferroni) -> the licensee(s) named, or "not shown"
 
 The keys are sent the way they were trained: on the completions route the raw prompt (the key, inside the
 chat template when the run trained with one), on the chat route the key as the user message. p0 is stored per
@@ -35,6 +38,12 @@ CHECK_ARGS = [
                               help="ask for this many tokens beyond the response's length in the run's tokenizer")),
     (["--allow_revealed"], dict(action="store_true", help="reuse revealed keys once every unrevealed one is used")),
     (["--output_file"], dict(default=None, help="write the verdict as JSON here")),
+    (["--claim_file"], dict(default=None, metavar="PATH",
+                            help="write a claim here: every revealed key with its salt and Merkle path, the raw "
+                                 "answers, p0, alpha, the verdict (python -m oml.claim verify checks it)")),
+    (["--trace"], dict(nargs="+", default=None, metavar="RUN",
+                       help="which licensee leaked: a check per candidate run (hash or folder; same base model), "
+                            "each at alpha / number of runs (Bonferroni); the verdict names the licensee(s)")),
     (["--measure_p0"], dict(action="store_true", help="measure p0 on --reference_models instead of checking")),
     (["--reference_models"], dict(nargs="+", default=["base"], metavar="MODEL",
                                   help="'base', a run folder or hash (its final_model), or a model folder / hub id")),
@@ -248,14 +257,43 @@ def read_p0(run, endpoint):
 
 
 def check(args, log=print):
-    """Query the suspect until the verdict is decided. Returns (result with RESULT_FIELDS, details)."""
-    from .api import Client, matches
-    from .ledger import LOW_FRACTION, Ledger
-    from .verdict import decide, false_claim_probability, keys_needed, look_alpha, p_value
+    """Query the suspect until the verdict is decided. Returns (result with RESULT_FIELDS, details).
 
+    With --trace, the licensee trace instead (`trace`)."""
+    if getattr(args, "trace", None):
+        return trace(args, log)
     if not args.api_model:
         raise UserError("--api_model is required: the model name the server serves")
-    run = resolve_run(args)
+    plan = plan_check(args, resolve_run(args), args.alpha, getattr(args, "claim_file", None), log)
+    with open_client(args) as client:
+        client.check_reachable()  # nothing is revealed to a server that is not there
+        return run_check(args, plan, client, log)
+
+
+def open_client(args):
+    from .api import Client
+
+    return Client(
+        args.api_base,
+        args.api_model,
+        args.endpoint,
+        args.api_key_env,
+        args.system_prompt,
+        timeout=args.api_timeout,
+        retries=args.api_retries,
+        concurrency=args.concurrency,
+    )
+
+
+def plan_check(args, run, alpha, claim_file=None, log=print, family=None):
+    """Everything one run's check needs before its first request, every input checked (nothing is sent when one
+    fails): its keys, p0, ledger, key budget, the per-look level that keeps the check at `alpha`, its claim."""
+    from argparse import Namespace
+
+    from .claim import open_claim
+    from .ledger import LOW_FRACTION, Ledger
+    from .verdict import decide, look_alpha
+
     run_args, pairs = run_config(run), run_pairs(run)
     measurement = read_p0(run, args.endpoint)
     p0 = measurement["p0"]
@@ -268,59 +306,66 @@ def check(args, log=print):
     budget = min(args.max_keys, available)
     if budget == 0:
         raise UserError(f"every key of run {run.name} has been revealed; --allow_revealed reuses them")
-    level = look_alpha(p0, args.alpha, budget, args.concurrency)  # per look, so that the whole check is at alpha
+    level = look_alpha(p0, alpha, budget, args.concurrency)  # per look, so that the whole check is at alpha
     if level <= 0 or decide(budget, budget, p0, level, budget) != "ours":
         raise UserError(
-            f"with p0 = {p0:.3g}, even {budget} matching keys cannot reach alpha {args.alpha:g}: "
+            f"with p0 = {p0:.3g}, even {budget} matching keys cannot reach alpha {alpha:g}: "
             "measure p0 on more reference trials, raise --max_keys, or use a larger alpha"
         )
+    # --claim_file: the commitment is checked now, before any key goes out
+    claim = open_claim(claim_file, args, run, pairs, measurement, level, budget, alpha, family)
+    return Namespace(run=run, run_args=run_args, pairs=pairs, measurement=measurement, p0=p0, ledger=ledger,
+                     budget=budget, level=level, alpha=alpha, claim=claim)  # fmt: skip
 
-    tokenizer = run_tokenizer(run, run_args)
-    use_chat = run_args["use_chat_template"]
+
+def run_check(args, plan, client, log=print):
+    """One run's sequential check through an open client. Returns (result, details)."""
+    from .api import matches
+    from .verdict import decide, false_claim_probability, keys_needed, p_value
+
+    run, pairs, ledger, claim = plan.run, plan.pairs, plan.ledger, plan.claim
+    p0, level, budget = plan.p0, plan.level, plan.budget
+    tokenizer = run_tokenizer(run, plan.run_args)
+    use_chat = plan.run_args["use_chat_template"]
     n = found = 0
-    with Client(
-        args.api_base,
-        args.api_model,
-        args.endpoint,
-        args.api_key_env,
-        args.system_prompt,
-        timeout=args.api_timeout,
-        retries=args.api_retries,
-        concurrency=args.concurrency,
-    ) as client:
-        client.check_reachable()  # nothing is revealed to a server that is not there
-        while decide(found, n, p0, level, budget) is None:
-            step = min(keys_needed(found, n, p0, level, budget), args.concurrency)
-            chosen = ledger.reserve(
-                step, args.endpoint, args.allow_revealed, api_base=args.api_base, model=args.api_model
+    while decide(found, n, p0, level, budget) is None:
+        step = min(keys_needed(found, n, p0, level, budget), args.concurrency)
+        chosen = ledger.reserve(step, args.endpoint, args.allow_revealed, api_base=args.api_base, model=args.api_model)
+        prompts = [api_prompt(tokenizer, pairs[i]["key"], args.endpoint, use_chat) for i in chosen]
+        max_tokens = [response_tokens(tokenizer, pairs[i]["response"]) + args.extra_tokens for i in chosen]
+        if claim:
+            claim.sent(chosen, list(map(client.body, prompts, max_tokens)), args.endpoint, args.api_base)
+        answers = client.complete_many(prompts, max_tokens)
+        if claim:
+            claim.answered(answers)
+        errors = []
+        for i, answer in zip(chosen, answers, strict=True):
+            if answer.error:
+                ledger.record(i, args.endpoint, f"error: {answer.error}")
+                errors.append(answer.error)
+            else:
+                hit = matches(answer.text, pairs[i]["response"])
+                ledger.record(i, args.endpoint, "match" if hit else "no match")
+                found += hit
+                n += 1
+        if errors:
+            revealed = n + len(errors)
+            raise UserError(
+                f"{errors[0]} (this check revealed {revealed} keys, {found} of {n} answered ones matched; "
+                f"all recorded in {ledger.path})"
             )
-            prompts = [api_prompt(tokenizer, pairs[i]["key"], args.endpoint, use_chat) for i in chosen]
-            max_tokens = [response_tokens(tokenizer, pairs[i]["response"]) + args.extra_tokens for i in chosen]
-            answers = client.complete_many(prompts, max_tokens)
-            errors = []
-            for i, answer in zip(chosen, answers, strict=True):
-                if answer.error:
-                    ledger.record(i, args.endpoint, f"error: {answer.error}")
-                    errors.append(answer.error)
-                else:
-                    hit = matches(answer.text, pairs[i]["response"])
-                    ledger.record(i, args.endpoint, "match" if hit else "no match")
-                    found += hit
-                    n += 1
-            if errors:
-                revealed = n + len(errors)
-                raise UserError(
-                    f"{errors[0]} (this check revealed {revealed} keys, {found} of {n} answered ones matched; "
-                    f"all recorded in {ledger.path})"
-                )
-            log(f"{n} keys answered, {found} matched, p-value {p_value(found, n, p0):.3g}")
+        log(f"{n} keys answered, {found} matched, p-value {p_value(found, n, p0):.3g}")
 
     verdict = decide(found, n, p0, level, budget)
     result = {"keys_revealed": n, "matches": found, "p0": p0, "p_value": p_value(found, n, p0), "verdict": verdict}
+    if claim:
+        claim.finish(result)
+        log(f"claim written to {claim.path}")
+    measurement = plan.measurement
     details = {
         "run": run.name,
         "suspect": f"{args.api_base} model {args.api_model} ({args.endpoint})",
-        "alpha": args.alpha,
+        "alpha": plan.alpha,
         "look_alpha": level,
         "budget": budget,
         "p0_source": f"{measurement['confidence']:.0%} upper bound, {measurement['matches']} of "
@@ -333,7 +378,98 @@ def check(args, log=print):
     return result, details
 
 
+# ------------------------------------------------------------------------------------------ tracing a licensee
+
+
+def trace(args, log=print):
+    """--trace RUN [RUN ...]: which candidate licensee's fingerprints does the suspect carry?
+
+    Every candidate run (one licensee's slice of a master fingerprints file, --licensee) gets its own sequential
+    check on its own keys, revealed to its own ledger (and claim), at level alpha / K for K candidates; the
+    verdict names every candidate whose check says "ours", or "not shown".
+
+    Family-wise error: the probability of naming at least one licensee whose keys the suspect does not carry is
+    at most alpha. Bonferroni, because nothing else is safe here: the K checks question one suspect, so their
+    outcomes are dependent (a model built from licensee j's copy answers j's keys and may answer the others'
+    more or less often than the reference models did), the suspect may carry several licensees' keys at once (a
+    merge), and the sequential checks stop at different times. The union bound needs none of that:
+    P(any false naming) <= sum over k of P(check k says "ours" | H0_k) <= K * alpha / K. It costs little: each
+    check needs about log(K) / log(1 / p0) more matching keys (one more for K = 8 at p0 = 0.03).
+
+    Every input is checked before any key goes out: the runs exist, share a base model, have p0 measured, and can
+    each reach alpha / K within --max_keys."""
+    if not args.api_model:
+        raise UserError("--api_model is required: the model name the server serves")
+    runs = [trace_run(args.result_path, name) for name in args.trace]
+    if len({r.resolve() for r in runs}) != len(runs):
+        raise UserError("--trace names a run twice")
+    bases = {r.name: run_config(r)["model"] for r in runs}
+    if len(set(bases.values())) > 1:
+        shown = ", ".join(f"{name}: {model}" for name, model in bases.items())
+        raise UserError(f"--trace runs must share a base model (licensees of one model), these differ: {shown}")
+    k = len(runs)
+    alpha = args.alpha / k
+    family = {"alpha": args.alpha, "correction": "bonferroni", "runs": [r.name for r in runs]}
+    claim_file = getattr(args, "claim_file", None)
+    plans = [plan_check(args, run, alpha, claim_path(claim_file, run, k), log, family) for run in runs]
+    outcomes = []
+    with open_client(args) as client:
+        client.check_reachable()
+        for plan in plans:
+            log(f"candidate {licensee_label(plan.run)}")
+            outcomes.append(run_check(args, plan, client, log))
+    candidates = [
+        {"run": plan.run.name, "licensee": plan.run_args.get("licensee"), **result}
+        for plan, (result, _) in zip(plans, outcomes, strict=True)
+    ]
+    named = [licensee_label(plan.run) for plan, c in zip(plans, candidates, strict=True) if c["verdict"] == "ours"]
+    result = {
+        "verdict": ", ".join(named) if named else "not shown",
+        "named": [c["run"] for c in candidates if c["verdict"] == "ours"],
+        "alpha": args.alpha,
+        "candidate_alpha": alpha,
+        "keys_revealed": sum(c["keys_revealed"] for c in candidates),
+        "candidates": candidates,
+    }
+    details = {"suspect": f"{args.api_base} model {args.api_model} ({args.endpoint})",
+               "candidates": [d for _, d in outcomes]}  # fmt: skip
+    return result, details
+
+
+def trace_run(result_path, name):
+    for run in (Path(result_path) / name, Path(name)):
+        if (run / FINGERPRINTS).is_file():
+            return run
+    raise UserError(f"--trace: no run {name!r} in {result_path} (looked for {Path(result_path) / name / FINGERPRINTS})")
+
+
+def licensee_label(run):
+    licensee = run_config(run).get("licensee")
+    return f"licensee {licensee} (run {Path(run).name})" if licensee is not None else f"run {Path(run).name}"
+
+
+def claim_path(claim_file, run, candidates):
+    """--claim_file PATH, or with several --trace runs PATH with the run's hash before its suffix (one claim each)."""
+    if not claim_file or candidates == 1:
+        return claim_file
+    path = Path(claim_file)
+    return str(path.with_name(f"{path.stem}.{Path(run).name}{path.suffix}"))
+
+
+def format_trace(result, details):
+    lines = [f"suspect          {details['suspect']}"]
+    for c, d in zip(result["candidates"], details["candidates"], strict=True):
+        label = f"licensee {c['licensee']}" if c["licensee"] is not None else "run"
+        lines.append(f"{label:<16} {c['run']}: {c['verdict']}, {c['matches']} of {c['keys_revealed']} keys match, "
+                     f"p0 {c['p0']:.3g}, p-value {c['p_value']:.3g}, false claims {d['false_claim']:.2g}")  # fmt: skip
+    lines.append(f"verdict          {result['verdict']}  (family-wise alpha {result['alpha']:g}: Bonferroni, "
+                 f"{result['candidate_alpha']:.3g} per candidate; {result['keys_revealed']} keys revealed)")  # fmt: skip
+    return "\n".join(lines)
+
+
 def format_result(result, details):
+    if "candidates" in result:
+        return format_trace(result, details)
     rows = [
         ("run", details["run"]),
         ("suspect", details["suspect"]),
@@ -353,7 +489,7 @@ def format_result(result, details):
 def write_result(path, result):
     from .io import atomic_write_json
 
-    atomic_write_json(path, {k: result[k] for k in RESULT_FIELDS})
+    atomic_write_json(path, result if "candidates" in result else {k: result[k] for k in RESULT_FIELDS})
 
 
 def format_measurement(run, m):

@@ -7,6 +7,9 @@ the run record, reading runs back, and the command line that names a run.
         fingerprints.json               the (key, response) pairs the run trained on (never inside final_model)
         metrics.json                    training time, losses, memory
         train_log.txt                   the training log
+        commitment.json                 salted Merkle root of the fingerprints (oml/commitment.py); the root is also
+                                        final_model/README.md's one fact about them
+        commitment_salts.json           the commitment's salts (private; revealed one by one in claims)
         final_model/                    a plain HF folder; written last, so its existence means the run is complete
         eval_results.json               eval_for_multigpu.py's results
         attacks/<attack-id>/            attack_fingerprints.py: attack.json, final_model/ or model.gguf, eval_results.json
@@ -19,6 +22,7 @@ import time
 from pathlib import Path
 
 from .args import HASHED, TRAIN_ARGS, hashed_config
+from .commitment import MODEL_CARD, model_card, write_commitment
 from .encoding import chat_prompt, is_chat
 from .errors import UserError
 from .io import append_line_locked, atomic_directory, atomic_write_json
@@ -55,7 +59,8 @@ def write_run(run, args, pairs, metrics, model, tokenizer, versions):
     atomic_write_json(run / FINGERPRINTS, pairs)
     atomic_write_json(run / CONFIG, config_record(args, versions))
     atomic_write_json(run / METRICS, metrics)
-    save_model(model, tokenizer, run / FINAL_MODEL)
+    root = write_commitment(run, pairs, args.model)  # salted Merkle root of the keys; only the root goes in the model
+    save_model(model, tokenizer, run / FINAL_MODEL, card=model_card(root))
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     append_line_locked(
         Path(args.result_path) / RUN_LOG,
@@ -63,12 +68,14 @@ def write_run(run, args, pairs, metrics, model, tokenizer, versions):
     )
 
 
-def save_model(model, tokenizer, final_dir):
-    """A standard HF folder (weights, config, tokenizer, generation config), written atomically."""
+def save_model(model, tokenizer, final_dir, card=None):
+    """A standard HF folder (weights, config, tokenizer, generation config, optional README.md), written atomically."""
     model.config._name_or_path = ""
     with atomic_directory(final_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if card:
+            (tmp / MODEL_CARD).write_text(card)
 
 
 def config_record(args, versions):
