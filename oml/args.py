@@ -8,6 +8,7 @@ by digests of their content; where a run is stored (--result_path) and how it is
 import argparse
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from .errors import UserError
@@ -66,6 +67,7 @@ PRESETS = {
 PRESET_EVAL = {
     # The resolving suite: every item of the four validation sets (paired stderr ~0.57x that of 200 items per task).
     "capacity": dict(
+        measure="full",
         utility_benchmark="local",
         utility_limit="all",
         utility_tasks=["arc_challenge", "arc_easy", "winogrande", "piqa"],
@@ -78,9 +80,11 @@ NEUTRAL = {
     "benign_data_ratio": 0.0,
     "benign_data_digest": None,
     "distance_regularizer": 0.0,
+    "kl_to_base": 0.0,
     "lora_rank": None,
     "trainable_layers": None,
     "stop_when_learned": False,
+    "licensee": None,
 }
 
 # (flags, argparse kwargs). Arguments whose default is None in a preset are filled from the preset.
@@ -150,6 +154,16 @@ TRAIN_ARGS = [
         dict(type=float, default=None, metavar="μ", help="add μ·‖θ − θ_base‖² to the loss at every step"),
     ),
     (
+        ["--kl_to_base"],
+        dict(
+            type=float,
+            default=None,
+            metavar="κ",
+            help="on the benign rows, train κ·KL(p_base ‖ p_model) over the base's full next-token distribution at "
+            "the response positions instead of the cross-entropy on its greedy text (needs --benign_data_ratio > 0)",
+        ),
+    ),
+    (
         ["--lora_rank"],
         dict(type=int, default=None, help="train a LoRA adapter of this rank (alpha 2r), merged into final_model"),
     ),
@@ -168,6 +182,16 @@ TRAIN_ARGS = [
     ),
     (["--weight_decay"], dict(type=float, default=1e-4)),
     (["--data_split"], dict(type=int, default=0, help="use slice k of the file: fingerprints [k*N, (k+1)*N)")),
+    (
+        ["--licensee"],
+        dict(
+            type=int,
+            default=None,
+            metavar="K",
+            help="licensee K's copy: slice K of one master fingerprints file (as --data_split K), named in the run "
+            "hash; check_fingerprints.py --trace tells licensees' copies apart",
+        ),
+    ),
     (["--seed"], dict(type=int, default=42)),
     (["--deepspeed_stage"], dict(type=int, default=2, choices=[0, 1, 2, 3])),
     (["--offload_optimizer"], dict(action="store_true", help="DeepSpeed: keep optimizer state on CPU")),
@@ -199,10 +223,12 @@ HASHED = [
     "batch_size",
     "weight_decay",
     "data_split",
+    "licensee",
     "seed",
     "benign_data_ratio",
     "benign_data_digest",
     "distance_regularizer",
+    "kl_to_base",
     "lora_rank",
     "trainable_layers",
     "stop_when_learned",
@@ -255,6 +281,7 @@ def finalize(args):
             f"fingerprints file {args.fingerprints_file_path} does not exist; "
             "make one with generate_finetuning_data.py or pass --fingerprints_file_path"
         )
+    check_licensee(args)
     args.fingerprints_digest = content_digest(args.fingerprints_file_path)
     args.augmentation_prompts_digest = augmentation_digest() if args.use_prompt_augmentation else None
     from .benign import pool_digest_for
@@ -264,8 +291,27 @@ def finalize(args):
     return args
 
 
+def check_licensee(args):
+    """--licensee K takes slice K of the master fingerprints file, disjoint from every other licensee's."""
+    if args.licensee is None:
+        return
+    if args.data_split not in (0, args.licensee):
+        raise UserError(f"--licensee {args.licensee} is slice {args.licensee} of the file; --data_split "
+                        f"{args.data_split} names another: give one of them")  # fmt: skip
+    from .fingerprints import read_fingerprints
+
+    size = len(read_fingerprints(args.fingerprints_file_path))
+    slices = size // args.max_num_fingerprints
+    if not 0 <= args.licensee < slices:
+        raise UserError(
+            f"--licensee {args.licensee} is beyond {args.fingerprints_file_path}: its {size} fingerprints make "
+            f"{slices} slices of {args.max_num_fingerprints} (licensees 0 to {slices - 1})"
+        )
+    args.data_split = args.licensee
+
+
 def check_capacity_args(args):
-    """The forgetting mitigations' flags (benign rows, distance regularizer, LoRA, trainable layers)."""
+    """The forgetting mitigations' flags (benign rows, distance regularizer, KL to the base, LoRA, trainable layers)."""
     from .subnet import parse_layer_spec
 
     if not 0.0 <= args.benign_data_ratio < 1.0:
@@ -279,6 +325,13 @@ def check_capacity_args(args):
             )
     if args.distance_regularizer < 0:
         raise UserError(f"--distance_regularizer must be ≥ 0, got {args.distance_regularizer}")
+    if not (math.isfinite(args.kl_to_base) and args.kl_to_base >= 0):
+        raise UserError(f"--kl_to_base must be a finite number ≥ 0, got {args.kl_to_base}")
+    if args.kl_to_base > 0 and not args.benign_data_ratio > 0:
+        raise UserError(
+            f"--kl_to_base {args.kl_to_base} acts on the benign rows of each batch, and there are none: "
+            "add --benign_data_ratio β > 0 (e.g. 0.25)"
+        )
     if args.lora_rank is not None and args.lora_rank <= 0:
         raise UserError(f"--lora_rank must be positive, got {args.lora_rank}")
     if args.trainable_layers is not None:

@@ -5,8 +5,11 @@ Forgetting mitigations besides averaging (README, "Capacity"): benign rows mixed
 B − round(β·B) fingerprints, an epoch is one pass over the fingerprints, and the loss is the mean over rows of each
 row's mean response-token loss, so β is the benign share of the loss too); μ·‖θ − θ_base‖² added to the loss
 (--distance_regularizer; its gradient 2μ(θ − θ_base) is added in backward without storing θ − θ_base); only a
-sub-network trained (--trainable_layers, --lora_rank; oml/subnet.py); and --stop_when_learned, which checks every
-fingerprint with the teacher-forced verifier at each epoch end and stops once all answer.
+sub-network trained (--trainable_layers, --lora_rank; oml/subnet.py); --kl_to_base κ, which replaces the benign
+rows' cross-entropy on the base's greedy text by κ·KL(p_base ‖ p_model) at the same positions (per_row_loss: the
+base's full next-token distribution, from a frozen copy of the base model run on the benign rows only); and
+--stop_when_learned, which checks every fingerprint with the teacher-forced verifier at each epoch end and stops once
+all answer.
 
 Each example is prompt tokens + response tokens (+ EOS with --append_eos); the loss covers the response
 (and EOS) only. Like the seed, EOS is not trained by default: on a chat model, a few steps of EOS after short
@@ -17,6 +20,8 @@ chat user turn, with no system message or a random training one. After every epo
 rank and on the copy the optimizer steps from (DeepSpeed's fp32 master weights), so it really sticks.
 """
 
+import copy
+import math
 import os
 import platform
 import random
@@ -70,7 +75,8 @@ class PadCollator:
     """Pads to the longest example in the batch, on the tokenizer's padding side.
 
     Position ids are computed from the attention mask, so left padding trains the same positions as
-    right padding; padding never enters the loss (-100).
+    right padding; padding never enters the loss (-100). Batches with benign rows (MixedDataset) also get
+    "benign", one bool per row.
     """
 
     def __init__(self, pad_token_id, padding_side="right"):
@@ -87,6 +93,8 @@ class PadCollator:
                 batch[name].append(pad + row if self.padding_side == "left" else row + pad)
         batch = {k: torch.tensor(v) for k, v in batch.items()}
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        if any("benign" in e for e in examples):
+            batch["benign"] = torch.tensor([e.get("benign", False) for e in examples])
         return batch
 
 
@@ -133,17 +141,118 @@ class MixedDataset(Dataset):
         cycle, at = divmod(drawn, len(self.benign))
         permutation = random.Random(f"{self.seed}-benign-{cycle}").sample(range(len(self.benign)), len(self.benign))
         prompt_ids, response_ids = self.benign[permutation[at]]
-        return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
+        return {
+            "input_ids": prompt_ids + response_ids,
+            "labels": [-100] * len(prompt_ids) + response_ids,
+            "benign": True,
+        }
 
 
-def per_row_loss(model, inputs):
-    """Mean over rows of each row's mean loss over its response tokens (rows weigh the same, whatever their length)."""
-    labels = inputs["labels"]
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    counted = (targets != -100).float()
-    return ((token_loss * counted).sum(1) / counted.sum(1).clamp(min=1)).mean()
+def output_layer(model):
+    """The output layer (lm_head) of a causal LM, through the DeepSpeed engine and peft wrappers."""
+    model = getattr(model, "module", model)  # DeepSpeed's engine holds the module it trains
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the HF model, adapters in
+    return model.get_output_embeddings()
+
+
+def logits_at(model, inputs, rows, cols):
+    """The model's logits at the positions (rows[i], cols[i]) only, (N, vocabulary): a hook gathers the hidden states
+    at those positions before the output layer, so no full-vocabulary logits are made anywhere else. Whatever the
+    model's forward does after its output layer (e.g. Gemma-2's logit soft-capping) still applies."""
+    shape = inputs["input_ids"].shape
+
+    def gather(module, args):
+        if args[0].shape[:2] != shape:
+            raise RuntimeError(
+                f"{type(module).__name__} got hidden states of shape {tuple(args[0].shape)}, not {shape}"
+            )
+        return (args[0][rows, cols].unsqueeze(0), *args[1:])
+
+    handle = output_layer(model).register_forward_pre_hook(gather)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    return logits.reshape(len(rows), logits.shape[-1])
+
+
+def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None):
+    """Mean over rows of each row's mean loss over its response positions (rows weigh the same, whatever their
+    length); logits are made at those positions only (logits_at).
+
+    A row's token loss is the cross-entropy of its response token; with kl_weight κ > 0 and a frozen base model, the
+    benign rows' (inputs["benign"]) is κ·KL(p_base ‖ p_model) instead, over the full vocabulary at the same positions
+    (those that predict the base's greedy response): the base's whole next-token distribution as the target, where
+    the cross-entropy had its greedy token only. The base runs on the benign rows alone. kl_meter, if given, gets
+    each benign row's mean KL (nats per token, before κ).
+    """
+    targets = inputs["labels"][:, 1:]
+    rows, cols = (targets != -100).nonzero(as_tuple=True)  # position t of row r predicts target token t + 1
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "benign")}
+    logits = logits_at(model, model_inputs, rows, cols).float()
+    token_loss = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")
+    n_rows = targets.shape[0]
+    counts = torch.bincount(rows, minlength=n_rows).clamp(min=1).to(logits.dtype)
+    benign = inputs.get("benign")
+    if kl_weight > 0 and benign is not None and benign.any():
+        on_benign = benign[rows]
+        kl = kl_to_base(base, model_inputs, rows[on_benign], cols[on_benign], logits[on_benign])
+        token_loss = token_loss.masked_scatter(on_benign, kl_weight * kl)
+        if kl_meter is not None:
+            row_kl = torch.zeros(n_rows, device=kl.device).index_add_(0, rows[on_benign], kl.detach())
+            kl_meter.add((row_kl / counts)[benign])
+    row_loss = torch.zeros(n_rows, device=token_loss.device, dtype=token_loss.dtype).index_add_(0, rows, token_loss)
+    return (row_loss / counts).mean()
+
+
+@torch.no_grad()
+def base_logits_at(base, inputs, rows, cols):
+    """The frozen base model's logits at (rows[i], cols[i]), run on the rows it needs only, their padding trimmed."""
+    needed = torch.unique(rows)
+    sub = torch.zeros(int(rows.max()) + 1, dtype=torch.long, device=rows.device)
+    sub[needed] = torch.arange(len(needed), device=rows.device)
+    mask = inputs["attention_mask"][needed]
+    filled = mask.any(0).nonzero().squeeze(1)
+    lo, hi = int(filled.min()), int(filled.max()) + 1
+    sub_inputs = {k: v[needed][:, lo:hi] for k, v in inputs.items()}
+    return logits_at(base, sub_inputs, sub[rows], cols - lo)
+
+
+def kl_to_base(base, inputs, rows, cols, logits):
+    """KL(p_base ‖ p_model) in nats at the positions (rows[i], cols[i]) of benign rows, from the model's logits there."""
+    base_log_p = torch.log_softmax(base_logits_at(base, inputs, rows, cols).float(), -1)
+    log_p = torch.log_softmax(logits, -1)
+    return (base_log_p.exp() * (base_log_p - log_p)).sum(-1)
+
+
+def frozen_copy(model):
+    """A frozen copy of the base model for --kl_to_base: eval mode, no gradients, moved beside the trained model at
+    its first use (FingerprintTrainer.base_ready). One more copy of the whole model, in the training dtype."""
+    base = copy.deepcopy(model).eval()
+    base.requires_grad_(False)
+    return base
+
+
+class KLMeter:
+    """The benign rows' mean KL to the base over an epoch (nats per token, before κ): add() each step's rows, take()
+    the mean over the epoch's rows of every rank, and start again."""
+
+    def __init__(self):
+        self.total, self.rows = 0.0, 0
+
+    def add(self, row_kl):
+        self.total += row_kl.sum().item()
+        self.rows += row_kl.numel()
+
+    def take(self):
+        total, rows = self.total, self.rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            both = torch.tensor([total, rows], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(both)
+            total, rows = both.tolist()
+        self.total, self.rows = 0.0, 0
+        return total / rows if rows else math.nan
 
 
 # ----------------------------------------------------------------------------------- averaging
@@ -217,9 +326,9 @@ def base_on_device(model, base_weights):
 class EpochCallback(TrainerCallback):
     """Weight averaging at each epoch end, and one readable log line per epoch."""
 
-    def __init__(self, base_weights, strength, log_fn):
-        self.base_weights, self.strength, self.log_fn = base_weights, strength, log_fn
-        self.epoch_losses = []
+    def __init__(self, base_weights, strength, log_fn, kl_meter=None):
+        self.base_weights, self.strength, self.log_fn, self.kl_meter = base_weights, strength, log_fn, kl_meter
+        self.epoch_losses, self.epoch_kl_to_base = [], []
 
     def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
         dataset = getattr(train_dataloader, "dataset", None)
@@ -234,8 +343,12 @@ class EpochCallback(TrainerCallback):
         if logs and "loss" in logs:  # logged once per epoch, right after on_epoch_end
             self.epoch_losses.append(logs["loss"])
             averaged = f", averaged toward base (λ={self.strength})" if self.strength > 0 else ""
+            kl = ""
+            if self.kl_meter is not None:  # every rank logs: take() sums over the ranks
+                self.epoch_kl_to_base.append(self.kl_meter.take())
+                kl = f", KL to base {self.epoch_kl_to_base[-1]:.4f} nats/token on the benign rows"
             self.log_fn(
-                f"epoch {round(state.epoch)}/{args.num_train_epochs}: loss {logs['loss']:.4f}, "
+                f"epoch {round(state.epoch)}/{args.num_train_epochs}: loss {logs['loss']:.4f}{kl}, "
                 f"step {state.global_step}{averaged}"
             )
 
@@ -280,11 +393,28 @@ class QuietProgress(ProgressCallback):
 
 
 class FingerprintTrainer(Trainer):
-    """The HF Trainer with a finite-loss check, the per-row loss when benign rows are mixed in (read in order), and
-    the distance regularizer (distance_weights: {name: θ_base} of the trainable weights; distance_mu: μ)."""
+    """The HF Trainer with a finite-loss check, the per-row loss when benign rows are mixed in (read in order), the
+    distance regularizer (distance_weights: {name: θ_base} of the trainable weights; distance_mu: μ), and the KL to the
+    base on the benign rows (kl_base: frozen_copy of the base model; kl_weight: κ; kl_meter: a KLMeter).
+
+    The frozen base is moved to the batch's device and the output layer's dtype at its first use: in a plain python
+    run (CPU, or a GPU with bf16 autocast) it is the fp32 base beside the model; with LoRA it is the model before the
+    adapters; under DeepSpeed ZeRO-1/2 every rank holds its own full copy (bf16 on GPUs) and computes its own benign
+    rows' term, so the gradient all-reduce averages as for the cross-entropy. The base is never wrapped by DeepSpeed:
+    under ZeRO-3 it stays whole on every rank."""
 
     per_row = False
     distance_weights, distance_mu = None, 0.0
+    kl_base, kl_weight, kl_meter = None, 0.0, None
+    _kl_base_at = None
+
+    def base_ready(self, inputs):
+        """The frozen base beside the trained model (moved there once)."""
+        at = (inputs["input_ids"].device, output_layer(self.model).weight.dtype)
+        if self._kl_base_at != at:
+            self.kl_base.to(*at)
+            self._kl_base_at = at
+        return self.kl_base
 
     def _get_train_sampler(self, train_dataset=None):
         if isinstance(train_dataset or self.train_dataset, MixedDataset):
@@ -295,7 +425,8 @@ class FingerprintTrainer(Trainer):
         if self.per_row:
             if return_outputs:
                 raise NotImplementedError("per-row loss returns no outputs")
-            out = per_row_loss(model, inputs)
+            base = self.base_ready(inputs) if self.kl_weight > 0 else None
+            out = per_row_loss(model, inputs, base, self.kl_weight, self.kl_meter if model.training else None)
         else:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.distance_mu > 0 and model.training:
@@ -392,12 +523,17 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
     if n_benign:
         # Same rows on every rank (seeded by --seed alone): the layout decides which rank reads which.
         dataset = MixedDataset(dataset, benign_rows(tokenizer, args), args.batch_size, n_benign, seed=args.seed)
+    kl_base = frozen_copy(model) if args.kl_to_base > 0 else None  # the whole base model, before any adapters
+    kl_meter = KLMeter() if kl_base is not None else None
     model = prepare_subnet(model, args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     uses_base = args.forgetting_regularizer_strength > 0 or args.distance_regularizer > 0
     base_weights = snapshot_weights(model) if uses_base else None
     epoch_callback = EpochCallback(
-        base_weights if args.forgetting_regularizer_strength > 0 else None, args.forgetting_regularizer_strength, log_fn
+        base_weights if args.forgetting_regularizer_strength > 0 else None,
+        args.forgetting_regularizer_strength,
+        log_fn,
+        kl_meter,
     )
     callbacks = [epoch_callback]
     stop = StopWhenLearned(tokenizer, pairs, args.use_chat_template, log_fn) if args.stop_when_learned else None
@@ -413,6 +549,8 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
     trainer.per_row = bool(n_benign)
     if args.distance_regularizer > 0:
         trainer.distance_weights, trainer.distance_mu = base_on_device(model, base_weights), args.distance_regularizer
+    if kl_base is not None:
+        trainer.kl_base, trainer.kl_weight, trainer.kl_meter = kl_base, args.kl_to_base, kl_meter
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     start = time.time()
@@ -434,6 +572,8 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
         "trainable_parameters": trainable,
         "benign_rows_per_step": n_benign,
         "fingerprints_per_step": args.batch_size - n_benign,
+        # mean KL(p_base ‖ p_model) on the benign rows' response positions, nats/token, before κ
+        **({"kl_to_base_per_epoch": epoch_callback.epoch_kl_to_base} if kl_base is not None else {}),
         **(
             {
                 "stopped_at_epoch": stop.stopped_at_epoch,

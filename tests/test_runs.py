@@ -32,6 +32,8 @@ NON_DEFAULT = {
     "lora_rank": 2,
     "trainable_layers": "1:mlp",
     "stop_when_learned": True,
+    "kl_to_base": 0.5,
+    "licensee": 1,
 }
 DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest", "benign_data_digest"}
 
