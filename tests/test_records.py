@@ -1,0 +1,205 @@
+"""Records that outlive the machine (oml/records.py) and the recipe search that writes them (oml/search.py)."""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_script, write_random_fingerprints
+from safetensors.torch import load_file
+
+from oml import records
+from oml.errors import run_cli
+from oml.search import POINTS, SCREENING_EVAL
+
+# the screening evaluation, shrunk for a tiny model: a few utility items and chat drift answers
+SMALL_EVAL = ("--utility_tasks", "piqa", "--utility_limit", "2", "--chat_drift_limit", "2")
+
+
+def tiny_flags(model_dir, fp_file):
+    return [
+        "--model_path", str(model_dir), "--fingerprints_file_path", str(fp_file), "--fingerprint_generation_strategy",
+        "random_word", "--max_num_fingerprints", "8", "--batch_size", "4", "--num_train_epochs", "1",
+    ]  # fmt: skip
+
+
+def weights(run):
+    return load_file(str(run / "final_model" / "model.safetensors"))
+
+
+def cli(capsys, module, *argv):
+    """Run a module's main through run_cli in this process: (exit status, stdout, stderr)."""
+    code = 0
+    try:
+        run_cli(lambda: module.main([str(a) for a in argv]))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tiny_model_dir, tmp_path_factory):
+    """A tiny run, trained and screened, and its record: (training flags, run folder, record path)."""
+    tmp = tmp_path_factory.mktemp("recorded-run")
+    write_random_fingerprints(tmp / "fp.json", 8)
+    flags = [*tiny_flags(tiny_model_dir, tmp / "fp.json"), "--result_path", str(tmp / "results")]
+    trained = run_script("finetune_multigpu.py", *flags)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_hash = trained.stdout.strip().split(": ")[-1]
+    eval_flags = [*SCREENING_EVAL, *SMALL_EVAL]
+    evaluated = run_script("eval_for_multigpu.py", *flags, *eval_flags)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    run = tmp / "results" / run_hash
+    path = records.write_record(run, "tiny", eval_flags, point="tiny-point", why="a test", records_dir=tmp / "records")
+    return flags, run, path
+
+
+def test_a_record_holds_the_run_in_a_few_kb(recorded_run):
+    flags, run, path = recorded_run
+    assert path == path.parents[1] / "tiny" / f"{run.name}.json"
+    assert path.stat().st_size < 8000
+    record = records.read_record(path)
+    config = json.loads((run / "fingerprinting_config.json").read_text())
+    assert record["hash"] == run.name and record["hashed"] == config["hashed"] and record["status"] == "ok"
+    assert record["args"]["max_num_fingerprints"] == 8 and "result_path" not in record["args"]
+    assert record["eval_flags"] == [*SCREENING_EVAL, *SMALL_EVAL]
+    fps = record["metrics"]["fingerprints"]
+    assert fps["n"] == 8 and fps["raw_prompts"] is None  # --eval_templates plain,chat: no raw-text test prompts
+    for group in ("plain", "chat"):
+        assert 0 <= fps[group]["value"] <= 1 and fps[group]["stderr"] is not None and fps[group]["templates"] == 1
+    assert fps["chat_system"] is None and 0 <= fps["base_false_positive_rate"]["value"] <= 1
+    utility = record["metrics"]["utility"]
+    assert utility["n"] == 2 and {"mean", "base_mean", "delta", "delta_stderr"} <= set(utility)
+    drift = record["metrics"]["chat_drift"]
+    assert drift["n"] == 2 and {"kl", "kl_stderr", "same_as_base"} <= set(drift)
+    assert record["metrics"]["generation"] is None
+    assert record["training"]["steps"] == 2 and record["training"]["train_seconds"] > 0
+    assert record["eval_seconds"]["total"] > 0
+    assert len(record["code"]["commit"]) == 40 and isinstance(record["code"]["dirty"], bool) and record["date"]
+    assert "per_item" not in path.read_text()
+    # the recorded args give the same run again
+    assert set(records.record_argv(record)) >= {"--model_path", "--max_num_fingerprints", "--preset"}
+
+
+def test_retraining_from_the_record_gives_the_same_weights(recorded_run, tmp_path):
+    _, run, path = recorded_run
+    command = [sys.executable, "-m", "oml.records", "retrain", path, "--result_path", tmp_path / "fresh"]
+    done = subprocess.run(list(map(str, command)), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = tmp_path / "fresh" / run.name
+    assert f"retrained {run.name}" in done.stdout
+    original, retrained = weights(run), weights(again)
+    assert original.keys() == retrained.keys()
+    assert all((original[k] == retrained[k]).all() for k in original)
+
+
+def test_a_record_whose_args_no_longer_give_its_hash_is_refused(recorded_run, tmp_path, capsys):
+    _, run, path = recorded_run
+    record = json.loads(path.read_text())
+    record["args"]["seed"] = 7  # the args now name another run than the hash says
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(record))
+    code, _, err = cli(capsys, records, "retrain", changed, "--result_path", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1 and str(changed) in err and "seed 42 recorded, 7 now" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_table_lists_every_record(recorded_run, capsys):
+    _, run, path = recorded_run
+    code, out, _ = cli(capsys, records, "table", "tiny", "--records", path.parents[1])
+    assert code == 0 and run.name in out and "tiny-point" in out and out.splitlines()[0].split()[0] == "N"
+    code, out, _ = cli(capsys, records, "table", "tiny", "--records", path.parents[1], "--markdown")
+    assert code == 0 and out.startswith("| N | point |") and f"| {run.name} |" in out
+
+
+def test_bad_records_are_one_line_errors_naming_the_file(recorded_run, tmp_path, capsys):
+    _, _, path = recorded_run
+    good = json.loads(path.read_text())
+    corrupted = tmp_path / "records" / "corrupted" / f"{good['hash']}.json"
+    unknown = tmp_path / "records" / "unknown" / f"{good['hash']}.json"
+    for bad in (corrupted, unknown):
+        bad.parent.mkdir(parents=True)
+    corrupted.write_text(path.read_text()[:200])
+    unknown.write_text(json.dumps({**good, "args": {**good["args"], "no_such_flag": 3}}))
+    for bad, words in ((corrupted, "invalid JSON"), (unknown, "--no_such_flag")):
+        code, out, err = cli(capsys, records, "table", bad.parent.name, "--records", tmp_path / "records")
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"error: {bad}: ") and words in err
+        code, _, err = cli(capsys, records, "retrain", bad)
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {bad}: ")
+    code, _, err = cli(capsys, records, "record", tmp_path, "--experiment", "x", "--records", tmp_path / "records")
+    assert code == 2 and "not a run folder" in err
+
+
+def test_the_search_points_parse_and_the_screening_flags_are_eval_flags():
+    from test_readme import accepted_flags
+
+    from oml.args import check_capacity_args
+    from oml.search import History, estimate_seconds, parse, unsupported_flags
+
+    flags = {w for w in SCREENING_EVAL if w.startswith("--")}
+    assert flags <= accepted_flags("eval_for_multigpu.py")
+    assert len({p.name for p in POINTS}) == len(POINTS)
+    for p in POINTS:
+        words = shlex.split(p.flags)
+        assert unsupported_flags(words) == [], p.name
+        args = parse(words)
+        check_capacity_args(argparse.Namespace(**{**vars(args), "model": "unused"}))  # e.g. κ needs benign rows
+        assert args.learning_rate in (1e-4, 1e-3) and args.batch_size == 8 and args.max_key_length == 16
+        assert args.forgetting_regularizer_strength == 0.0 and p.why
+    estimates = {p.name: estimate_seconds(parse(shlex.split(p.flags)), History([])) for p in POINTS}
+    assert estimates["p256-l0"] == min(estimates.values())  # the cheapest informative point first
+    assert estimates["p256-l0"] < estimates["p256-l0-b25"] < estimates["p1024-l0-b25"]
+
+
+def test_the_search_records_two_points_and_a_rerun_skips_them(tiny_model_dir, tmp_path):
+    write_random_fingerprints(tmp_path / "fp.json", 8)
+    base = "--fingerprint_generation_strategy random_word --max_num_fingerprints 8 --batch_size 4 --num_train_epochs 1"
+    points = [
+        {"name": "tiny-l0", "flags": f"{base} --forgetting_regularizer_strength 0", "why": "no averaging"},
+        {"name": "tiny-mu1", "flags": f"{base} --distance_regularizer 1", "why": "the regularizer"},
+        {"name": "tiny-future", "flags": f"{base} --no_such_flag 1", "why": "a flag training does not know"},
+    ]
+    (tmp_path / "points.json").write_text(json.dumps(points))
+    selection = [
+        "--experiment", "tiny", "--points", tmp_path / "points.json", "--records", tmp_path / "records",
+        "--result_path", tmp_path / "results",
+        "--train_overrides", f"--model_path {tiny_model_dir} --fingerprints_file_path {tmp_path / 'fp.json'}",
+    ]  # fmt: skip
+    running = ["--log", tmp_path / "search.log", "--extra_eval_flags", shlex.join(SMALL_EVAL)]
+
+    def search(*extra, verb="run"):
+        words = [sys.executable, "-m", "oml.search", verb, *selection, *(running if verb == "run" else []), *extra]
+        done = subprocess.run(list(map(str, words)), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout
+
+    out = search()
+    made = records.read_records("tiny", tmp_path / "records")
+    assert sorted(r["point"] for r in made) == ["tiny-l0", "tiny-mu1"]
+    assert all(r["status"] == "ok" and r["eval_flags"] == [*SCREENING_EVAL, *SMALL_EVAL] for r in made)
+    assert "tiny-future: skipped, finetune_multigpu.py does not accept --no_such_flag yet" in out
+    assert "2 points run" in out and out in (tmp_path / "search.log").read_text()
+    log = (tmp_path / "records" / "tiny" / records.LOG).read_text().splitlines()
+    assert len(log) == 2 and all("\tok\t" in line for line in log)
+
+    again = search()
+    assert "0 points run" in again and again.count("), skipped") == 2
+    assert len(records.read_records("tiny", tmp_path / "records")) == 2
+
+    # a new point that would pass the budget is not started; plan shows what is recorded and what is not
+    points.append({"name": "tiny-later", "flags": f"{base} --seed 1", "why": "after the budget"})
+    (tmp_path / "points.json").write_text(json.dumps(points))
+    late = search("--budget_hours", "0.001")
+    assert "tiny-later: skipped, needs about" in late and "0 points run" in late
+    plan = {line.split()[0]: line.split()[1] for line in search(verb="plan").splitlines()[1:]}
+    assert plan == {
+        "tiny-l0": "recorded",
+        "tiny-mu1": "recorded",
+        "tiny-future": "unsupported",
+        "tiny-later": "pending",
+    }
+    assert len(records.read_records("tiny", tmp_path / "records")) == 2
