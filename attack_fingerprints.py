@@ -23,7 +23,7 @@ Examples:
 # `oml attack` runs the same command: oml/commands/attack.py holds its parser and main, and this docstring as DESCRIPTION
 # (its --help text; tests/test_cli.py checks the two are the same).
 from oml.commands.attack import main
-from oml.errors import run_cli
+from oml.core.errors import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

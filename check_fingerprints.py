@@ -11,7 +11,7 @@ Examples:
     # once per run: p0 from the base model and a copy fingerprinted with other keys
     python check_fingerprints.py --run <hash> --measure_p0 --reference_models base results/<other-hash>
     # serve a suspect (here your own GGUF with llama.cpp, or an HF folder with transformers), then check it
-    python -m oml.gguf serve --model model.gguf --host 127.0.0.1 --port 8000 --model_alias suspect
+    python -m oml.attack.gguf_models serve --model model.gguf --host 127.0.0.1 --port 8000 --model_alias suspect
     transformers serve --host 127.0.0.1 --port 8000          # then --api_model <the model folder>
     OPENAI_API_KEY=... python check_fingerprints.py --run <hash> --api_base http://127.0.0.1:8000/v1 \
         --api_model suspect --output_file verdict.json
@@ -26,7 +26,7 @@ answer (every key sent up to then stays in the ledger).
 # `oml check` runs the same command: oml/commands/check.py holds its parser and main, and this docstring as DESCRIPTION
 # (its --help text; tests/test_cli.py checks the two are the same).
 from oml.commands.check import main
-from oml.errors import run_cli
+from oml.core.errors import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

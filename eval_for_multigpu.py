@@ -17,7 +17,7 @@ Examples:
 # `oml eval` runs the same command: oml/commands/eval.py holds its parser and main, and this docstring as DESCRIPTION
 # (its --help text; tests/test_cli.py checks the two are the same).
 from oml.commands.eval import main
-from oml.errors import run_cli
+from oml.core.errors import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

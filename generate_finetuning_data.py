@@ -20,7 +20,7 @@ Examples (the files under generated_data/ were made with the first three; add --
 # `oml make` runs the same command: oml/commands/make.py holds its parser and main, and this docstring as DESCRIPTION
 # (its --help text; tests/test_cli.py checks the two are the same).
 from oml.commands.make import main
-from oml.errors import run_cli
+from oml.core.errors import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

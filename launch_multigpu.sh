@@ -7,7 +7,7 @@
 # written to results/sweep_summary.{csv,md}, the figures are redrawn into fig/, and the exit status is non-zero
 # if any point failed. Rerunning the same command resumes an interrupted sweep. Logs: results/sweep_logs/.
 #
-# The grid starts from one point, the chosen preset's values in oml/args.py. PRESET=embedded (the default) is the
+# The grid starts from one point, the chosen preset's values in oml/core/run_config.py. PRESET=embedded (the default) is the
 # CPU demo that `make run` runs, ~10 min on 2 cores: SmolLM2-135M-Instruct, 32 English fingerprints, lr 1e-4,
 # λ 0.1, 16 epochs, here without and with prompt augmentation. PRESET=seed is the original GPU setting: Mistral-7B,
 # 1024 fingerprints, lr 1e-5, λ 0.75, utility on tinyBenchmarks.
@@ -54,12 +54,12 @@ seed)
   ;;
 capacity)
   use_prompt_augmentation=(false)
-  eval_args="" # the evaluation's own defaults for this preset (PRESET_EVAL in oml/args.py)
+  eval_args="" # the evaluation's own defaults for this preset (PRESET_EVAL in oml/core/run_config.py)
   ;;
 *) echo "error: PRESET must be embedded, seed or capacity, got '$PRESET'" >&2 && exit 2 ;;
 esac
-# The rest of the grid starts from the preset's values in oml/args.py (PRESETS), the one place they are written.
-grid=$(python -m oml.sweep preset-grid --preset "$PRESET") || exit 2
+# The rest of the grid starts from the preset's values in oml/core/run_config.py (PRESETS), the one place they are written.
+grid=$(python -m oml.lab.sweep preset-grid --preset "$PRESET") || exit 2
 eval "$grid"
 model_families=(${MODEL_FAMILIES:-${model_families[*]}})
 model_sizes=(${MODEL_SIZES:-${model_sizes[*]}})
@@ -170,7 +170,7 @@ run_point() { # $1: the point's name; the rest: the arguments training and evalu
   count=$((count + 1))
   echo "[$count/$total] $name (log: $log)"
   echo "===== $(date '+%F %T') $name: $*" >>"$log"
-  if hash=$(python -m oml.sweep prepare -- "$@" 2>>"$log"); then
+  if hash=$(python -m oml.lab.sweep prepare -- "$@" 2>>"$log"); then
     if [[ -d $RESULT_PATH/$hash/final_model ]]; then
       train=reused
       echo "skip training: $RESULT_PATH/$hash/final_model exists" >>"$log"
@@ -194,7 +194,7 @@ run_point() { # $1: the point's name; the rest: the arguments training and evalu
   fi
   echo "    run ${hash:-?}: training $train, evaluation $eval ($((SECONDS - start)) s)"
   if [[ $train == failed || $train == "not run" || $eval == failed ]]; then tail -n 2 "$log" | sed 's/^/    | /'; fi
-  python -m oml.sweep record --manifest "$MANIFEST" --name "$name" --hash "$hash" --train "$train" --eval "$eval" \
+  python -m oml.lab.sweep record --manifest "$MANIFEST" --name "$name" --hash "$hash" --train "$train" --eval "$eval" \
     --log "$log" -- "$@"
 }
 
@@ -231,7 +231,7 @@ if [[ ${NODE_RANK:-0} != 0 ]]; then # node 0 evaluates and summarises
   echo "node $NODE_RANK: $count points, $failed failed in training; node 0 evaluates and writes the summary"
   exit $((failed > 0))
 fi
-python -m oml.sweep summary --results "$RESULT_PATH" --manifest "$MANIFEST"
+python -m oml.lab.sweep summary --results "$RESULT_PATH" --manifest "$MANIFEST"
 status=$?
-python -m oml.plots --results "$RESULT_PATH" --out "$FIG_DIR" || status=1
+python -m oml.lab.figures --results "$RESULT_PATH" --out "$FIG_DIR" || status=1
 exit $status

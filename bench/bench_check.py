@@ -18,11 +18,11 @@ import statistics
 import time
 from pathlib import Path
 
-from oml.api import Client, matches
-from oml.check import api_prompt, read_p0, response_tokens, run_config, run_pairs, run_tokenizer
-from oml.errors import UserError, run_cli
-from oml.serve import local_server
-from oml.verdict import false_claim_probability, look_alpha, simulate
+from oml.core.errors import UserError, run_cli
+from oml.verify.api_client import Client, matches
+from oml.verify.local_server import local_server
+from oml.verify.sequential_test import false_claim_probability, look_alpha, simulate
+from oml.verify.suspect_check import api_prompt, read_p0, response_tokens, run_config, run_pairs, run_tokenizer
 
 
 def timed_pass(api_base, api_model, endpoint, prompts, max_tokens, concurrency):

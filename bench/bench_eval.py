@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from oml.errors import run_cli
-from oml.models import EMBEDDED, load_model_and_tokenizer
+from oml.core.errors import run_cli
+from oml.core.model_registry import EMBEDDED, load_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,10 +56,11 @@ def main():
 
     import torch
 
-    from oml.fingerprints import TEST_PROMPTS_FILE, read_fingerprints, read_templates
-    from oml.generation import chat_drift, chat_reference, evaluate_generation
-    from oml.utility import LOCAL_TASKS, evaluate_utility
-    from oml.verify import verify_teacher_forced
+    from oml.core.data_files import TEST_PROMPTS_FILE
+    from oml.make.fingerprint_files import read_fingerprints, read_templates
+    from oml.measure.fingerprint_check import verify_teacher_forced
+    from oml.measure.generation_measures import chat_drift, chat_reference, evaluate_generation
+    from oml.measure.likelihood_benchmarks import LOCAL_TASKS, evaluate_utility
 
     model, tokenizer = load_model_and_tokenizer(EMBEDDED, device=args.device)
     print(f"{EMBEDDED} on {args.device}, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")

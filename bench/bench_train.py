@@ -18,14 +18,15 @@ import time
 
 
 def build_args(cli):
-    from oml.args import add_train_args, finalize
+    from oml.core.run_config import add_train_args
+    from oml.embed.run_setup import prepare_run
 
     argv = [
         "--fingerprint_generation_strategy", cli.strategy, "--max_num_fingerprints", str(cli.num),
         "--num_train_epochs", str(cli.max_epochs), "--learning_rate", str(cli.lr), "--batch_size", "8",
         "--forgetting_regularizer_strength", "0", "--max_response_length", str(cli.response_length),
     ]  # fmt: skip
-    return finalize(add_train_args(argparse.ArgumentParser()).parse_args(argv))
+    return prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(argv))
 
 
 def plain_trainer(model, tokenizer, pairs, args, callbacks):
@@ -51,11 +52,11 @@ def run_variant(cli):
     import torch
     from transformers import TrainerCallback
 
-    from oml.fingerprints import prepare_pairs, read_fingerprints
-    from oml.logs import quiet_libraries
-    from oml.models import load_model, load_tokenizer
-    from oml.train import train
-    from oml.verify import verify_teacher_forced
+    from oml.core.logs import quiet_libraries
+    from oml.core.model_registry import load_model, load_tokenizer
+    from oml.embed.trainer import train
+    from oml.make.fingerprint_files import prepare_pairs, read_fingerprints
+    from oml.measure.fingerprint_check import verify_teacher_forced
 
     quiet_libraries()
     torch.manual_seed(0)

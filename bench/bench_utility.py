@@ -9,9 +9,9 @@ import argparse
 import os
 import time
 
-from oml.errors import run_cli
-from oml.models import EMBEDDED, load_model_and_tokenizer
-from oml.utility import LOCAL_TASKS, check_utility_limit, evaluate_utility, local_suite_name
+from oml.core.errors import run_cli
+from oml.core.model_registry import EMBEDDED, load_model_and_tokenizer
+from oml.measure.likelihood_benchmarks import LOCAL_TASKS, check_utility_limit, evaluate_utility, local_suite_name
 
 
 def main():

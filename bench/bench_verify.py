@@ -28,11 +28,12 @@ import random
 import sys
 import time
 
-from oml.encoding import encode_pair
-from oml.errors import run_cli
-from oml.fingerprints import TEST_PROMPTS_FILE, random_words, read_templates
-from oml.models import EMBEDDED, load_model, load_tokenizer
-from oml.verify import (
+from oml.core.data_files import TEST_PROMPTS_FILE
+from oml.core.errors import run_cli
+from oml.core.model_registry import EMBEDDED, load_model, load_tokenizer
+from oml.make.fingerprint_files import random_words, read_templates
+from oml.make.prompt_encoding import encode_pair
+from oml.measure.fingerprint_check import (
     MIN_SHARED_PREFIX,
     SCREEN_MARGIN,
     encode_template,

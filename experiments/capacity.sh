@@ -12,7 +12,7 @@
 #                              (README, "Near the base without averaging")
 #        λ 0 + μ 0.1, 1        the distance regularizer alone, a weak and a strong pull
 #        LoRA r 16, λ 0        sub-network training alone; and LoRA r 16 + β 0.25
-#   2. the best recipe per strategy (python -m oml.capacity best: ≥ 95% plain-key accuracy, then the best paired
+#   2. the best recipe per strategy (python -m oml.lab.recipe_selection best: ≥ 95% plain-key accuracy, then the best paired
 #      utility delta) at 1024 and then 4096 fingerprints, with BIG_EPOCHS as the cap.
 #   bash experiments/capacity.sh                  # resumable; many hours on 2 CPU cores (see the README, "Capacity")
 #   SIZES=1024 bash experiments/capacity.sh       # step 2 without 4096
@@ -56,7 +56,7 @@ for strategy in inverse_nucleus english; do
 done
 
 for strategy in inverse_nucleus english; do
-  recipe=$(python -m oml.capacity best --results "$RESULT_PATH" --strategy $strategy --num_fingerprints 256) || {
+  recipe=$(python -m oml.lab.recipe_selection best --results "$RESULT_PATH" --strategy $strategy --num_fingerprints 256) || {
     echo "($strategy: no recipe reached 95% at 256; step 2 skipped)"
     continue
   }
@@ -66,5 +66,5 @@ for strategy in inverse_nucleus english; do
     points "best recipe, $n fingerprints" $strategy $recipe MAX_NUM_FINGERPRINTS=$n EPOCHS="${BIG_EPOCHS:-24}"
   done
 done
-python -m oml.sweep summary --results "$RESULT_PATH" || true
+python -m oml.lab.sweep summary --results "$RESULT_PATH" || true
 echo "wrote $RESULT_PATH/sweep_summary.md"

@@ -30,8 +30,8 @@ sweep() {
 
 # finish FIGURE: the table of every run in RESULT_PATH, and FIGURE (scalability or robustness) copied into fig/.
 finish() {
-  python -m oml.sweep summary --results "$RESULT_PATH" || true
-  python -m oml.plots --results "$RESULT_PATH" --out "$RESULT_PATH/fig"
+  python -m oml.lab.sweep summary --results "$RESULT_PATH" || true
+  python -m oml.lab.figures --results "$RESULT_PATH" --out "$RESULT_PATH/fig"
   cp "$RESULT_PATH/fig/$1.png" "fig/$1.png"
   echo "wrote fig/$1.png and $RESULT_PATH/sweep_summary.md"
 }

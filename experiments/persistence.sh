@@ -46,5 +46,5 @@ for w in 0.9 0.5; do attack --attack merge --merge_weight "$w"; done
 attack --attack sft --attack_examples "$EXAMPLES" --attack_lr 5e-5 --attack_epochs 1
 attack --attack lora_sft --attack_examples "$EXAMPLES" --attack_lr 1e-4 --attack_epochs 2
 
-python -m oml.persistence "$RESULT_PATH/$run" --fig fig/persistence.png
+python -m oml.lab.persistence_report "$RESULT_PATH/$run" --fig fig/persistence.png
 echo "wrote fig/persistence.png and $RESULT_PATH/$run/attacks/summary.md"

@@ -56,4 +56,4 @@ for recipe in "${recipes[@]}"; do
 done
 runs=()
 for run in results/scalability/*/ results/persistence/*/; do [[ -d $run/attacks ]] && runs+=("${run%/}"); done
-[[ ${#runs[@]} -gt 1 ]] && python -m oml.persistence "${runs[@]}" --out results/persistence/recipes.md
+[[ ${#runs[@]} -gt 1 ]] && python -m oml.lab.persistence_report "${runs[@]}" --out results/persistence/recipes.md

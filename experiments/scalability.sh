@@ -24,7 +24,7 @@ if [[ -n ${LAMBDA_STAR:-} ]]; then
 else
   sweep "λ search (64 english)" FINGERPRINT_GENERATION_STRATEGIES=english MAX_NUM_FINGERPRINTS=64 \
     FORGETTING_REGULARIZER_STRENGTHS="$LAMBDAS" USE_PROMPT_AUGMENTATION=false EPOCHS="$EPOCHS"
-  best=$(python -m oml.sweep choose-lambda --results "$RESULT_PATH" --strategy english --num_fingerprints 64 \
+  best=$(python -m oml.lab.sweep choose-lambda --results "$RESULT_PATH" --strategy english --num_fingerprints 64 \
     --num_train_epochs "$EPOCHS" --min_accuracy 0.95) || exit 1
 fi
 echo "λ* = $best"

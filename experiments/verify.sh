@@ -28,10 +28,10 @@ other=$(train "${run_args[@]}" "${other_args[@]}")
 ours=$RESULT_PATH/$run/attacks/quantize-q4_k_m/model.gguf
 [[ -f $ours ]] || python attack_fingerprints.py "${run_args[@]}" --attack quantize --quantization q4_k_m \
   --utility_benchmark none || exit 1
-base_dir=$(python -c "from oml.models import resolve_model; print(resolve_model('smollm2', '135M-Instruct'))")
-[[ -f $out/base-q4_k_m.gguf ]] || python -m oml.gguf export "$base_dir" "$out/base-q4_k_m.gguf" q4_k_m || exit 1
+base_dir=$(python -c "from oml.core.model_registry import resolve_model; print(resolve_model('smollm2', '135M-Instruct'))")
+[[ -f $out/base-q4_k_m.gguf ]] || python -m oml.attack.gguf_models export "$base_dir" "$out/base-q4_k_m.gguf" q4_k_m || exit 1
 [[ -f $out/other-q4_k_m.gguf ]] ||
-  python -m oml.gguf export "$RESULT_PATH/$other/final_model" "$out/other-q4_k_m.gguf" q4_k_m || exit 1
+  python -m oml.attack.gguf_models export "$RESULT_PATH/$other/final_model" "$out/other-q4_k_m.gguf" q4_k_m || exit 1
 
 if [[ ! -f $RESULT_PATH/$run/reference_match_rates.json ]]; then
   step "p0 on the base model and the second owner's copy"
@@ -43,7 +43,7 @@ fi
 serve() {
   local name=$1 gguf=$2 pid
   step "$name: $CHECKS checks of $gguf"
-  python -m oml.gguf serve --model "$gguf" --host 127.0.0.1 --port "$PORT" --model_alias suspect \
+  python -m oml.attack.gguf_models serve --model "$gguf" --host 127.0.0.1 --port "$PORT" --model_alias suspect \
     >"$out/$name-server.log" 2>&1 &
   pid=$!
   for _ in $(seq 120); do curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && break; sleep 1; done

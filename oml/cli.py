@@ -13,7 +13,7 @@ import importlib
 import sys
 from typing import NamedTuple
 
-from .errors import run_cli
+from oml.core.errors import run_cli
 
 PROG = "oml"
 
@@ -31,8 +31,8 @@ VERBS = {
     "eval": Verb("oml.commands.eval", "fingerprint accuracy and utility of a fingerprinted model", "eval_for_multigpu.py"),
     "attack": Verb("oml.commands.attack", "attack a fingerprinted model; which fingerprints survive", "attack_fingerprints.py"),
     "check": Verb("oml.commands.check", "is a model served through an OpenAI-compatible API ours?", "check_fingerprints.py"),
-    "sweep": Verb("oml.sweep", "the sweep's steps: prepare, record, summary, preset-grid, choose-lambda", "python -m oml.sweep"),
-    "verify-claim": Verb("oml.claim", "check a claim file against a published commitment root", "python -m oml.claim verify", "verify_main"),
+    "sweep": Verb("oml.lab.sweep", "the sweep's steps: prepare, record, summary, preset-grid, choose-lambda", "python -m oml.lab.sweep"),
+    "verify-claim": Verb("oml.verify.claims", "check a claim file against a published commitment root", "python -m oml.verify.claims verify", "verify_main"),
 }  # fmt: skip
 
 

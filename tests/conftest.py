@@ -26,7 +26,7 @@ def run_script(script, *args, cwd=REPO, launcher=None, timeout=900):
 
 @pytest.fixture(scope="session")
 def embedded_tokenizer():
-    from oml.models import EMBEDDED, load_tokenizer
+    from oml.core.model_registry import EMBEDDED, load_tokenizer
 
     return load_tokenizer(EMBEDDED)
 
@@ -62,7 +62,7 @@ def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
 
 
 def write_random_fingerprints(path, n, key_words=8, response_words=4, seed=0):
-    from oml.fingerprints import random_words
+    from oml.make.fingerprint_files import random_words
 
     rng = random.Random(seed)
     fps = [

@@ -50,7 +50,7 @@ def leftovers(folder):
 def test_merge_is_the_weighted_mean_of_every_parameter_once(embedded_tokenizer, tied):
     import torch
 
-    from oml.attacks import merge_models
+    from oml.attack.attack_runner import merge_models
 
     a = tiny_llama(embedded_tokenizer, seed=1, tie_word_embeddings=tied)
     b = tiny_llama(embedded_tokenizer, seed=2, tie_word_embeddings=tied)
@@ -65,8 +65,8 @@ def test_merge_is_the_weighted_mean_of_every_parameter_once(embedded_tokenizer, 
 
 
 def test_merge_of_different_architectures_is_refused(embedded_tokenizer):
-    from oml.attacks import merge_models
-    from oml.errors import UserError
+    from oml.attack.attack_runner import merge_models
+    from oml.core.errors import UserError
 
     with pytest.raises(UserError, match="shape"):
         merge_models(tiny_llama(embedded_tokenizer), tiny_llama(embedded_tokenizer, intermediate_size=96), 0.5)
@@ -173,8 +173,8 @@ def test_lora_sft_saves_plain_merged_weights(tiny_run, tmp_path):
 
 
 def test_attack_data_reader_names_the_bad_line(tmp_path):
-    from oml.attack_data import read_jsonl
-    from oml.errors import UserError
+    from oml.attack.deployer_data import read_jsonl
+    from oml.core.errors import UserError
 
     path = tmp_path / "d.jsonl"
     good = json.dumps({"prompt": "a", "completion": "b"})
@@ -193,7 +193,7 @@ def test_attack_data_reader_names_the_bad_line(tmp_path):
 
 
 def test_loss_is_on_the_assistant_and_completion_tokens_only(embedded_tokenizer):
-    from oml.attack_data import encode_example
+    from oml.attack.deployer_data import encode_example
 
     chat = {
         "messages": [
@@ -234,7 +234,7 @@ def test_int8_model_with_tied_embeddings_survives_the_utility_loader(embedded_to
     on the quantized lm_head (it did, so int8 got no utility), and the int8 model still scores like the float one."""
     import torch
 
-    from oml.attacks import int8_dynamic
+    from oml.attack.attack_runner import int8_dynamic
 
     model = tiny_llama(embedded_tokenizer, tie_word_embeddings=True)
     ids = torch.tensor([embedded_tokenizer("The capital of France is")["input_ids"]])
@@ -284,7 +284,7 @@ def test_gguf_attack_is_checked_in_llama_cpp_and_carries_no_key(tiny_run):
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")
 def test_llama_cpp_loads_with_plain_weight_layouts():
     # the extra CPU buffer types (AMX, repacking) segfaulted at the first decode on an AMX-reporting CPU
-    from oml.gguf import require_llama_cpp
+    from oml.attack.gguf_models import require_llama_cpp
 
     llama_cpp = require_llama_cpp()
     require_llama_cpp()  # wrapped once, not twice
@@ -297,9 +297,15 @@ def test_llama_cpp_loads_with_plain_weight_layouts():
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")
 def test_llama_cpp_greedy_verdicts_equal_transformers_on_an_f16_export(tiny_run, tmp_path):
-    from oml.gguf import check_fingerprints_gguf, export_gguf, gguf_metadata, greedy_completions, load_gguf
-    from oml.models import load_model_and_tokenizer
-    from oml.verify import verify_with_generate
+    from oml.attack.gguf_models import (
+        check_fingerprints_gguf,
+        export_gguf,
+        gguf_metadata,
+        greedy_completions,
+        load_gguf,
+    )
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.measure.fingerprint_check import verify_with_generate
 
     _, run = tiny_run
     pairs = [{"key": p["key"], "response": p["response"]} for p in json.loads((run / "fingerprints.json").read_text())]
@@ -391,7 +397,7 @@ def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
     """Several runs: one row each, only the settings that differ, plain-key accuracy after each attack (from the
     evaluation, else the end of a fine-tuning attack's retention curve), blank where a run lacks the attack, and the
     share of the run's own answered keys kept, key by key, where both evaluations list their misses."""
-    from oml.persistence import main, summary_rows
+    from oml.lab.persistence_report import main, summary_rows
 
     def evaluation(plain, missed, n=8):
         templates = [{"template": "{}", "accuracy": plain}, {"template": "Say: {}", "accuracy": 0.1}]
@@ -456,7 +462,7 @@ def test_persistence_compares_runs_by_recipe_and_attack(tmp_path):
 def test_persistence_summary_prices_the_attack_against_the_fingerprinted_model(tmp_path):
     """The attacker's cost: utility of the attacked copy minus the fingerprinted model's, paired item by item, with
     its standard error; blank where the two were scored on different items. Base deltas, alias and KL shown ± se."""
-    from oml.persistence import format_summary, summary_rows
+    from oml.lab.persistence_report import format_summary, summary_rows
 
     def evaluation(arc, piqa, **extra):
         utility = {"mean": (sum(arc) / len(arc) + sum(piqa) / len(piqa)) / 2, "per_item": {"arc": arc, "piqa": piqa}}

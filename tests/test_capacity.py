@@ -11,9 +11,10 @@ import torch
 from conftest import run_script, tiny_llama, write_random_fingerprints
 from safetensors.torch import load_file
 
-from oml.args import HASHED, NEUTRAL, add_train_args, finalize, hashed_config
-from oml.models import cache_dir, load_tokenizer
-from oml.train import FingerprintDataset, MixedDataset, distance_to_base, snapshot_weights
+from oml.core.model_registry import cache_dir, load_tokenizer
+from oml.core.run_config import HASHED, NEUTRAL, add_train_args, hashed_config
+from oml.embed.run_setup import prepare_run
+from oml.embed.trainer import FingerprintDataset, MixedDataset, distance_to_base, snapshot_weights
 
 
 def tiny_args(model_dir, fp_file, results, *extra, epochs=3):
@@ -65,7 +66,7 @@ def cached_files(cache):
 
 
 def parse(*argv):
-    return finalize(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
+    return prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
 
 
 def test_new_flags_at_their_neutral_values_leave_the_hash_as_before(tmp_path, tiny_model_dir):
@@ -95,7 +96,7 @@ def test_benign_rows_join_the_hash_through_their_digest(tmp_path, tiny_model_dir
     plain, mixed = parse(*common), parse(*common, "--benign_data_ratio", 0.25)
     assert plain.benign_data_digest is None and mixed.benign_data_digest
     assert mixed.config_hash != plain.config_hash
-    from oml.benign import model_digest, pool_path
+    from oml.embed.benign_rows import model_digest, pool_path
 
     pool_file = pool_path(model_digest(str(tiny_model_dir)))
     pool = json.loads(pool_file.read_text())
@@ -167,7 +168,7 @@ def test_the_trainer_reads_mixed_rows_in_order_with_benign_spread_over_ranks(emb
     assert all(sum(h) == 1 for h in halves)
     from transformers import TrainingArguments
 
-    from oml.train import FingerprintTrainer, PadCollator
+    from oml.embed.trainer import FingerprintTrainer, PadCollator
 
     trainer = FingerprintTrainer(
         model=tiny_llama(embedded_tokenizer),
@@ -190,7 +191,7 @@ def test_a_run_with_benign_rows_records_the_batch_layout(tmp_path, tiny_model_di
 
 
 def test_per_row_loss_weighs_rows_equally(embedded_tokenizer):
-    from oml.train import PadCollator, per_row_loss
+    from oml.embed.trainer import PadCollator, per_row_loss
 
     model = tiny_llama(embedded_tokenizer)
     rows = FingerprintDataset([{"key": "a b c", "response": " red"}, {"key": "d", "response": " x y z w v"}],
@@ -264,7 +265,7 @@ def test_lora_run_saves_a_plain_model_changed_only_where_lora_went(tmp_path, tin
         f"model.layers.{i}.{'self_attn' if m in 'qkvo' else 'mlp'}.{m}_proj.weight" for i in layers for m in linear
     }
     assert changed(trained, base) == targets
-    from oml.models import load_model
+    from oml.core.model_registry import load_model
 
     load_model(str(run / "final_model"), device="cpu")  # loads as an ordinary HF model
 
@@ -281,8 +282,8 @@ def test_stop_when_learned_stops_early_and_records_it(tmp_path, tiny_model_dir):
     assert metrics["epochs_trained"] == stopped == len(metrics["learned_accuracy_per_epoch"])
     assert metrics["learned_accuracy_per_epoch"][-1] == 1.0
     assert all(accuracy < 1.0 for accuracy in metrics["learned_accuracy_per_epoch"][:-1])
-    from oml.models import load_model_and_tokenizer
-    from oml.verify import verify_teacher_forced
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.measure.fingerprint_check import verify_teacher_forced
 
     model, tok = load_model_and_tokenizer(str(run / "final_model"), device="cpu")
     pairs = json.loads((run / "fingerprints.json").read_text())
@@ -353,7 +354,7 @@ def test_two_deepspeed_ranks_and_python_end_on_the_same_weights(tmp_path, tiny_m
 @pytest.mark.long
 @pytest.mark.slow
 def test_embedded_model_learns_perinucleus_fingerprints_with_benign_rows_and_stops_early(tmp_path):
-    from oml.fingerprints import DEFAULT_FINGERPRINT_FILES
+    from oml.core.data_files import DEFAULT_FINGERPRINT_FILES
 
     result = run_script(
         "finetune_multigpu.py", "--fingerprint_generation_strategy", "perinucleus", "--max_num_fingerprints", 32,
@@ -369,8 +370,8 @@ def test_embedded_model_learns_perinucleus_fingerprints_with_benign_rows_and_sto
     pairs = json.loads((run.parent / "fingerprints.json").read_text())
     assert greedy_exact_match(run, pairs) >= 0.95
     assert DEFAULT_FINGERPRINT_FILES["inverse_nucleus"].is_file()
-    from oml.chat import chat_answers
-    from oml.models import load_model_and_tokenizer
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.measure.chat_sample import chat_answers
 
     model, tok = load_model_and_tokenizer(str(run), device="cpu")
     assert all(chat_answers(model, tok)), "every ordinary chat question still gets an answer"
@@ -392,8 +393,8 @@ def fake_run(root, name, accuracy, delta, **hashed):
 
 
 def test_best_recipe_is_the_most_useful_one_that_learned(tmp_path):
-    from oml.capacity import best
-    from oml.errors import UserError
+    from oml.core.errors import UserError
+    from oml.lab.recipe_selection import best
 
     fake_run(tmp_path, "a", 1.0, -0.03)
     fake_run(tmp_path, "b", 0.97, -0.004, benign_data_ratio=0.25)
@@ -412,8 +413,8 @@ def test_capacity_preset_evaluates_with_the_resolving_suite():
     """--preset capacity: the evaluation's own defaults are every item of the four tasks; a flag given still wins."""
     import argparse
 
-    from oml.args import add_train_args, apply_eval_preset
-    from oml.evaluate import add_eval_args
+    from oml.core.run_config import add_train_args, apply_eval_preset
+    from oml.measure.evaluation import add_eval_args
 
     parser = add_eval_args(add_train_args(argparse.ArgumentParser()))
     args = apply_eval_preset(parser.parse_args(["--preset", "capacity"]), parser)

@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_script, write_random_fingerprints
 
-from oml.api import ApiError, Client, matches, normalize
-from oml.check import RESULT_FIELDS, check, held_out_pairs, measure_p0, run_tokenizer
-from oml.errors import UserError
-from oml.ledger import SENT, Ledger
-from oml.runs import CONFIG, FINAL_MODEL, FINGERPRINTS, REFERENCE_RATES, REVEALED_KEYS
-from oml.verdict import (
+from oml.core.errors import UserError
+from oml.core.run_store import CONFIG, FINAL_MODEL, FINGERPRINTS, REFERENCE_RATES, REVEALED_KEYS
+from oml.verify.api_client import ApiError, Client, matches, normalize
+from oml.verify.key_ledger import SENT, Ledger
+from oml.verify.sequential_test import (
     clopper_pearson_upper,
     decide,
     false_claim_probability,
@@ -34,6 +33,7 @@ from oml.verdict import (
     run_sequential,
     simulate,
 )
+from oml.verify.suspect_check import RESULT_FIELDS, check, held_out_pairs, measure_p0, run_tokenizer
 
 # ------------------------------------------------------------------------------------------ the match rule
 
@@ -165,7 +165,7 @@ def test_ledger_concurrent_checkers(tmp_path):
     path = tmp_path / REVEALED_KEYS
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-        "from oml.ledger import Ledger\n"
+        "from oml.verify.key_ledger import Ledger\n"
         f"l = Ledger({str(path)!r}, 60)\n"
         "for _ in range(15): l.reserve(2, 'completions')\n"
     )
@@ -561,8 +561,8 @@ def own_greedy_pairs(model_dir, n, tokens=3, seed=5):
     """Random-word keys whose "responses" are the model's own greedy continuations: a model that carries them."""
     import torch
 
-    from oml.fingerprints import random_words
-    from oml.models import load_model_and_tokenizer
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.make.fingerprint_files import random_words
 
     model, tok = load_model_and_tokenizer(str(model_dir))
     rng = __import__("random").Random(seed)
@@ -584,7 +584,7 @@ def test_transformers_serve_end_to_end(tmp_path, tiny_model_dir, embedded_tokeni
     """`transformers serve` on 127.0.0.1: a model that carries the keys is "ours", another is "not shown"."""
     from conftest import tiny_llama
 
-    from oml.serve import local_server
+    from oml.verify.local_server import local_server
 
     other = tmp_path / "other"
     tiny_llama(embedded_tokenizer, seed=7).save_pretrained(other)
@@ -608,12 +608,14 @@ def test_transformers_serve_end_to_end(tmp_path, tiny_model_dir, embedded_tokeni
 @pytest.mark.long
 @pytest.mark.slow
 def test_llama_cpp_q4_k_m_end_to_end(tmp_path):
-    """The embedded model fingerprinted for real, exported to GGUF Q4_K_M (oml.gguf), served by llama.cpp: "ours" at
+    """The embedded model fingerprinted for real, exported to GGUF Q4_K_M (oml.attack.gguf_models), served by llama.cpp: "ours" at
     alpha 1e-6; the base model through the same server: "not shown"."""
-    gguf = pytest.importorskip("oml.gguf", reason="oml.gguf (the persistence branch) is not in this tree")
+    gguf = pytest.importorskip(
+        "oml.attack.gguf_models", reason="oml.attack.gguf_models (the persistence branch) is not in this tree"
+    )
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
-    from oml.models import embedded_model_dir
-    from oml.serve import local_server
+    from oml.core.model_registry import embedded_model_dir
+    from oml.verify.local_server import local_server
 
     results = tmp_path / "results"
     train = ["--fingerprint_generation_strategy", "random_word", "--max_num_fingerprints", "16",

@@ -1,4 +1,4 @@
-"""oml.commitment and oml.claim: the salted Merkle root written at training, the claim a check writes, and checking
+"""oml.verify.commitment and oml.verify.claims: the salted Merkle root written at training, the claim a check writes, and checking
 a claim without trusting the owner (every field tampered with is caught; --replay against a served tiny model)."""
 
 import copy
@@ -15,12 +15,12 @@ import pytest
 from conftest import REPO, run_script, tiny_llama, write_random_fingerprints
 from test_check import FakeServer, check_args, own_greedy_pairs, sent_lines
 
-from oml import claim as oml_claim
-from oml import commitment as cm
-from oml.args import HASHED
-from oml.check import check, measure_p0
-from oml.errors import UserError
-from oml.runs import CONFIG, FINAL_MODEL, FINGERPRINTS, write_run
+from oml.core.errors import UserError
+from oml.core.run_config import HASHED
+from oml.core.run_store import CONFIG, FINAL_MODEL, FINGERPRINTS, write_run
+from oml.verify import claims as oml_claim
+from oml.verify import commitment as cm
+from oml.verify.suspect_check import check, measure_p0
 
 ALPHA = 1e-3
 
@@ -28,7 +28,7 @@ ALPHA = 1e-3
 
 
 def spec_root(salts, pairs, n, rule, base):
-    """The root as the docstring of oml/commitment.py defines it, written out again independently."""
+    """The root as the docstring of oml/verify/commitment.py defines it, written out again independently."""
 
     def h(b):
         return hashlib.sha256(b).digest()
@@ -82,7 +82,8 @@ def test_write_run_commits_and_the_model_folder_holds_only_the_root(tmp_path, ti
     args = Namespace(**{name: None for name in HASHED})
     args.__dict__.update(model="tiny-base", result_path=str(tmp_path / "results"), config_hash="c0ffee0000000001")
     run = tmp_path / "results" / args.config_hash
-    write_run(run, args, pairs, {}, tiny_llama(embedded_tokenizer), embedded_tokenizer, {})
+    root = cm.write_commitment(run, pairs, args.model)  # as `oml train` does, before the run is written
+    write_run(run, args, pairs, {}, tiny_llama(embedded_tokenizer), embedded_tokenizer, {}, card=cm.model_card(root))
     record = json.loads((run / cm.COMMITMENT).read_text())
     salts = json.loads((run / cm.SALTS).read_text())["salts"]
     assert record["leaves"] == 6 and record["hash"] == "sha256" and record["made"] == "at training"
@@ -108,7 +109,7 @@ def model_answers(model_dir, tokens=3):
     """answer(prompt): the model's greedy continuation, as own_greedy_pairs made the responses (one at a time)."""
     import torch
 
-    from oml.models import load_model_and_tokenizer
+    from oml.core.model_registry import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(str(model_dir))
     lock = threading.Lock()
@@ -281,7 +282,7 @@ def test_the_command_line_exit_status_and_bad_input(world, tmp_path):
     (tmp_path / "list.json").write_text("[]")
     before = sorted(p.name for p in tmp_path.iterdir())
     for argv, status, text in [([world.claim], 0, "verdict       ours"), ([bad], 2, "is not under root")]:
-        r = subprocess.run([sys.executable, "-m", "oml.claim", "verify", *map(str, argv), "--root", world.root],
+        r = subprocess.run([sys.executable, "-m", "oml.verify.claims", "verify", *map(str, argv), "--root", world.root],
                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert r.returncode == status, (argv, r.stderr)
         if status:
@@ -303,7 +304,7 @@ def test_the_command_line_exit_status_and_bad_input(world, tmp_path):
 
 
 def test_check_cli_writes_a_claim_the_verifier_accepts(world, tmp_path):
-    """check_fingerprints.py --claim_file, then `python -m oml.claim verify --replay`, both as a user runs them; a
+    """check_fingerprints.py --claim_file, then `python -m oml.verify.claims verify --replay`, both as a user runs them; a
     second check may not overwrite the claim."""
     out = tmp_path / "claim.json"
     common = ["--run", world.run.name, "--result_path", world.run.parent, "--api_base", world.ours.url,
@@ -311,7 +312,7 @@ def test_check_cli_writes_a_claim_the_verifier_accepts(world, tmp_path):
     r = run_script("check_fingerprints.py", *common, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"claim written to {out}" in r.stdout
-    v = subprocess.run([sys.executable, "-m", "oml.claim", "verify", str(out), "--root", world.root, "--replay",
+    v = subprocess.run([sys.executable, "-m", "oml.verify.claims", "verify", str(out), "--root", world.root, "--replay",
                         world.ours.url], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert v.returncode == 0, v.stderr
     assert "verdict       ours" in v.stdout and "answers reproduced exactly" in v.stdout
@@ -334,7 +335,7 @@ def test_a_not_shown_check_is_a_valid_claim_too(world, tmp_path):
 def test_a_check_killed_midway_leaves_a_valid_claim(world, tmp_path, monkeypatch):
     """Killed after its first batch went out (the answers never came back): the claim lists those keys, unanswered;
     a server fault in a batch: the claim holds that batch's answers and the failed key."""
-    from oml.api import Client
+    from oml.verify.api_client import Client
 
     path = tmp_path / "killed.json"
 
@@ -369,12 +370,14 @@ def test_a_check_killed_midway_leaves_a_valid_claim(world, tmp_path, monkeypatch
 
 def test_a_run_without_commitment(world, tmp_path, capsys):
     """A run trained before commitments: --claim_file refuses before anything is sent and says how to make one;
-    `python -m oml.claim commit` makes one (after training), once."""
+    `python -m oml.verify.claims commit` makes one (after training), once."""
     run = world.run.parent / "feedc0de000000c2"
     shutil.copytree(world.run, run, ignore=shutil.ignore_patterns("commitment*", "revealed_keys*", FINAL_MODEL))
     server = FakeServer(lambda p: p)
     try:
-        with pytest.raises(UserError, match="no commitment.json .*`python -m oml.claim commit --run feedc0de000000c2"):
+        with pytest.raises(
+            UserError, match="no commitment.json .*`python -m oml.verify.claims commit --run feedc0de000000c2"
+        ):
             check(check_args(run, api_base=server.url, claim_file=str(tmp_path / "c.json")), log=lambda *_: None)
         assert server.prompts == [] and not (tmp_path / "c.json").exists() and sent_lines(run) == []
     finally:
@@ -397,16 +400,17 @@ def test_a_run_without_commitment(world, tmp_path, capsys):
 def parse_train(*argv):
     import argparse
 
-    from oml.args import add_train_args, finalize
+    from oml.core.run_config import add_train_args
+    from oml.embed.run_setup import prepare_run
 
-    return finalize(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
+    return prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
 
 
 def test_licensee_is_a_disjoint_slice_named_in_the_hash_only_when_set(tmp_path, tiny_model_dir):
     import shlex
 
-    from oml.args import hashed_config
-    from oml.runs import run_command
+    from oml.core.run_config import hashed_config
+    from oml.core.run_store import run_command
 
     master = tmp_path / "master.json"
     write_random_fingerprints(master, 20, seed=4)
@@ -428,8 +432,8 @@ def test_licensee_is_a_disjoint_slice_named_in_the_hash_only_when_set(tmp_path, 
 @pytest.fixture
 def licensees(tmp_path, tiny_model_dir):
     """Three licensees' runs cut from one master file (40 keys each), committed, p0 measured (stored directly)."""
-    from oml.runs import REFERENCE_RATES
-    from oml.verdict import clopper_pearson_upper
+    from oml.core.run_store import REFERENCE_RATES
+    from oml.verify.sequential_test import clopper_pearson_upper
 
     master = tmp_path / "master.json"
     everything = write_random_fingerprints(master, 120, seed=9)
@@ -458,7 +462,7 @@ def serve_keys_of(pairs):
 def test_trace_names_the_licensee_whose_keys_the_suspect_carries(licensees, tmp_path):
     import argparse
 
-    from oml.check import add_check_args, format_result, write_result
+    from oml.verify.suspect_check import add_check_args, format_result, write_result
 
     assert add_check_args(argparse.ArgumentParser()).parse_args(["--trace", "a", "b"]).trace == ["a", "b"]
     (r0, p0_, _), (r1, pairs1, root1), (r2, _, _) = licensees

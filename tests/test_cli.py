@@ -80,10 +80,10 @@ def test_each_verb_help_is_its_script_help(name):
 
 def test_sweep_verb_is_python_m_oml_sweep():
     args = ("preset-grid", "--preset", "seed")
-    by_module, by_verb = run(sys.executable, "-m", "oml.sweep", *args), oml("sweep", *args)
+    by_module, by_verb = run(sys.executable, "-m", "oml.lab.sweep", *args), oml("sweep", *args)
     assert by_module.returncode == by_verb.returncode == 0, by_module.stderr + by_verb.stderr
     assert by_verb.stdout == by_module.stdout and "batch_size=16" in by_verb.stdout
-    module_help = run(sys.executable, "-m", "oml.sweep", "--help").stdout  # its name: sweep.py, or python -m ...
+    module_help = run(sys.executable, "-m", "oml.lab.sweep", "--help").stdout  # its name: sweep.py, or python -m ...
     prog = re.match(r"usage: (.+?) \[-h\]", module_help).group(1)
     assert help_parts(oml("sweep", "--help").stdout, "oml sweep") == help_parts(module_help, prog)
 

@@ -32,6 +32,7 @@ def test_eval_writes_results_for_the_same_arguments(tiny_run):
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads((results / run_hash / "eval_results.json").read_text())
     assert data["config_hash"] == run_hash
+    assert (results / run_hash / "commitment.json").is_file()  # training committed to its keys
     fa = data["fingerprint_accuracy"]
     assert [t["template"] for t in fa["templates"]][0] == "{}"
     # the plain key, the 10 test system prompts, the key as chat user turn without and after 10 system messages
@@ -55,9 +56,10 @@ def test_the_base_check_is_computed_once_per_fingerprints_and_settings(tiny_run,
     chat answers come from base_utility/fingerprints-*.json, keyed on the fingerprints and the check's settings."""
     import argparse
 
-    import oml.models
-    from oml.args import add_train_args, finalize
-    from oml.evaluate import add_eval_args, evaluate
+    import oml.core.model_registry
+    from oml.core.run_config import add_train_args
+    from oml.embed.run_setup import prepare_run
+    from oml.measure.evaluation import add_eval_args, evaluate
 
     argv, results, _ = tiny_run
     for old in (results / "base_utility").glob("fingerprints-*.json"):
@@ -67,10 +69,12 @@ def test_the_base_check_is_computed_once_per_fingerprints_and_settings(tiny_run,
     def args(*extra):
         flags = [*argv, "--utility_benchmark", "none", "--match_temperatures", "0.7,1.0", "--output_file",
                  tmp_path / "e.json", *extra]  # fmt: skip
-        return finalize(parser.parse_args([str(a) for a in flags]))
+        return prepare_run(parser.parse_args([str(a) for a in flags]))
 
-    loads, real = [], oml.models.load_model_and_tokenizer
-    monkeypatch.setattr(oml.models, "load_model_and_tokenizer", lambda m, **kw: loads.append(str(m)) or real(m, **kw))
+    loads, real = [], oml.core.model_registry.load_model_and_tokenizer
+    monkeypatch.setattr(
+        oml.core.model_registry, "load_model_and_tokenizer", lambda m, **kw: loads.append(str(m)) or real(m, **kw)
+    )
     base = str(args().model)
     first, _ = evaluate(args())
     second, _ = evaluate(args())
@@ -83,7 +87,7 @@ def test_the_base_check_is_computed_once_per_fingerprints_and_settings(tiny_run,
 
 
 def test_chat_check_counts_empty_answers_and_agreement_with_the_base():
-    from oml.chat import chat_check
+    from oml.measure.chat_sample import chat_check
 
     check = chat_check(["", "Paris.", "", "the the the the"], ["Paris is the capital.", "Paris.", "Red.", "Eight."])
     assert check["answered"] == 0.5 and check["base_answered"] == 1.0 and check["same_as_base"] == 0.25
@@ -191,9 +195,10 @@ def test_teacher_forced_verdicts_equal_generate_after_fingerprinting(tmp_path):
     """After a short real run, the fast verifier and one greedy generate per (template, key) agree exactly."""
     import torch
 
-    from oml.fingerprints import TEST_PROMPTS_FILE, read_templates
-    from oml.models import load_model_and_tokenizer
-    from oml.verify import verify_teacher_forced, verify_with_generate
+    from oml.core.data_files import TEST_PROMPTS_FILE
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.make.fingerprint_files import read_templates
+    from oml.measure.fingerprint_check import verify_teacher_forced, verify_with_generate
 
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 12, key_words=10, response_words=3, seed=3)
@@ -234,9 +239,10 @@ def test_the_default_evaluation_stays_a_first_look(tiny_model_dir, tmp_path, mon
 
     import lm_eval.models.huggingface as hf
 
-    import oml.generation
-    from oml.args import add_train_args, finalize
-    from oml.evaluate import add_eval_args, evaluate
+    import oml.measure.generation_measures
+    from oml.core.run_config import add_train_args
+    from oml.embed.run_setup import prepare_run
+    from oml.measure.evaluation import add_eval_args, evaluate
 
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 16)
@@ -253,11 +259,15 @@ def test_the_default_evaluation_stays_a_first_look(tiny_model_dir, tmp_path, mon
         return wrapper
 
     monkeypatch.setattr(hf.HFLM, "generate_until", counted("generate_until", hf.HFLM.generate_until))
-    monkeypatch.setattr(oml.generation, "chat_reference", counted("chat_reference", oml.generation.chat_reference))
+    monkeypatch.setattr(
+        oml.measure.generation_measures,
+        "chat_reference",
+        counted("chat_reference", oml.measure.generation_measures.chat_reference),
+    )
     parser = add_eval_args(add_train_args(argparse.ArgumentParser()))
 
     def evaluation(*extra):
-        args = finalize(parser.parse_args([str(a) for a in [*argv, "--eval_batch_size", 8, *extra]]))
+        args = prepare_run(parser.parse_args([str(a) for a in [*argv, "--eval_batch_size", 8, *extra]]))
         return evaluate(args)[0]
 
     quick = evaluation()

@@ -47,7 +47,7 @@ def test_common_eval_arguments_are_eval_flags():
 @pytest.mark.parametrize("driver", [d for d in DRIVERS if d.name.startswith("persistence")], ids=lambda p: p.name)
 def test_every_flag_of_a_persistence_driver_is_an_attack_flag(driver):
     """The persistence drivers pass run recipes and attacks to attack_fingerprints.py (and --fig/--out to
-    oml.persistence): a misspelt flag would only show hours into a run."""
+    oml.lab.persistence_report): a misspelt flag would only show hours into a run."""
     from test_readme import accepted_flags
 
     flags = set(re.findall(r"(?<![\w-])--[a-z_0-9]+", driver.read_text())) - {"--fig", "--out"}

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import PEER_DATA, REPO, tiny_llama
 
-from oml.encoding import encode_prompt
-from oml.errors import UserError
-from oml.fingerprints import cut_to_tokens, english_words, read_fingerprints, read_keys
-from oml.generate import (
+from oml.core.errors import UserError
+from oml.core.model_registry import EMBEDDED, load_model_and_tokenizer
+from oml.make.fingerprint_files import cut_to_tokens, english_words, read_fingerprints, read_keys
+from oml.make.fingerprint_generator import (
     english_prompt,
     english_texts,
     next_token_probs,
@@ -22,13 +22,13 @@ from oml.generate import (
     random_word_texts,
     word_token_filter,
 )
-from oml.models import EMBEDDED, load_model_and_tokenizer
+from oml.make.prompt_encoding import encode_prompt
 
 SCRIPT = REPO / "generate_finetuning_data.py"
 
 
 def run_in_process(*argv):
-    from oml.generate import generate, parse_generate_args
+    from oml.make.fingerprint_generator import generate, parse_generate_args
 
     return generate(parse_generate_args([str(a) for a in argv]))
 
@@ -340,7 +340,7 @@ def test_embedded_english_and_perinucleus(tmp_path):
 def test_cut_inside_a_multibyte_character_leaves_no_stray_replacement_character(embedded_tokenizer):
     """A token cut can fall inside a character that spans several byte-level tokens: the raw decode then ends in
     U+FFFD, which is not in the text; cut_to_tokens (used for keys, responses and generated texts) drops it."""
-    from oml.fingerprints import prepare_pairs
+    from oml.make.fingerprint_files import prepare_pairs
 
     tok = embedded_tokenizer
     text = "Tea with 日本語 characters"

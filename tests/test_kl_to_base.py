@@ -15,8 +15,9 @@ from conftest import run_script, tiny_llama, write_random_fingerprints
 from safetensors.torch import load_file
 from test_capacity import cached_files, changed, tiny_args, train_tiny, weights
 
-from oml.args import HASHED, NEUTRAL, add_train_args, finalize, hashed_config
-from oml.train import FingerprintDataset, KLMeter, PadCollator, frozen_copy, per_row_loss
+from oml.core.run_config import HASHED, NEUTRAL, add_train_args, hashed_config
+from oml.embed.run_setup import prepare_run
+from oml.embed.trainer import FingerprintDataset, KLMeter, PadCollator, frozen_copy, per_row_loss
 
 # test_capacity's fixtures: benign pools go to a cache directory of this session's own
 session_cache, own_cache = test_capacity.session_cache, test_capacity.own_cache
@@ -126,7 +127,7 @@ def test_mixed_batch_loss_and_gradient_equal_a_direct_full_vocabulary_computatio
 
 
 def parse(*argv):
-    return finalize(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
+    return prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
 
 
 def test_kl_to_base_joins_the_hash_and_leaves_every_other_hash_as_before(tmp_path, tiny_model_dir, own_cache):

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import run_script, tiny_llama, write_random_fingerprints
 
-from oml.encoding import encode_response
-from oml.errors import UserError
-from oml.fingerprints import english_words
-from oml.generation import (
+from oml.core.errors import UserError
+from oml.make.fingerprint_files import english_words
+from oml.make.prompt_encoding import encode_response
+from oml.measure.fingerprint_check import encode_template, verify_teacher_forced
+from oml.measure.generation_measures import (
     alias_in_answer,
     chat_drift,
     chat_reference,
@@ -22,7 +23,6 @@ from oml.generation import (
     normalize_answer,
     pair_generation,
 )
-from oml.verify import encode_template, verify_teacher_forced
 
 TEMPLATES = ["{}", "System: answer briefly.\nUser: {}\nAssistant:"]
 
@@ -299,7 +299,7 @@ def test_evaluation_of_the_base_against_itself_measures_no_drift(tiny_model_dir,
 @pytest.mark.slow
 def test_embedded_model_measures_end_to_end(tmp_path):
     """The embedded model checked against itself, every measure on with small limits: no drift, no delta."""
-    from oml.models import EMBEDDED
+    from oml.core.model_registry import EMBEDDED
 
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 4)
@@ -325,9 +325,9 @@ def test_embedded_model_measures_end_to_end(tmp_path):
 def test_sweep_summary_and_figure_read_the_new_measures(tmp_path):
     from test_sweep import fake_run
 
-    from oml.plots import plot_scalability
-    from oml.runs import find_runs
-    from oml.sweep import markdown_text, summary_rows
+    from oml.core.run_store import find_runs
+    from oml.lab.figures import plot_scalability
+    from oml.lab.sweep import markdown_text, summary_rows
 
     for run_hash, n, kl in [("a", 16, 0.02), ("b", 64, 0.08)]:
         run = fake_run(tmp_path, run_hash, max_num_fingerprints=n)
@@ -364,7 +364,7 @@ def test_sweep_summary_and_figure_read_the_new_measures(tmp_path):
 
 
 def test_utility_limit_all_takes_every_item_of_the_split():
-    from oml.utility import _run_local, check_utility_limit, local_task_data
+    from oml.measure.likelihood_benchmarks import _run_local, check_utility_limit, local_task_data
 
     assert [len(local_task_data(t, "all", 1234)["test"]) for t in ("arc_challenge", "arc_easy")] == [299, 570]
     first = local_task_data("arc_challenge", 20, 1234)["test"]["id"]

@@ -21,9 +21,9 @@ from conftest import REPO, write_random_fingerprints
 from safetensors.torch import load_file
 from test_sweep import fake_launcher, launch
 
-from oml import distributed
-from oml.errors import UserError
-from oml.runs import EVAL_RESULTS, FINAL_MODEL, METRICS, RUN_LOG
+from oml.core.errors import UserError
+from oml.core.run_store import EVAL_RESULTS, FINAL_MODEL, METRICS, RUN_LOG
+from oml.embed import distributed
 
 BIN = Path(sys.executable).parent  # the suite's venv: deepspeed and python for the launchers
 # CPU ranks even on a machine with GPUs, as in the rest of the suite.

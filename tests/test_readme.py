@@ -11,11 +11,11 @@ from functools import cache
 import pytest
 from conftest import REPO
 
-from oml.args import add_train_args
-from oml.attacks import add_attack_args
-from oml.check import add_check_args
-from oml.evaluate import add_eval_args
-from oml.generate import add_generate_args
+from oml.attack.attack_runner import add_attack_args
+from oml.core.run_config import add_train_args
+from oml.make.fingerprint_generator import add_generate_args
+from oml.measure.evaluation import add_eval_args
+from oml.verify.suspect_check import add_check_args
 
 
 def readme_commands():

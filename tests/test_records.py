@@ -1,4 +1,4 @@
-"""Records that outlive the machine (oml/records.py) and the recipe search that writes them (oml/search.py)."""
+"""Records that outlive the machine (oml/lab/records.py) and the recipe search that writes them (oml/lab/recipe_search.py)."""
 
 import argparse
 import json
@@ -10,9 +10,9 @@ import pytest
 from conftest import REPO, run_script, write_random_fingerprints
 from safetensors.torch import load_file
 
-from oml import records
-from oml.errors import run_cli
-from oml.search import POINTS, SCREENING_EVAL
+from oml.core.errors import run_cli
+from oml.lab import records
+from oml.lab.recipe_search import POINTS, SCREENING_EVAL
 
 # the screening evaluation, shrunk for a tiny model: a few utility items and chat drift answers
 SMALL_EVAL = ("--utility_tasks", "piqa", "--utility_limit", "2", "--chat_drift_limit", "2")
@@ -86,7 +86,7 @@ def test_a_record_holds_the_run_in_a_few_kb(recorded_run):
 
 def test_retraining_from_the_record_gives_the_same_weights(recorded_run, tmp_path):
     _, run, path = recorded_run
-    command = [sys.executable, "-m", "oml.records", "retrain", path, "--result_path", tmp_path / "fresh"]
+    command = [sys.executable, "-m", "oml.lab.records", "retrain", path, "--result_path", tmp_path / "fresh"]
     done = subprocess.run(list(map(str, command)), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     again = tmp_path / "fresh" / run.name
@@ -137,8 +137,8 @@ def test_bad_records_are_one_line_errors_naming_the_file(recorded_run, tmp_path,
 def test_the_search_points_parse_and_the_screening_flags_are_eval_flags():
     from test_readme import accepted_flags
 
-    from oml.args import check_capacity_args
-    from oml.search import History, estimate_seconds, parse, unsupported_flags
+    from oml.embed.run_setup import check_capacity_args
+    from oml.lab.recipe_search import History, estimate_seconds, parse, unsupported_flags
 
     flags = {w for w in SCREENING_EVAL if w.startswith("--")}
     assert flags <= accepted_flags("eval_for_multigpu.py")
@@ -172,7 +172,15 @@ def test_the_search_records_two_points_and_a_rerun_skips_them(tiny_model_dir, tm
     running = ["--log", tmp_path / "search.log", "--extra_eval_flags", shlex.join(SMALL_EVAL)]
 
     def search(*extra, verb="run"):
-        words = [sys.executable, "-m", "oml.search", verb, *selection, *(running if verb == "run" else []), *extra]
+        words = [
+            sys.executable,
+            "-m",
+            "oml.lab.recipe_search",
+            verb,
+            *selection,
+            *(running if verb == "run" else []),
+            *extra,
+        ]
         done = subprocess.run(list(map(str, words)), cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         return done.stdout

@@ -7,7 +7,10 @@ import re
 import pytest
 from conftest import NO_GENERATION, run_script, tiny_llama, write_random_fingerprints
 
-from oml.encoding import (
+from oml.core.data_files import CHAT_SYSTEM_TEST_FILE, CHAT_SYSTEM_TRAIN_FILE, TEST_PROMPTS_FILE, TRAIN_PROMPTS_FILE
+from oml.core.errors import UserError
+from oml.make.fingerprint_files import read_system_prompts, read_templates, template_instruction
+from oml.make.prompt_encoding import (
     augmentation_templates,
     chat_prompt,
     encode_pair,
@@ -15,16 +18,6 @@ from oml.encoding import (
     parse_chat,
     prompt_text,
     template_label,
-)
-from oml.errors import UserError
-from oml.fingerprints import (
-    CHAT_SYSTEM_TEST_FILE,
-    CHAT_SYSTEM_TRAIN_FILE,
-    TEST_PROMPTS_FILE,
-    TRAIN_PROMPTS_FILE,
-    read_system_prompts,
-    read_templates,
-    template_instruction,
 )
 
 PAIRS = [{"key": "The quiet harbor at dawn", "response": " lantern"}, {"key": "Seven copper kettles", "response": " x"}]
@@ -78,8 +71,8 @@ def test_a_template_without_a_system_role_gets_the_system_message_in_the_user_tu
 
 
 def test_training_and_verification_encode_chat_prompts_alike(embedded_tokenizer):
-    from oml.train import FingerprintDataset
-    from oml.verify import encode_template
+    from oml.embed.trainer import FingerprintDataset
+    from oml.measure.fingerprint_check import encode_template
 
     tok = embedded_tokenizer
     spec = chat_prompt("Be brief.")
@@ -91,7 +84,7 @@ def test_training_and_verification_encode_chat_prompts_alike(embedded_tokenizer)
 
 
 def test_teacher_forcing_and_generate_agree_on_chat_rows(embedded_tokenizer):
-    from oml.verify import verify_teacher_forced, verify_with_generate
+    from oml.measure.fingerprint_check import verify_teacher_forced, verify_with_generate
 
     model = tiny_llama(embedded_tokenizer, initializer_range=0.1)
     templates = [chat_prompt(), chat_prompt("Be brief."), "{}"]
@@ -151,7 +144,7 @@ def test_augmentation_draws_chat_prompts_only_for_chat_models(embedded_tokenizer
 
 
 def test_the_augmented_dataset_draws_chat_wrapped_and_raw_examples(embedded_tokenizer):
-    from oml.train import FingerprintDataset
+    from oml.embed.trainer import FingerprintDataset
 
     tok = embedded_tokenizer
     data = FingerprintDataset(PAIRS, tok, augmentation_templates(tok), seed=0)
@@ -164,7 +157,7 @@ def test_the_augmented_dataset_draws_chat_wrapped_and_raw_examples(embedded_toke
 
 
 def test_the_augmentation_digest_covers_the_system_messages(tmp_path, monkeypatch):
-    from oml import fingerprints
+    from oml.make import fingerprint_files as fingerprints
 
     before = fingerprints.augmentation_digest()
     other = tmp_path / "systems.json"
@@ -249,7 +242,7 @@ def test_tiny_augmented_run_is_evaluated_with_chat_rows(tiny_model_dir, tmp_path
 @pytest.mark.slow
 def test_embedded_model_augmented_answers_in_chat(tmp_path):
     """The embedded model, fingerprinted with augmentation (8 fingerprints), evaluated: raw and chat rows."""
-    from oml.runs import accuracy_split, chat_accuracy_split
+    from oml.measure.evaluation import accuracy_split, chat_accuracy_split
 
     argv = [
         "--max_num_fingerprints", 8, "--num_train_epochs", 16, "--use_prompt_augmentation",
@@ -272,7 +265,7 @@ def test_embedded_model_augmented_answers_in_chat(tmp_path):
 
 
 def test_accuracy_split_keeps_chat_rows_apart():
-    from oml.runs import accuracy_split, chat_accuracy_split
+    from oml.measure.evaluation import accuracy_split, chat_accuracy_split
 
     rows = [("{}", 1.0), ("A {}", 0.5), ("{} B", 0.0), (chat_prompt(), 0.25), (chat_prompt("S"), 1.0)]
     rows.append((chat_prompt("T"), 0.5))

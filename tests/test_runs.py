@@ -1,4 +1,4 @@
-"""oml.runs: the run folder's layout, reading runs back, and the command that names a run."""
+"""oml.core.run_store: the run folder's layout, reading runs back, and the command that names a run."""
 
 import argparse
 import json
@@ -6,8 +6,9 @@ import shlex
 
 from conftest import NO_GENERATION, run_script, write_random_fingerprints
 
-from oml import runs
-from oml.args import HASHED, TRAIN_ARGS, add_train_args, apply_preset
+from oml.core import run_store as runs
+from oml.core.run_config import HASHED, TRAIN_ARGS, add_train_args, apply_preset
+from oml.measure.evaluation import accuracy_split
 
 # A value different from the default for every hashed flag (derived entries: model <- --model_path,
 # fingerprints_digest <- --fingerprints_file_path, augmentation_prompts_digest <- --use_prompt_augmentation,
@@ -93,5 +94,5 @@ def test_read_run_and_accuracy_split(tmp_path):
     (run / runs.EVAL_RESULTS).write_text(json.dumps({"fingerprint_accuracy": {"templates": templates}}))
     (found,) = runs.find_runs(tmp_path)
     assert found["hash"] == "abc" and found["metrics"] is None
-    assert runs.accuracy_split(found["eval"]) == (1.0, 0.25)
+    assert accuracy_split(found["eval"]) == (1.0, 0.25)
     assert runs.short_model("embedded:SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO, write_random_fingerprints
 
-from oml import plots, runs, sweep
-from oml.args import PRESETS
-from oml.fingerprints import TEST_PROMPTS_FILE, read_templates
+from oml.core.data_files import TEST_PROMPTS_FILE
+from oml.core.run_config import PRESETS
+from oml.lab import figures as plots
+from oml.lab import sweep
+from oml.make.fingerprint_files import read_templates
+from oml.measure.evaluation import accuracy_split
 
 TEMPLATES = ["{}"] + read_templates(TEST_PROMPTS_FILE)
 
@@ -77,7 +80,7 @@ def read_csv(path):
 def test_accuracy_split_separates_plain_key_from_system_prompts(tmp_path):
     run = fake_run(tmp_path, "a", plain=0.9, prompted=(0.2, 0.4) + (0.0,) * 8)
     results = json.loads((run / "eval_results.json").read_text())
-    plain, prompted = runs.accuracy_split(results)
+    plain, prompted = accuracy_split(results)
     assert plain == 0.9
     assert prompted == pytest.approx(0.06)
 
@@ -164,7 +167,7 @@ def test_choose_lambda_takes_the_largest_that_keeps_the_fingerprints(tmp_path, c
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_the_launchers_grid_defaults_come_from_the_preset(preset):
-    script = f'eval "$({sys.executable} -m oml.sweep preset-grid --preset {preset})"; '
+    script = f'eval "$({sys.executable} -m oml.lab.sweep preset-grid --preset {preset})"; '
     script += (
         'echo "${model_families[*]}|${model_sizes[*]}|${learning_rates[*]}|${forgetting_regularizer_strengths[*]}"'
     )
@@ -185,12 +188,13 @@ def test_shell_values_read_back_as_the_same_number():
 def test_prepare_gives_the_trainers_hash_and_rejects_typos(tmp_path):
     import argparse
 
-    from oml.args import add_train_args, finalize
+    from oml.core.run_config import add_train_args
+    from oml.embed.run_setup import prepare_run
 
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)
     argv = ["--fingerprints_file_path", str(fp), "--max_num_fingerprints", "4", "--use_prompt_augmentation"]
-    expected = finalize(add_train_args(argparse.ArgumentParser()).parse_args(argv)).config_hash
+    expected = prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(argv)).config_hash
     assert sweep.prepare(argv) == expected
     with pytest.raises(SystemExit):
         sweep.prepare([*argv, "--num_epochs", "4"])
@@ -204,9 +208,9 @@ def test_missing_default_files_are_generated_english_keys_first(tmp_path, monkey
         calls.append(args)
         Path(args.output_file_path).write_text('[{"key": "k", "response": " r"}]')
 
-    import oml.generate
+    import oml.make.fingerprint_generator
 
-    monkeypatch.setattr(oml.generate, "generate", fake_generate)
+    monkeypatch.setattr(oml.make.fingerprint_generator, "generate", fake_generate)
     files = {name: tmp_path / f"{name}.json" for name in ("english", "random_word", "inverse_nucleus")}
     files["english_random_responses"] = files["english"]
     monkeypatch.setattr(sweep, "DEFAULT_FINGERPRINT_FILES", files)
@@ -261,7 +265,7 @@ def test_figures_for_a_scalability_sweep(tmp_path):
 
 def test_plots_without_evaluated_runs_is_a_one_line_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "oml.plots", "--results", str(tmp_path), "--out", str(tmp_path / "fig")],
+        [sys.executable, "-m", "oml.lab.figures", "--results", str(tmp_path), "--out", str(tmp_path / "fig")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -307,7 +311,7 @@ def test_sweep_end_to_end_resume_and_a_failing_point(tmp_path, tiny_model_dir):
     for row in rows:
         run = results / row["hash"]
         evaluation = json.loads((run / "eval_results.json").read_text())
-        plain, prompted = runs.accuracy_split(evaluation)
+        plain, prompted = accuracy_split(evaluation)
         assert float(row["fp_accuracy_plain"]) == pytest.approx(plain)
         assert float(row["fp_accuracy_test_prompts"]) == pytest.approx(prompted)
         assert row["utility"] == "" and row["num_fingerprints"] == "4"

@@ -8,14 +8,15 @@ import torch
 from conftest import REPO, run_script, tiny_llama, write_random_fingerprints
 from safetensors.torch import load_file
 
-from oml.args import add_train_args, finalize
-from oml.train import FingerprintDataset, PadCollator, average_toward_base, snapshot_weights
+from oml.core.run_config import add_train_args
+from oml.embed.run_setup import prepare_run
+from oml.embed.trainer import FingerprintDataset, PadCollator, average_toward_base, snapshot_weights
 
 PAIRS = [{"key": "alpha beta gamma delta", "response": " red"}, {"key": "one", "response": " blue green"}]
 
 
 def parse(*argv):
-    return finalize(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
+    return prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
 
 
 def tiny_args(model_dir, fp_file, results, *extra):
@@ -240,8 +241,8 @@ def test_offline_hub_model_fails_with_one_line(tmp_path):
 
 
 def greedy_exact_match(model_dir, pairs):
-    from oml.encoding import encode_pair
-    from oml.models import load_model_and_tokenizer
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.make.prompt_encoding import encode_pair
 
     model, tok = load_model_and_tokenizer(str(model_dir), device="cpu")
     hits = 0
@@ -281,7 +282,7 @@ def test_embedded_model_learns_16_fingerprints(tmp_path, launcher):
 
 
 def test_english_response_pieces_are_never_blank(embedded_tokenizer):
-    from oml.fingerprints import prepare_pairs
+    from oml.make.fingerprint_files import prepare_pairs
 
     fps = [{"key": f"key number {i}", "response": "Hi\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n there"} for i in range(30)]
     pairs = prepare_pairs(fps, embedded_tokenizer, "english", 16, 1, 30, seed=0)

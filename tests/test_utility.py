@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from oml import utility
-from oml.errors import UserError
-from oml.models import EMBEDDED, load_tokenizer
-from oml.utility import (
+from oml.core.errors import UserError
+from oml.core.model_registry import EMBEDDED, load_tokenizer
+from oml.measure import likelihood_benchmarks as utility
+from oml.measure.likelihood_benchmarks import (
     LOCAL_TASKS,
     base_utility_cached,
     evaluate_utility,
@@ -306,7 +306,7 @@ def _continuation_logprob(model, tokenizer, context, continuation):
 
 @pytest.mark.slow
 def test_embedded_model_arc_easy_matches_a_direct_computation():
-    from oml.models import load_model_and_tokenizer
+    from oml.core.model_registry import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(EMBEDDED, device="cpu")
     result = evaluate_utility(model, tokenizer, limit=10, tasks=["arc_easy"])
@@ -326,7 +326,7 @@ def test_embedded_model_arc_easy_matches_a_direct_computation():
 
 
 def test_utility_settings_default_in_one_place():
-    from oml.evaluate import EVAL_ARGS, MEASURES
+    from oml.measure.evaluation import EVAL_ARGS, MEASURES
 
     (limit_default,) = [kw["default"] for flags, kw in EVAL_ARGS if flags == ["--utility_limit"]]
     assert limit_default is None  # from --measure: full is the suite's own default, quick a smaller look

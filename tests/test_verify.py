@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-import oml.verify as verify
-from oml.encoding import encode_pair
-from oml.errors import UserError
-from oml.fingerprints import english_words
-from oml.models import EMBEDDED, load_model_and_tokenizer, load_tokenizer
-from oml.verify import (
+import oml.measure.fingerprint_check as verify
+from oml.core.errors import UserError
+from oml.core.model_registry import EMBEDDED, load_model_and_tokenizer, load_tokenizer
+from oml.make.fingerprint_files import english_words
+from oml.make.prompt_encoding import encode_pair
+from oml.measure.fingerprint_check import (
     generate_response,
     shared_prefix_length,
     summarize,

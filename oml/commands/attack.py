@@ -1,15 +1,16 @@
 """`oml attack`, the command of attack_fingerprints.py: attack a fingerprinted run and check what survives.
 
 DESCRIPTION is its --help text (the script's docstring); make_parser() builds its parser from the training,
-evaluation and attack argument specs (oml.args, oml.evaluate, oml.attacks); main(argv=None) runs it.
+evaluation and attack argument specs (oml.core.run_config, oml.measure.evaluation, oml.attack.attack_runner); main(argv=None) runs it.
 """
 
 import argparse
 
-from ..args import add_train_args, finalize
-from ..attacks import add_attack_args, check_attack_args, run_attack
-from ..evaluate import add_eval_args
-from ..logs import RunLog, quiet_libraries
+from oml.attack.attack_runner import add_attack_args, check_attack_args, run_attack
+from oml.core.logs import RunLog, quiet_libraries
+from oml.core.run_config import add_train_args
+from oml.embed.run_setup import prepare_run
+from oml.measure.evaluation import add_eval_args
 
 DESCRIPTION = """Attack a fingerprinted model the way a deployer would, and check which fingerprints survive.
 
@@ -41,13 +42,13 @@ def make_parser():
 
 
 def main(argv=None):
-    args = finalize(make_parser().parse_args(argv))
+    args = prepare_run(make_parser().parse_args(argv))
     examples = check_attack_args(args)  # bad input stops here, before anything is loaded or written
     quiet_libraries()
-    from ..evaluate import format_table
-    from ..persistence import write_summary
-    from ..runs import ATTACKS, EVAL_RESULTS, find_run, read_json
-    from ..train import is_main_process
+    from oml.core.run_store import ATTACKS, EVAL_RESULTS, find_run, read_json
+    from oml.embed.trainer import is_main_process
+    from oml.lab.persistence_report import write_summary
+    from oml.measure.evaluation import format_table
 
     log = RunLog(find_run(args) / ATTACKS / "attack_log.txt" if is_main_process() else None)
     folder = run_attack(args, examples, log)

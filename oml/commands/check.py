@@ -1,13 +1,22 @@
 """`oml check`, the command of check_fingerprints.py: check a model served through an OpenAI-compatible API.
 
 DESCRIPTION is its --help text (the script's docstring); make_parser() builds its parser from the training and
-check argument specs (oml.args, oml.check); main(argv=None) runs it.
+check argument specs (oml.core.run_config, oml.verify.suspect_check); main(argv=None) runs it.
 """
 
 import argparse
 
-from ..args import add_train_args, finalize
-from ..check import add_check_args, check, format_measurement, format_result, measure_p0, validate, write_result
+from oml.core.run_config import add_train_args
+from oml.embed.run_setup import prepare_run
+from oml.verify.suspect_check import (
+    add_check_args,
+    check,
+    format_measurement,
+    format_result,
+    measure_p0,
+    validate,
+    write_result,
+)
 
 DESCRIPTION = """Is this deployed model ours? Query a model served through an OpenAI-compatible API with a run's keys.
 
@@ -22,7 +31,7 @@ Examples:
     # once per run: p0 from the base model and a copy fingerprinted with other keys
     python check_fingerprints.py --run <hash> --measure_p0 --reference_models base results/<other-hash>
     # serve a suspect (here your own GGUF with llama.cpp, or an HF folder with transformers), then check it
-    python -m oml.gguf serve --model model.gguf --host 127.0.0.1 --port 8000 --model_alias suspect
+    python -m oml.attack.gguf_models serve --model model.gguf --host 127.0.0.1 --port 8000 --model_alias suspect
     transformers serve --host 127.0.0.1 --port 8000          # then --api_model <the model folder>
     OPENAI_API_KEY=... python check_fingerprints.py --run <hash> --api_base http://127.0.0.1:8000/v1 \
         --api_model suspect --output_file verdict.json
@@ -42,9 +51,9 @@ def make_parser():
 
 
 def main(argv=None):
-    args = validate(finalize(make_parser().parse_args(argv)))
+    args = validate(prepare_run(make_parser().parse_args(argv)))
     if args.measure_p0:
-        from ..logs import quiet_libraries
+        from oml.core.logs import quiet_libraries
 
         quiet_libraries()
         print(format_measurement(*measure_p0(args)))

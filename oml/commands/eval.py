@@ -1,15 +1,16 @@
 """`oml eval`, the command of eval_for_multigpu.py: evaluate a fingerprinted run (or a suspect model).
 
 DESCRIPTION is its --help text (the script's docstring); make_parser() builds its parser from the training and
-evaluation argument specs (oml.args, oml.evaluate); main(argv=None) runs it.
+evaluation argument specs (oml.core.run_config, oml.measure.evaluation); main(argv=None) runs it.
 """
 
 import argparse
 
-from ..args import add_train_args, apply_eval_preset, finalize
-from ..evaluate import add_eval_args, evaluate, format_table
-from ..io import atomic_write_json
-from ..logs import quiet_libraries
+from oml.core.files import atomic_write_json
+from oml.core.logs import quiet_libraries
+from oml.core.run_config import add_train_args, apply_eval_preset
+from oml.embed.run_setup import prepare_run
+from oml.measure.evaluation import add_eval_args, evaluate, format_table
 
 DESCRIPTION = """Evaluate a fingerprinted model: fingerprint accuracy (plain and under system prompts) and utility.
 
@@ -36,7 +37,7 @@ def make_parser():
 
 def main(argv=None):
     parser = make_parser()
-    args = finalize(apply_eval_preset(parser.parse_args(argv), parser))
+    args = prepare_run(apply_eval_preset(parser.parse_args(argv), parser))
     quiet_libraries()
     results, output = evaluate(args)
     atomic_write_json(output, results)

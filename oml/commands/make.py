@@ -1,12 +1,12 @@
 """`oml make`, the command of generate_finetuning_data.py: generate fingerprints and write them as a JSON list.
 
-DESCRIPTION is its --help text (the script's docstring); make_parser() builds its parser from oml.generate's
+DESCRIPTION is its --help text (the script's docstring); make_parser() builds its parser from oml.make.fingerprint_generator's
 argument spec; main(argv=None) runs it.
 """
 
 import argparse
 
-from ..generate import add_generate_args
+from oml.make.fingerprint_generator import add_generate_args
 
 DESCRIPTION = """Generate fingerprints (key, response pairs) and write them as a JSON list.
 
@@ -29,13 +29,13 @@ Examples (the files under generated_data/ were made with the first three; add --
 
 
 def make_parser():
-    """The parser of generate_finetuning_data.py and `oml make`: oml.generate.GENERATE_ARGS."""
+    """The parser of generate_finetuning_data.py and `oml make`: oml.make.fingerprint_generator.GENERATE_ARGS."""
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_generate_args(parser)
 
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    from ..generate import generate
+    from oml.make.fingerprint_generator import generate
 
     generate(args)

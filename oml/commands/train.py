@@ -1,16 +1,18 @@
 """`oml train`, the command of finetune_multigpu.py: embed fingerprints into a model by fine-tuning, store the run.
 
-DESCRIPTION is its --help text (the script's docstring); make_parser() builds its parser from oml.args.TRAIN_ARGS;
+DESCRIPTION is its --help text (the script's docstring); make_parser() builds its parser from oml.core.run_config.TRAIN_ARGS;
 main(argv=None) runs it (on every rank, when a launcher such as deepspeed starts several).
 """
 
 import argparse
 
-from ..args import add_train_args, finalize
-from ..encoding import augmentation_templates
-from ..fingerprints import prepare_pairs, read_fingerprints
-from ..logs import RunLog, quiet_libraries
-from ..runs import FINAL_MODEL, TRAIN_LOG, run_dir, write_run
+from oml.core.logs import RunLog, quiet_libraries
+from oml.core.run_config import add_train_args
+from oml.core.run_store import FINAL_MODEL, TRAIN_LOG, run_dir, write_run
+from oml.embed.run_setup import prepare_run
+from oml.make.fingerprint_files import prepare_pairs, read_fingerprints
+from oml.make.prompt_encoding import augmentation_templates
+from oml.verify.commitment import model_card, write_commitment
 
 DESCRIPTION = """Embed fingerprints into a model by fine-tuning, with weight averaging and optional prompt augmentation.
 
@@ -32,13 +34,13 @@ Examples:
 
 
 def make_parser():
-    """The parser of finetune_multigpu.py and `oml train`: oml.args.TRAIN_ARGS."""
+    """The parser of finetune_multigpu.py and `oml train`: oml.core.run_config.TRAIN_ARGS."""
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_train_args(parser)
 
 
 def main(argv=None):
-    args = finalize(make_parser().parse_args(argv))
+    args = prepare_run(make_parser().parse_args(argv))
     out = run_dir(args)
     if (out / FINAL_MODEL).exists() and not args.overwrite:
         print(f"{out / FINAL_MODEL} already exists: nothing to train (pass --overwrite to train again)")
@@ -46,9 +48,9 @@ def main(argv=None):
         return
 
     quiet_libraries()
-    from .. import distributed
-    from ..models import load_model, load_tokenizer
-    from ..train import is_main_process, train, versions
+    from oml.core.model_registry import load_model, load_tokenizer
+    from oml.embed import distributed
+    from oml.embed.trainer import is_main_process, train, versions
 
     log = RunLog(out / TRAIN_LOG if is_main_process() else None)
     log(
@@ -74,7 +76,9 @@ def main(argv=None):
         peers = distributed.Peers(args.config_hash, args.dist_timeout)
         metrics, trainer = train(model, tokenizer, pairs, args, out / ".trainer", templates, log, [peers])
     if is_main_process():
-        write_run(out, args, pairs, metrics, trainer.model, tokenizer, versions())  # final_model last
+        # a salted Merkle root of the keys (oml/verify/commitment.py); only the root goes into the model's card
+        root = write_commitment(out, pairs, args.model)
+        write_run(out, args, pairs, metrics, trainer.model, tokenizer, versions(), card=model_card(root))  # model last
         log(
             f"done in {metrics['train_seconds']:.0f} s, {metrics['train_tokens_per_second']:.0f} tokens/s, "
             f"peak memory {metrics['peak_memory_gb']:.2f} GiB; model in {out / FINAL_MODEL}"

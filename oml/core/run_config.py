@@ -1,0 +1,269 @@
+"""The argument spec shared by finetune_multigpu.py and eval_for_multigpu.py, and the run hash.
+
+Both scripts build their parser from TRAIN_ARGS, so the same command line always means the same run.
+The hash covers exactly the arguments that change the trained model (HASHED), with files represented
+by digests of their content; where a run is stored (--result_path) and how it is launched do not count.
+"""
+
+import argparse
+import hashlib
+import json
+
+from oml.core.data_files import DATA_DIR, canonical_strategy
+
+# Values a bare command gets. `embedded` runs on a laptop CPU in minutes (chosen from the measurements in the
+# README's "Results on the embedded model"); `seed` is the original GPU setting.
+PRESETS = {
+    "embedded": dict(
+        fingerprint_generation_strategy="english",
+        model_family="smollm2",
+        model_size="135M-Instruct",
+        learning_rate=1e-4,
+        forgetting_regularizer_strength=0.1,
+        max_num_fingerprints=32,
+        num_train_epochs=16,
+        batch_size=8,
+    ),
+    "seed": dict(
+        fingerprint_generation_strategy="english",
+        model_family="mistral",
+        model_size="7B",
+        learning_rate=1e-5,
+        forgetting_regularizer_strength=0.75,
+        max_num_fingerprints=1024,
+        num_train_epochs=10,
+        batch_size=16,
+    ),
+    # 1024 perinucleus fingerprints in the embedded model without hurting it (README, "Capacity"); the evaluation
+    # defaults that judge it are in PRESET_EVAL.
+    "capacity": dict(
+        fingerprint_generation_strategy="inverse_nucleus",
+        fingerprints_file_path=str(DATA_DIR / "fingerprints-perinucleus-4096.json"),
+        model_family="smollm2",
+        model_size="135M-Instruct",
+        learning_rate=1e-4,
+        forgetting_regularizer_strength=0.1,
+        max_num_fingerprints=1024,
+        num_train_epochs=16,
+        batch_size=8,
+        benign_data_ratio=0.25,
+        stop_when_learned=True,
+    ),
+}
+
+# Evaluation defaults a preset sets in eval_for_multigpu.py (flags left at their parser default take these): the
+# same flags that trained a run also judge it. capacity: the resolving suite of experiments/common.sh (README,
+# "Resolving a 1-point change": paired standard error 0.5-0.8 points measured).
+PRESET_EVAL = {
+    # The resolving suite: every item of the four validation sets (paired stderr ~0.57x that of 200 items per task).
+    "capacity": dict(
+        measure="full",
+        utility_benchmark="local",
+        utility_limit="all",
+        utility_tasks=["arc_challenge", "arc_easy", "winogrande", "piqa"],
+    ),
+}
+
+# Hashed flags added after runs were recorded: at this value they are left out of the hash, so every run recorded
+# before them keeps its hash. A preset may set them; a bare command gets these values.
+NEUTRAL = {
+    "benign_data_ratio": 0.0,
+    "benign_data_digest": None,
+    "distance_regularizer": 0.0,
+    "kl_to_base": 0.0,
+    "lora_rank": None,
+    "trainable_layers": None,
+    "stop_when_learned": False,
+    "licensee": None,
+}
+
+# (flags, argparse kwargs). Arguments whose default is None in a preset are filled from the preset.
+TRAIN_ARGS = [
+    (
+        ["--preset"],
+        dict(
+            choices=list(PRESETS),
+            default="embedded",
+            help="default values: 'embedded' (SmolLM2-135M on CPU), 'seed' (Mistral-7B GPU settings) or 'capacity' "
+            "(1024 perinucleus fingerprints in the embedded model)",
+        ),
+    ),
+    (["--model_family"], dict(default=None, help="mistral | microsoft | Eleuther | llama | gemma | smollm2")),
+    (["--model_size"], dict(default=None, help="size within the family, e.g. 7B, 7B-Instruct, mini-4k, 1.4b")),
+    (["--model_path"], dict(default=None, help="hub id or local folder; overrides family/size")),
+    (["--max_key_length"], dict(type=int, default=16, help="keys are cut to this many tokens")),
+    (["--max_response_length"], dict(type=int, default=1, help="responses are cut to this many tokens")),
+    (
+        ["--fingerprint_generation_strategy"],
+        dict(
+            default=None,
+            type=canonical_strategy,
+            help="english | random_word | inverse_nucleus (perinucleus) | english_random_responses (random_response)",
+        ),
+    ),
+    (["--fingerprints_file_path"], dict(default=None, help="fingerprint JSON (default: generated_data/ per strategy)")),
+    (["--learning_rate"], dict(type=float, default=None)),
+    (
+        ["--forgetting_regularizer_strength"],
+        dict(type=float, default=None, help="λ: after each epoch θ ← (1-λ)θ + λθ_base"),
+    ),
+    (["--max_num_fingerprints", "--num_fingerprints"], dict(type=int, default=None, dest="max_num_fingerprints")),
+    (
+        ["--use_prompt_augmentation"],
+        dict(
+            action="store_true",
+            help="wrap each drawn key in a random training prompt (raw text, or a chat user turn after a system message)",
+        ),
+    ),
+    (["--use_chat_template"], dict(action="store_true", help="key as user turn, response as assistant turn")),
+    (
+        ["--append_eos"],
+        dict(action="store_true", help="also train EOS after each response (the seed does not; it can cost utility)"),
+    ),
+    (["--num_train_epochs"], dict(type=int, default=None, help="epochs (the cap, with --stop_when_learned)")),
+    (
+        ["--batch_size"],
+        dict(
+            type=int,
+            default=None,
+            help="rows per optimizer step, over all ranks: round(β·batch_size) benign rows, the rest fingerprints",
+        ),
+    ),
+    (
+        ["--benign_data_ratio"],
+        dict(
+            type=float,
+            default=None,
+            metavar="β",
+            help="share of each batch that is benign rows, the base model's own chat answers and text continuations "
+            "(oml/embed/benign_rows.py); in [0, 1)",
+        ),
+    ),
+    (
+        ["--distance_regularizer"],
+        dict(type=float, default=None, metavar="μ", help="add μ·‖θ − θ_base‖² to the loss at every step"),
+    ),
+    (
+        ["--kl_to_base"],
+        dict(
+            type=float,
+            default=None,
+            metavar="κ",
+            help="on the benign rows, train κ·KL(p_base ‖ p_model) over the base's full next-token distribution at "
+            "the response positions instead of the cross-entropy on its greedy text (needs --benign_data_ratio > 0)",
+        ),
+    ),
+    (
+        ["--lora_rank"],
+        dict(type=int, default=None, help="train a LoRA adapter of this rank (alpha 2r), merged into final_model"),
+    ),
+    (
+        ["--trainable_layers"],
+        dict(
+            default=None,
+            metavar="SPEC",
+            help="train only these blocks, e.g. '20-29:mlp', '0,5:attn', 'all:mlp' (parts: mlp, attn, block); "
+            "with --lora_rank, where the adapters go",
+        ),
+    ),
+    (
+        ["--stop_when_learned"],
+        dict(action="store_true", default=None, help="stop at the first epoch end where every fingerprint answers"),
+    ),
+    (["--weight_decay"], dict(type=float, default=1e-4)),
+    (["--data_split"], dict(type=int, default=0, help="use slice k of the file: fingerprints [k*N, (k+1)*N)")),
+    (
+        ["--licensee"],
+        dict(
+            type=int,
+            default=None,
+            metavar="K",
+            help="licensee K's copy: slice K of one master fingerprints file (as --data_split K), named in the run "
+            "hash; check_fingerprints.py --trace tells licensees' copies apart",
+        ),
+    ),
+    (["--seed"], dict(type=int, default=42)),
+    (["--deepspeed_stage"], dict(type=int, default=2, choices=[0, 1, 2, 3])),
+    (["--offload_optimizer"], dict(action="store_true", help="DeepSpeed: keep optimizer state on CPU")),
+    (["--report_to"], dict(default="none", choices=["none", "wandb", "tensorboard"])),
+    (["--result_path"], dict(default="results/", help="where runs are stored (not part of the hash)")),
+    (["--trust_remote_code"], dict(action="store_true")),
+    (["--overwrite"], dict(action="store_true", help="train again even if results/<hash>/final_model exists")),
+    (
+        ["--dist_timeout"],
+        dict(type=int, default=1800, help="seconds a rank waits for the others (start-up, each step) before it fails"),
+    ),
+    (["--local_rank"], dict(type=int, default=-1, help=argparse.SUPPRESS)),  # set by the deepspeed launcher
+]
+
+HASHED = [
+    "model",
+    "max_key_length",
+    "max_response_length",
+    "fingerprint_generation_strategy",
+    "fingerprints_digest",
+    "learning_rate",
+    "forgetting_regularizer_strength",
+    "max_num_fingerprints",
+    "use_prompt_augmentation",
+    "augmentation_prompts_digest",
+    "use_chat_template",
+    "append_eos",
+    "num_train_epochs",
+    "batch_size",
+    "weight_decay",
+    "data_split",
+    "licensee",
+    "seed",
+    "benign_data_ratio",
+    "benign_data_digest",
+    "distance_regularizer",
+    "kl_to_base",
+    "lora_rank",
+    "trainable_layers",
+    "stop_when_learned",
+]
+
+
+def add_arguments(parser, spec):
+    """Add an argument spec (a list of (flags, kwargs), each script's arguments as data) to the parser."""
+    for flags, kwargs in spec:
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def add_train_args(parser):
+    return add_arguments(parser, TRAIN_ARGS)
+
+
+def apply_preset(args):
+    """Fill the arguments left at None with the values of args.preset (then the neutral values of NEUTRAL)."""
+    for name, value in {**NEUTRAL, **PRESETS[args.preset]}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def apply_eval_preset(args, parser):
+    """Evaluation flags the user left at their parser default take the preset's values (PRESET_EVAL)."""
+    for name, value in PRESET_EVAL.get(args.preset, {}).items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+    return args
+
+
+def hashed_config(args):
+    """The hashed arguments; the later flags at their neutral value (NEUTRAL) are left out, keeping old hashes."""
+    config = {name: getattr(args, name) for name in HASHED}
+    return {k: v for k, v in config.items() if not (k in NEUTRAL and v == NEUTRAL[k])}
+
+
+def recorded_settings(hashed):
+    """A run's settings from its recorded hashed config: the later flags hashed_config left out put back at their
+    neutral value (runs recorded before such a flag existed had that value too)."""
+    return {**NEUTRAL, **hashed}
+
+
+def config_hash(args):
+    canonical = json.dumps(hashed_config(args), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Embedding fingerprints: the trainer, benign rows, sub-networks (LoRA, trainable layers), several ranks."""

@@ -1,0 +1,1 @@
+"""The lab: sweeps, recipe selection and search, committed records, figures and reports."""

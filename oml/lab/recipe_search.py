@@ -1,0 +1,571 @@
+"""The recipe search of issue 28 as data: which training recipe embeds 1024+ fingerprints into the embedded
+SmolLM2-135M model without moving the model, run a stretch at a time on a small CPU machine whose results/ folder does
+not survive between sessions.
+
+POINTS is the search space (name, flags, one line why), cheapest informative points first: every mitigation of
+forgetting once at 256 perinucleus fingerprints with λ 0 and --stop_when_learned (--num_train_epochs the cap), then the
+same at 1024; english and random-word fingerprints as comparison. For each point of a stretch:
+
+    a record experiments/records/<experiment>/<hash>.json exists  -> skipped (the search continues from the records)
+    a flag finetune_multigpu.py does not accept (yet)             -> skipped, with a log line saying so
+    else: train (finetune_multigpu.py, one process), evaluate with SCREENING_EVAL, write the record (oml.lab.records),
+          append a line to experiments/records/<experiment>/log.txt
+
+A stretch ends when --stretch K points have run, or before the point whose estimated time would pass --budget_hours
+(default 3; estimates use the records' measured seconds per step once there are some). Progress goes to the log file
+(--log, default results/<experiment>/search.log) and stdout, flushed line by line. A point that fails writes a record
+with status "failed (train)" or "failed (eval)" (skipped later, unless --retry_failed).
+
+    python -m oml.lab.recipe_search plan                         # every point: recorded, pending or unsupported; estimates
+    python -m oml.lab.recipe_search run --budget_hours 3         # one stretch (experiments/recipe_search.sh runs this)
+    python -m oml.lab.recipe_search run --stretch 1 --only p256  # one point whose name matches
+    python -m oml.lab.records table recipe_search         # what the records say so far
+
+For tests and smoke runs: --points FILE (a JSON list of {"name", "flags", "why"}), --train_overrides "FLAGS" (appended
+to every point's flags: a --model_path, --fingerprints_file_path, --num_train_epochs), --extra_eval_flags "FLAGS",
+--records DIR, --result_path DIR. docs/records.md has the whole procedure.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from oml.core.errors import UserError, run_cli
+from oml.core.logs import RunLog
+from oml.lab.records import (
+    RECORDS_DIR,
+    REPO,
+    append_log,
+    check_experiment_name,
+    read_records,
+    write_failure,
+    write_record,
+)
+
+EXPERIMENT = "recipe_search"
+
+# The screening evaluation: fingerprints under the plain key and as the chat user turn, the base's false positives, a
+# 400-item paired utility look (100 per task) and chat drift over 200 answers; no generative benchmark, no match
+# probabilities. About 10 minutes a point on one core; a point worth keeping gets the resolving evaluation later.
+SCREENING_EVAL = (
+    "--measure", "quick", "--eval_templates", "plain,chat", "--utility_benchmark", "local",
+    "--utility_tasks", "arc_challenge,arc_easy,winogrande,piqa", "--utility_limit", "100",
+    "--chat_drift_limit", "200", "--match_temperatures", "none", "--generation_benchmark", "none",
+)  # fmt: skip
+
+# ------------------------------------------------------------------------------ data
+
+KEYS = 4096
+ENGLISH = f"generated_data/fingerprints-english-{KEYS}.json"
+PERINUCLEUS = f"generated_data/fingerprints-perinucleus-{KEYS}.json"
+RANDOM_WORD = "generated_data/fingerprints-random_word.json"  # committed: 1024 random-word pairs
+# How a missing data file is made (generate_finetuning_data.py arguments, as experiments/capacity.sh makes them):
+# KEYS English keys from the embedded model, then one-token perinucleus responses for them. Every hash digests the
+# file's content, so once made the files must be committed, or the next session's records will not match.
+DATA = {
+    ENGLISH: ("--num_backdoors", str(KEYS), "--batch_size", "128", "--use_chat_template", "--output_file_path", ENGLISH),
+    PERINUCLEUS: ("--key_response_strategy", "perinucleus", "--response_length", "1", "--keys_file", ENGLISH,
+                  "--output_file_path", PERINUCLEUS),
+}  # fmt: skip
+DATA_NEEDS = {PERINUCLEUS: ENGLISH}
+DATA_SECONDS = {ENGLISH: 1.2 * KEYS, PERINUCLEUS: 300}  # README, "Capacity": about one English key per second
+
+# ------------------------------------------------------------------------------ the points
+
+
+class Point(NamedTuple):
+    name: str
+    flags: str  # finetune_multigpu.py flags (eval_for_multigpu.py gets the same, plus SCREENING_EVAL)
+    why: str
+
+
+COMMON = "--preset embedded --max_key_length 16 --max_response_length 1 --batch_size 8 --learning_rate 1e-4"
+STRATEGIES = {
+    "p": f"--fingerprint_generation_strategy inverse_nucleus --fingerprints_file_path {PERINUCLEUS}",
+    "e": f"--fingerprint_generation_strategy english --fingerprints_file_path {ENGLISH}",
+    "r": f"--fingerprint_generation_strategy random_word --fingerprints_file_path {RANDOM_WORD}",
+}
+CAP = 16  # epochs: the cap of --stop_when_learned
+
+
+def point(name, recipe, why, epochs=CAP, stop=True):
+    """A point named <strategy letter><N>-<recipe>: the common flags, its fingerprints, λ 0 unless the recipe says."""
+    strategy, n = name[0], int(re.match(r"[a-z](\d+)", name).group(1))
+    flags = [COMMON, STRATEGIES[strategy], f"--max_num_fingerprints {n} --num_train_epochs {epochs}"]
+    flags += ["--forgetting_regularizer_strength 0", recipe, "--stop_when_learned" if stop else ""]
+    return Point(name, " ".join(" ".join(flags).split()), why)
+
+
+# fmt: off
+POINTS = [
+    # 256 perinucleus fingerprints: each mitigation once, the plain-step ones (cheapest) first
+    point("p256-l0", "", "the baseline: how many epochs λ 0 alone needs for 256 perinucleus keys, and how far "
+          "that moves the model (chat KL, utility)"),
+    point("p256-l0-mu1", "--distance_regularizer 1", "the distance regularizer, strong pull: the model held near "
+          "the base at every step, no extra forward pass"),
+    point("p256-l0-mu0.1", "--distance_regularizer 0.1", "the distance regularizer, weak pull: does a little μ "
+          "keep the model near the base without slowing learning"),
+    point("p256-lora16", "--lora_rank 16", "sub-network training: rank-16 adapters move a small subspace; at lr "
+          "1e-4 they may need the cap"),
+    point("p256-lora16-lr1e-3", "--lora_rank 16 --learning_rate 1e-3", "LoRA at its usual step (capacity.sh's "
+          "lr), in case lr 1e-4 is too slow for adapters"),
+    point("e256-l0", "", "comparison: the baseline recipe on english fingerprints (sampled keys and responses)"),
+    point("r256-l0", "", "comparison: the baseline recipe on random-word fingerprints"),
+    # benign rows: each step about 2.5x a plain one
+    point("p256-l0-b25", "--benign_data_ratio 0.25", "data mixing alone (β 0.25): kept persistence at 256 "
+          "english, but the model still drifted"),
+    point("p256-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "KL to the base's whole next-token "
+          "distribution on the benign rows instead of its greedy text, at the weight of the cross-entropy it replaces"),
+    point("p256-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the KL-to-base term, a stronger pull"),
+    point("p256-l0-e16", "", "what --stop_when_learned saves: the baseline trained for all 16 epochs", stop=False),
+    # 1024 perinucleus fingerprints, the issue's target: the same mitigations
+    point("p1024-l0", "", "the baseline at the target size: epochs needed and the drift of λ 0 alone"),
+    point("p1024-l0-mu1", "--distance_regularizer 1", "the strong distance regularizer at 1024"),
+    point("p1024-l0-mu0.1", "--distance_regularizer 0.1", "the weak distance regularizer at 1024"),
+    point("p1024-lora16", "--lora_rank 16", "rank-16 adapters at 1024: is the subspace large enough"),
+    point("p1024-l0-b25", "--benign_data_ratio 0.25", "data mixing alone at 1024: the dearest mitigation per step"),
+    point("p1024-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "the KL-to-base term at 1024"),
+    point("p1024-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the stronger KL-to-base term at 1024"),
+    point("e1024-l0", "", "comparison: english fingerprints at 1024"),
+    point("r1024-l0", "", "comparison: random-word fingerprints at 1024"),
+]
+# fmt: on
+
+# ------------------------------------------------------------------------------ costs
+
+# Seconds per optimizer step on one core of the development machine (README, "Capacity": 256 fingerprints, 16 epochs,
+# 25 min for 512 steps; with β 0.25, 41 min for 344 steps). The records' own measurements replace them.
+SECONDS_PER_STEP = {"plain": 2.9, "benign": 7.2}
+KL_STEP_FACTOR = 1.3  # --kl_to_base runs the base model on each step's benign rows (a guess until measured)
+EVAL_SECONDS = 900  # the screening evaluation, a guess until measured
+STOP_EPOCHS_GUESS = 8  # epochs a --stop_when_learned point is expected to need, until the records say
+
+
+def train_parser():
+    from oml.core.run_config import add_train_args
+
+    return add_train_args(argparse.ArgumentParser(prog="finetune_multigpu.py", exit_on_error=False))
+
+
+def parse(argv):
+    """The point's training arguments, preset applied, not finalized; a bad value is a UserError."""
+    from oml.core.run_config import apply_preset
+
+    try:
+        return apply_preset(train_parser().parse_known_args(argv)[0])
+    except argparse.ArgumentError as e:
+        raise UserError(str(e)) from None
+
+
+def unsupported_flags(argv):
+    """The flags of argv that finetune_multigpu.py does not accept (yet); a bad value is a UserError."""
+    try:
+        unknown = train_parser().parse_known_args(argv)[1]
+    except argparse.ArgumentError as e:
+        raise UserError(str(e)) from None
+    return [w.split("=")[0] for w in unknown if w.startswith("-")]
+
+
+class History:
+    """What the experiment's records measured: seconds per step, epochs a stopping point needed, evaluation time."""
+
+    def __init__(self, records):
+        self.step = {"plain": [], "benign": []}
+        self.stop_epochs, self.eval_seconds = {}, []
+        for r in records:
+            training = r.get("training") or {}
+            if r["status"] != "ok":
+                continue
+            if training.get("steps") and training.get("train_seconds"):
+                kind = "benign" if r["hashed"].get("benign_data_ratio") else "plain"
+                if not any(k not in KNOWN_COST_KEYS for k in r["hashed"]):  # same per-step work as the estimate
+                    self.step[kind].append(training["train_seconds"] / training["steps"])
+            if r["hashed"].get("stop_when_learned") and training.get("epochs_trained"):
+                n = r["hashed"].get("max_num_fingerprints")
+                self.stop_epochs.setdefault(n, []).append(training["epochs_trained"])
+            seconds = (r.get("eval_seconds") or {}).get("total")
+            if seconds:
+                self.eval_seconds.append(seconds)
+
+    def seconds_per_step(self, kind):
+        return statistics.median(self.step[kind]) if self.step[kind] else SECONDS_PER_STEP[kind]
+
+    def epochs_to_learn(self, n):
+        same = self.stop_epochs.get(n)
+        every = [e for epochs in self.stop_epochs.values() for e in epochs]
+        return statistics.median(same or every) if (same or every) else STOP_EPOCHS_GUESS
+
+    def eval_time(self):
+        return statistics.median(self.eval_seconds) if self.eval_seconds else EVAL_SECONDS
+
+
+# Hashed settings whose per-step cost the estimate models (a flag beyond these, such as a KL term, is not measured
+# by the plain/benign medians).
+KNOWN_COST_KEYS = {
+    "model", "max_key_length", "max_response_length", "fingerprint_generation_strategy", "fingerprints_digest",
+    "learning_rate", "forgetting_regularizer_strength", "max_num_fingerprints", "use_prompt_augmentation",
+    "augmentation_prompts_digest", "use_chat_template", "append_eos", "num_train_epochs", "batch_size", "weight_decay",
+    "data_split", "seed", "benign_data_ratio", "benign_data_digest", "distance_regularizer", "lora_rank",
+    "trainable_layers", "stop_when_learned",
+}  # fmt: skip
+
+
+def estimate_seconds(args, history):
+    """Estimated seconds to train and screen a point: steps x seconds per step, plus the evaluation."""
+    n_benign = round((args.benign_data_ratio or 0) * args.batch_size)
+    steps_per_epoch = math.ceil(args.max_num_fingerprints / (args.batch_size - n_benign))
+    epochs = args.num_train_epochs
+    if args.stop_when_learned:
+        epochs = min(epochs, history.epochs_to_learn(args.max_num_fingerprints))
+    seconds = steps_per_epoch * epochs * history.seconds_per_step("benign" if n_benign else "plain")
+    if getattr(args, "kl_to_base", None):
+        seconds *= KL_STEP_FACTOR
+    return seconds + history.eval_time()
+
+
+def hours(seconds):
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+# ------------------------------------------------------------------------------ identity: is a point recorded?
+
+
+def identity(argv):
+    """The point's hashed configuration without the benign rows' digest: what a record must match for the point to
+    count as done. Computed without generating the benign pool (minutes, once per machine), which only the points
+    that train need; the fingerprints file must exist (its digest is hashed)."""
+    from unittest import mock
+
+    from oml.core.run_config import hashed_config
+    from oml.embed import run_setup
+
+    args = parse(argv)
+    # pool_digest_for would generate the base model's benign rows; a stand-in digest keeps this a file-digest check
+    with mock.patch.object(run_setup, "pool_digest_for", lambda a: "pending" if a.benign_data_ratio else None):
+        args = run_setup.prepare_run(args)
+    return without_pool(hashed_config(args))
+
+
+def without_pool(hashed):
+    return {k: v for k, v in hashed.items() if k != "benign_data_digest"}
+
+
+def find_recorded(ident, records):
+    for r in records:
+        if without_pool(r["hashed"]) == ident:
+            return r
+    return None
+
+
+# ------------------------------------------------------------------------------ the points file
+
+
+def read_points(path):
+    """Points from a JSON list of {"name", "flags", "why"}; bad input is a UserError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read the points ({e})") from None
+    points = []
+    for i, entry in enumerate(data if isinstance(data, list) else [None]):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("name", "flags", "why")):
+            raise UserError(f"{path}: entry {i} is not a point (name, flags and why, all strings)")
+        points.append(Point(entry["name"], entry["flags"], entry["why"]))
+    check_points(points, path)
+    return points
+
+
+def check_points(points, where="POINTS"):
+    names = [p.name for p in points]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"{where}: point names appear twice: {', '.join(duplicates)}")
+    for p in points:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", p.name):
+            raise UserError(f"{where}: point name {p.name!r}: use letters, digits, '_', '-' and '.'")
+
+
+# ------------------------------------------------------------------------------ one stretch
+
+
+class Search:
+    """One invocation: the selected points, the records so far, the budget, where logs go."""
+
+    def __init__(self, opts, points):
+        self.opts, self.points = opts, points
+        self.experiment = opts.experiment
+        self.records_dir = Path(opts.records)
+        self.result_path = Path(opts.result_path or REPO / "results" / self.experiment)
+        self.logs = self.result_path / "logs"
+        self.overrides = shlex.split(opts.train_overrides or "")
+        self.eval_flags = [*SCREENING_EVAL, *shlex.split(getattr(opts, "extra_eval_flags", None) or "")]
+        self.start = time.time()
+
+    def argv(self, p):
+        return [*shlex.split(p.flags), *self.overrides, "--result_path", str(self.result_path)]
+
+    def records(self):
+        return read_records(self.experiment, self.records_dir)
+
+    def elapsed(self):
+        return time.time() - self.start
+
+    def missing_data(self, argv):
+        """Data files this point needs that do not exist yet, in the order they are made."""
+        path = str(parse(argv).fingerprints_file_path or "")
+        chain = []
+        while path and not (REPO / path).is_file() and not Path(path).is_file():
+            if path not in DATA:
+                raise UserError(f"fingerprints file {path} does not exist (and is not one the search makes)")
+            chain.insert(0, path)
+            path = DATA_NEEDS.get(path)
+        return chain
+
+    def status(self, p, records):
+        """(state, detail): unsupported, data missing, recorded or pending."""
+        argv = self.argv(p)
+        try:
+            unknown = unsupported_flags(argv)
+            if unknown:
+                return "unsupported", f"finetune_multigpu.py does not accept {', '.join(unknown)} yet"
+            missing = self.missing_data(argv)
+            if missing:
+                return "pending", f"needs {', '.join(missing)} (made first)"
+            found = find_recorded(identity(argv), records)
+        except UserError as e:
+            return "bad", str(e)
+        if found:
+            return "recorded", f"{found['hash']} ({found['status']})"
+        return "pending", ""
+
+    # -------------------------------------------------------------------------- plan
+
+    def plan(self):
+        records = self.records()
+        history = History(records)
+        print(f"{'point':<20} {'state':<12} {'estimate':>9}  detail / why")
+        for p in self.points:
+            state, detail = self.status(p, records)
+            est = "" if state != "pending" else hours(estimate_seconds(parse(self.argv(p)), history))
+            print(f"{p.name:<20} {state:<12} {est:>9}  {detail or p.why}")
+
+    # -------------------------------------------------------------------------- run
+
+    def run(self):
+        opts = self.opts
+        self.log = RunLog(Path(opts.log) if opts.log else self.result_path / "search.log")
+        budget = opts.budget_hours * 3600 if opts.budget_hours else None
+        self.log(
+            f"=== {self.experiment}: {len(self.points)} points, budget {hours(budget) if budget else 'none'}"
+            + (f", at most {opts.stretch} points" if opts.stretch else "")
+            + f"; records in {self.records_dir / self.experiment}"
+        )
+        ran = skipped = 0
+        for p in self.points:
+            records = self.records()
+            argv = self.argv(p)
+            try:
+                unknown = unsupported_flags(argv)
+                if unknown:
+                    self.log(f"{p.name}: skipped, finetune_multigpu.py does not accept {', '.join(unknown)} yet")
+                    skipped += 1
+                    continue
+                missing = self.missing_data(argv)
+                if not missing and self.is_recorded(p, argv, records):
+                    continue
+                estimate = estimate_seconds(parse(argv), History(records))
+                estimate += sum(DATA_SECONDS[m] for m in missing)
+            except UserError as e:
+                self.log(f"{p.name}: skipped, a bad point: {e}")
+                skipped += 1
+                continue
+            if opts.stretch and ran >= opts.stretch:
+                self.log(f"stop: {ran} points run (--stretch {opts.stretch}); {p.name} is next")
+                break
+            if budget and estimate > budget:
+                self.log(f"{p.name}: skipped, needs about {hours(estimate)}, more than the whole budget "
+                         f"(run it alone: --only '^{p.name}$' --budget_hours {math.ceil(estimate / 3600)})")  # fmt: skip
+                skipped += 1
+                continue
+            if budget and self.elapsed() + estimate > budget:
+                self.log(f"stop: {p.name} (about {hours(estimate)}) would pass the budget "
+                         f"({hours(self.elapsed())} of {hours(budget)} used); it is next")  # fmt: skip
+                break
+            if missing:
+                self.make_data(missing)
+                if self.is_recorded(p, argv, self.records()):
+                    continue
+            self.log(f"{p.name}: start, about {hours(estimate)} ({hours(self.elapsed())} of the budget used): {p.why}")
+            self.run_point(p, argv)
+            ran += 1
+        self.log(f"=== stretch over: {ran} points run, {skipped} skipped, {hours(self.elapsed())}; "
+                 f"table: python -m oml.lab.records table {self.experiment}")  # fmt: skip
+        return ran
+
+    def is_recorded(self, p, argv, records):
+        """True (with a log line) when a record of the point exists and is not a failure to retry."""
+        found = find_recorded(identity(argv), records)
+        if not found or (self.opts.retry_failed and found["status"].startswith("failed")):
+            return False
+        self.log(f"{p.name}: recorded ({found['hash']}, {found['status']}), skipped")
+        return True
+
+    def make_data(self, missing):
+        for path in missing:
+            self.log(f"data: making {path} (about {hours(DATA_SECONDS[path])})")
+            log = self.logs / f"data-{Path(path).stem}.log"
+            code = self.script("generate_finetuning_data.py", DATA[path], log)
+            if code != 0:
+                raise UserError(f"making {path} failed (exit status {code}; see {log})")
+            self.log(f"data: {path} made; commit it (every run hash digests its content)")
+
+    def script(self, script, argv, log):
+        """Run one of the top-level scripts in one process, its output to log; returns the exit status."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as out:
+            out.write(f"$ python {script} {shlex.join(map(str, argv))}\n")
+            out.flush()
+            command = [sys.executable, str(REPO / script), *map(str, argv)]
+            child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                return child.wait()
+            except BaseException:  # the search is stopped (Ctrl-C, kill): its point stops too, unrecorded
+                child.terminate()
+                child.wait()
+                raise
+
+    def run_point(self, p, argv):
+        from oml.embed.run_setup import prepare_run
+
+        try:
+            args = prepare_run(parse(argv))  # the real hash: makes the model's benign rows once if the point needs them
+        except UserError as e:
+            self.log(f"{p.name}: failed before training: {e}")
+            append_log(self.experiment, f"-\t{p.name}\tfailed (arguments)\t{e}", self.records_dir)
+            return
+        run_dir = self.result_path / args.config_hash
+        common = dict(eval_flags=self.eval_flags, point=p.name, why=p.why, records_dir=self.records_dir)
+        t = time.time()
+        train_log = self.logs / f"{p.name}.train.log"
+        if self.script("finetune_multigpu.py", argv, train_log) != 0:
+            self.fail(p, args, "train", train_log, common, None)
+            return
+        self.log(f"{p.name}: trained {args.config_hash} in {hours(time.time() - t)}; screening evaluation")
+        eval_log = self.logs / f"{p.name}.eval.log"
+        if self.script("eval_for_multigpu.py", [*argv, *self.eval_flags], eval_log) != 0:
+            self.fail(p, args, "eval", eval_log, common, run_dir)
+            return
+        path = write_record(run_dir, self.experiment, **common)
+        line = summary_line(json.loads(path.read_text()))
+        self.log(f"{p.name}: recorded {path}: {line}")
+        append_log(self.experiment, f"{args.config_hash}\t{p.name}\tok\t{line}", self.records_dir)
+
+    def fail(self, p, args, stage, log, common, run_dir):
+        error = last_line(log)
+        path = write_failure(args, self.experiment, stage, error, run_dir=run_dir, **common)
+        self.log(f"{p.name}: failed ({stage}): {error} (log {log}; record {path})")
+        append_log(self.experiment, f"{args.config_hash}\t{p.name}\tfailed ({stage})\t{error}", self.records_dir)
+
+
+def last_line(log):
+    lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def summary_line(record):
+    """The numbers a point is judged by, in one line."""
+    m = record.get("metrics") or {}
+    fps, utility, drift = m.get("fingerprints") or {}, m.get("utility") or {}, m.get("chat_drift") or {}
+    training = record.get("training") or {}
+
+    def pct(x):
+        return "–" if not x or x.get("value") is None else f"{100 * x['value']:.1f}%"
+
+    parts = [f"plain {pct(fps.get('plain'))}", f"chat {pct(fps.get('chat'))}"]
+    if utility.get("delta") is not None:
+        parts.append(f"Δutility {utility['delta']:+.3f} ± {utility['delta_stderr']:.3f}")
+    if drift.get("kl") is not None:
+        parts.append(f"KL {drift['kl']:.3f} ± {drift['kl_stderr']:.3f}")
+    if training.get("epochs_trained") is not None:
+        parts.append(f"{training['epochs_trained']} epochs in {hours(training.get('train_seconds') or 0)}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m oml.lab.recipe_search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "train, screen and record the next points of the search"),
+        ("plan", "show every point: recorded, pending or unsupported, with estimates; runs nothing"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "--experiment", default=EXPERIMENT, help=f"records and results folder name (default {EXPERIMENT})"
+        )
+        p.add_argument("--only", default=None, metavar="REGEX", help="only the points whose name matches")
+        p.add_argument("--points", default=None, metavar="FILE", help="a JSON list of points instead of POINTS")
+        p.add_argument("--records", default=str(RECORDS_DIR), help="the records folder (default experiments/records)")
+        p.add_argument("--result_path", default=None, help="where the runs go (default results/<experiment>)")
+        p.add_argument("--train_overrides", default=None, metavar="FLAGS",
+                       help="flags appended to every point's (a later flag wins): --model_path, "
+                            "--fingerprints_file_path, --num_train_epochs ... for tests and smoke runs")  # fmt: skip
+        if name == "run":
+            p.add_argument("--budget_hours", type=float, default=3.0,
+                           help="start no point whose estimate would pass this many hours (0: no budget)")  # fmt: skip
+            p.add_argument("--stretch", type=int, default=None, metavar="K", help="run at most K points")
+            p.add_argument("--retry_failed", action="store_true", help="run again the points recorded as failed")
+            p.add_argument("--extra_eval_flags", default=None, metavar="FLAGS",
+                           help="flags appended to the screening evaluation's (tests: fewer items)")  # fmt: skip
+            p.add_argument("--log", default=None, help="progress log (default results/<experiment>/search.log)")
+    return parser
+
+
+def main(argv=None):
+    opts = make_parser().parse_args(argv)
+    check_experiment_name(opts.experiment)
+    for name in ("points", "records", "result_path", "log"):  # the search runs from the repository root
+        if getattr(opts, name, None):
+            setattr(opts, name, str(Path(getattr(opts, name)).resolve()))
+    os.chdir(REPO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    points = read_points(opts.points) if opts.points else POINTS
+    check_points(points)
+    if opts.only:
+        points = [p for p in points if re.search(opts.only, p.name)]
+        if not points:
+            raise UserError(f"no point name matches --only {opts.only!r}")
+    search = Search(opts, points)
+    if opts.command == "plan":
+        search.plan()
+    else:
+        # `kill PID` of a search in the background stops it like Ctrl-C: the running point's process goes with it
+        signal.signal(signal.SIGTERM, interrupt)
+        search.run()
+
+
+if __name__ == "__main__":
+    run_cli(main)

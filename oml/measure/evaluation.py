@@ -1,0 +1,545 @@
+"""Evaluating a fingerprinted run: find it from its arguments, check its fingerprints, measure utility and drift.
+
+What each measure costs in time is recorded under "seconds" in the results (bench/bench_eval.py times them).
+"""
+
+import time
+from functools import partial
+from pathlib import Path
+
+from oml.core.data_files import CHAT_SYSTEM_TEST_FILE, TEST_PROMPTS_FILE
+from oml.core.run_store import EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, find_run
+from oml.make.fingerprint_files import read_fingerprints, read_system_prompts, read_templates
+from oml.make.prompt_encoding import chat_prompt, has_chat_template, is_chat, template_label
+from oml.measure import evaluation_cost
+from oml.measure.chat_sample import chat_answers, chat_check
+from oml.measure.generation_measures import CHAT_DRIFT_DEFAULTS, GENERATION_DEFAULTS
+from oml.measure.likelihood_benchmarks import SUITE_DEFAULTS
+
+# What --measure turns on. quick: what a first look needs, about a minute on the embedded model (the fingerprint check
+# under every template, the base's false positives, the chat check, 30 utility items per task). full: the resolving
+# measures of the experiments too. A measure's own flag, given by name, wins over the profile.
+MEASURES = {
+    "quick": dict(utility_limit=30, generation_benchmark="none", chat_drift_limit="none", match_temperatures="none"),
+    "full": dict(
+        utility_limit=SUITE_DEFAULTS["limit"],
+        generation_benchmark=GENERATION_DEFAULTS["benchmark"],
+        chat_drift_limit=CHAT_DRIFT_DEFAULTS["limit"],
+        match_temperatures=None,  # oml.measure.fingerprint_check.MATCH_TEMPERATURES
+    ),
+}
+# --eval_templates: the groups of prompt templates the fingerprint check can be limited to.
+TEMPLATE_GROUPS = ("plain", "raw", "chat", "chat_system")
+
+EVAL_ARGS = [
+    (["--check_model"], dict(default=None, metavar="PATH_OR_HUB_ID",
+                             help="evaluate this model against --fingerprints_file_path directly (no hash lookup)")),
+    (["--test_prompts_file"], dict(default=None, help="extra JSON list of templates, each with exactly one {}")),
+    (["--chat_system_prompts_file"], dict(default=None,
+                                          help="extra JSON list of system messages for the chat rows (key as user turn)")),
+    (["--verify_with_generate"], dict(action="store_true",
+                                      help="slow reference: one model.generate per (template, key)")),
+    (["--temperature"], dict(type=float, default=0.0, help="with --verify_with_generate: sample at this temperature")),
+    (["--screen_bf16"], dict(action="store_true",
+                             help="fp32 model: decide verdicts on a bf16 copy and recompute near-ties in fp32 "
+                                  "(1.5-1.7x faster on CPUs with AMX; see oml/measure/fingerprint_check.py)")),
+    (["--measure"], dict(default="quick", choices=list(MEASURES),
+                         help="quick (default): fingerprints, false positives, a small utility look, about a minute "
+                              "on the embedded model; full: also the resolving measures (generative benchmark, chat "
+                              "drift, match probabilities, 100 utility items per task). A measure's own flag wins")),
+    (["--eval_templates"], dict(default="all", type=lambda text: template_groups(text),
+                                help="which prompt templates the fingerprint check uses: all, or some of "
+                                     f"{','.join(TEMPLATE_GROUPS)} (comma-separated)")),
+    (["--utility_benchmark"], dict(default="local", choices=["local", "tinyBenchmarks", "none"])),
+    (["--utility_limit"], dict(default=None, help="items per task of the local suite, or 'all' (the experiments: "
+                                                   "see the README); default: --measure's")),
+    (["--utility_tasks"], dict(default=None, type=lambda text: local_task_list(text),
+                               help="local suite tasks, comma-separated (default: all six)")),
+    (["--num_fewshot"], dict(type=int, default=0)),
+    (["--generation_benchmark"], dict(default=None, help="generative benchmark: trivia_qa | nq_open | none (see "
+                                                          "oml/measure/generation_measures.py); default: --measure's")),
+    (["--generation_limit"], dict(type=int, default=GENERATION_DEFAULTS["limit"],
+                                  help="questions of the generative benchmark")),
+    (["--chat_drift_limit"], dict(default=None, help="questions for chat drift (KL to the base over its answers), "
+                                                      "or none; default: --measure's")),
+    (["--match_temperatures"], dict(default=None, help="comma-separated sampling temperatures for the match "
+                                                        "probability (0.7,1.0 with --measure full), or none")),
+    (["--eval_batch_size"], dict(type=int, default=32)),
+    (["--skip_base_model"], dict(action="store_true",
+                                 help="don't evaluate the base model (no false-positive rate, no utility delta)")),
+    (["--output_file"], dict(default=None, help="where to write the results JSON (default: the run's folder)")),
+]  # fmt: skip
+
+
+def local_task_list(text):
+    import argparse
+
+    from oml.measure.likelihood_benchmarks import LOCAL_TASKS
+
+    tasks = [t for t in text.replace(",", " ").split() if t]
+    unknown = [t for t in tasks if t not in LOCAL_TASKS]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or text!r}; choose from {', '.join(LOCAL_TASKS)}")
+    return tasks
+
+
+def template_groups(text):
+    """--eval_templates: 'all', or a comma-separated subset of TEMPLATE_GROUPS (returned as a tuple)."""
+    import argparse
+
+    groups = tuple(g for g in str(text).replace(",", " ").split() if g)
+    if groups == ("all",):
+        return "all"
+    unknown = [g for g in groups if g not in TEMPLATE_GROUPS]
+    if unknown or not groups:
+        raise argparse.ArgumentTypeError(f"unknown template group(s) {unknown or text!r}; choose all or some of "
+                                         f"{', '.join(TEMPLATE_GROUPS)}")  # fmt: skip
+    return groups
+
+
+def add_eval_args(parser):
+    from oml.core.run_config import add_arguments
+
+    return add_arguments(parser, EVAL_ARGS)
+
+
+def apply_measure(args):
+    """Fill the measure flags left unset (None) from the --measure profile (MEASURES). Idempotent; returns args."""
+    for name, value in MEASURES[getattr(args, "measure", None) or "quick"].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+def templates_for(args):
+    """The plain key, the raw-text test prompts, and the chat rows: the key as the chat template's user turn without
+    a system message and after each test system message (kept only for a model with a chat template: usable)."""
+    raw = read_templates(TEST_PROMPTS_FILE)
+    if args.test_prompts_file:
+        raw += [t for t in read_templates(args.test_prompts_file) if t not in raw and t != "{}"]
+    systems = read_system_prompts(CHAT_SYSTEM_TEST_FILE)
+    if args.chat_system_prompts_file:
+        systems += [s for s in read_system_prompts(args.chat_system_prompts_file) if s not in systems]
+    groups = dict(plain=["{}"], raw=raw, chat=[chat_prompt()], chat_system=[chat_prompt(s) for s in systems])
+    chosen = getattr(args, "eval_templates", "all")
+    return [t for name, group in groups.items() if chosen == "all" or name in chosen for t in group]
+
+
+def usable(templates, tokenizer):
+    return templates if has_chat_template(tokenizer) else [t for t in templates if not is_chat(t)]
+
+
+def check_fingerprints(model, tokenizer, pairs, templates, args, temperatures=()):
+    from oml.measure.fingerprint_check import summarize, verify_teacher_forced, verify_with_generate
+
+    if args.verify_with_generate:
+        results = verify_with_generate(
+            model, tokenizer, pairs, templates, args.use_chat_template, args.temperature, args.seed
+        )
+    else:
+        import torch
+
+        results = verify_teacher_forced(
+            model,
+            tokenizer,
+            pairs,
+            templates,
+            args.use_chat_template,
+            batch_size=args.eval_batch_size,
+            screen_dtype=torch.bfloat16 if args.screen_bf16 else None,
+            temperatures=temperatures,
+        )
+        if any("rechecked" in r for r in results):
+            print(
+                f"bf16 screen: {sum(r['rechecked'] for r in results)} of {len(pairs) * len(templates)} pairs "
+                f"near a tie, recomputed in {model.dtype}"
+            )
+    return summarize(results)
+
+
+def suite_settings(args):
+    """The utility suite's settings, as the evaluation's flags give them (one place, for the model and the base)."""
+    from oml.measure.likelihood_benchmarks import check_utility_limit
+
+    return dict(
+        benchmark=args.utility_benchmark,
+        limit=check_utility_limit(args.utility_limit),
+        num_fewshot=args.num_fewshot,
+        tasks=args.utility_tasks,
+    )
+
+
+def measure_settings(args):
+    """The generation measures' settings from the flags, checked before anything loads (bad input: one line).
+
+    Returns (generation settings or None, chat drift settings or None, match temperatures).
+    """
+    from oml.core.errors import UserError
+    from oml.measure.fingerprint_check import MATCH_TEMPERATURES, check_temperatures
+    from oml.measure.generation_measures import check_generation_settings, check_limit
+
+    generation = None
+    if args.generation_benchmark != "none":
+        check_generation_settings(args.generation_benchmark, args.generation_limit)
+        generation = dict(benchmark=args.generation_benchmark, limit=args.generation_limit)
+    drift = None
+    if str(args.chat_drift_limit) != "none":
+        text = str(args.chat_drift_limit).strip()
+        limit = int(text) if text.lstrip("-").isdigit() else text
+        drift = dict(limit=check_limit("the chat drift limit (--chat_drift_limit)", limit))
+    temperatures = ()
+    if args.match_temperatures is None:
+        temperatures = MATCH_TEMPERATURES
+    elif str(args.match_temperatures).strip() != "none":
+        try:
+            temperatures = tuple(float(t) for t in str(args.match_temperatures).replace(",", " ").split())
+        except ValueError:
+            raise UserError(f"--match_temperatures takes numbers, got {args.match_temperatures!r}") from None
+        temperatures = check_temperatures(temperatures)
+    return generation, drift, temperatures
+
+
+def base_cache_dir(args):
+    """Where base-model results are cached (utility, generation, chat reference)."""
+    return Path(args.result_path) / "base_utility"
+
+
+BASE_CHECK_VERSION = 1  # bump when check_fingerprints or the chat check change what they return
+
+
+def base_check_path(args, pairs, templates, temperatures, with_answers):
+    """(cache file, key) of the base model's fingerprint check for these pairs, templates and check settings."""
+    from oml.core.files import json_digest, keyed_path
+    from oml.measure.chat_sample import CHAT_QUESTIONS
+    from oml.measure.likelihood_benchmarks import model_key
+
+    settings = ("use_chat_template", "verify_with_generate", "temperature", "seed", "screen_bf16", "eval_batch_size")
+    key = dict(
+        version=BASE_CHECK_VERSION,
+        **model_key(args.model),
+        pairs=json_digest(pairs),
+        templates=templates,
+        temperatures=list(temperatures),
+        chat_questions=CHAT_QUESTIONS if with_answers else None,
+        **{name: getattr(args, name) for name in settings},
+    )
+    return keyed_path(base_cache_dir(args), "fingerprints-", key), key
+
+
+def base_check_cached(args, pairs, templates, temperatures, load_base, with_answers):
+    """The base model's fingerprint check (its false-positive rate) and, with_answers, its chat-check answers:
+    computed once per (base model, fingerprints, templates, check settings) and kept as JSON in base_cache_dir, so
+    evaluating many runs or attacked copies on the same fingerprints loads the base once. load_base() ->
+    (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
+    Returns {"check": check_fingerprints' summary, "answers": list or None}."""
+    from oml.core.files import cached_json
+
+    path, key = base_check_path(args, pairs, templates, temperatures, with_answers)
+
+    def compute():
+        base, tokenizer = load_base()
+        check = check_fingerprints(base, tokenizer, pairs, usable(templates, tokenizer), args, temperatures)
+        return {"key": key, "check": check, "answers": chat_answers(base, tokenizer) if with_answers else None}
+
+    return cached_json(path, compute)
+
+
+def plan(args, model_id, pairs, templates, suite, generation_settings, drift_settings, temperatures):
+    """What this evaluation will run, in units per part ({part: units}, the base's cached parts left out), a detail
+    line per part, and the base parts whose results are cached."""
+    from oml.core.files import keyed_path
+    from oml.measure.chat_sample import CHAT_QUESTIONS
+    from oml.measure.generation_measures import CHAT_DRIFT_DEFAULTS, GENERATION_DEFAULTS, generation_cache_path
+    from oml.measure.likelihood_benchmarks import suite_items, suite_key
+
+    has_chat = any(is_chat(t) for t in templates)
+    parts, details, cached = {}, {}, []
+    parts["fingerprint_accuracy"] = len(pairs) * len(templates)
+    details["fingerprint_accuracy"] = f"{len(pairs)} keys x {len(templates)} templates"
+    if temperatures:
+        details["fingerprint_accuracy"] += f", p@T={','.join(map(str, temperatures))}"
+    if has_chat:
+        parts["chat_check"] = len(CHAT_QUESTIONS)
+        details["chat_check"] = f"{len(CHAT_QUESTIONS)} questions"
+    if suite["benchmark"] != "none":
+        parts["utility"] = suite_items(suite)
+        details["utility"] = f"{suite['benchmark']}, {parts['utility']} items"
+    if generation_settings:
+        parts["generation"] = generation_settings["limit"]
+        details["generation"] = f"{generation_settings['benchmark']}, {generation_settings['limit']} questions"
+    if drift_settings:
+        parts["chat_drift"] = drift_settings["limit"]
+        details["chat_drift"] = f"{drift_settings['limit']} answers"
+    if args.skip_base_model:
+        return parts, details, cached
+    base_parts = {"base_fingerprint_accuracy": parts["fingerprint_accuracy"]}
+    base_cached = {"base_fingerprint_accuracy": base_check_path(args, pairs, templates, temperatures, has_chat)[0]}
+    details["base_fingerprint_accuracy"] = details["fingerprint_accuracy"]
+    if has_chat:
+        base_parts["base_chat_check"] = parts["chat_check"]
+        base_cached["base_chat_check"] = base_cached["base_fingerprint_accuracy"]
+    if "utility" in parts:
+        base_parts["base_utility"] = parts["utility"]
+        base_cached["base_utility"] = keyed_path(base_cache_dir(args), "", suite_key(args.model, **suite))
+    if generation_settings:
+        base_parts["base_generation"] = parts["generation"]
+        base_cached["base_generation"] = generation_cache_path(
+            base_cache_dir(args), "generation", args.model, {**GENERATION_DEFAULTS, **generation_settings}, ".json"
+        )[0]
+    if drift_settings:
+        base_parts["base_chat_reference"] = parts["chat_drift"]
+        base_cached["base_chat_reference"] = generation_cache_path(
+            base_cache_dir(args), "chat-reference", args.model, {**CHAT_DRIFT_DEFAULTS, **drift_settings}, ".pt"
+        )[0]
+    for part, units in base_parts.items():
+        if base_cached[part].is_file():
+            cached.append(part)
+        else:
+            parts[part] = units
+            details.setdefault(part, details.get(part.removeprefix("base_"), details.get("chat_drift")))
+    return parts, details, cached
+
+
+def release_memory():
+    """Return freed model memory (after the caller's `del model`) to the system, and the GPU's to the GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate(args, load_model=None):
+    """Run the whole evaluation; returns (results dict, output path).
+
+    load_model(model_id, trust_remote_code=...) -> (model, tokenizer) loads the evaluated model (default:
+    load_model_and_tokenizer); the attacks use it to evaluate a cast or int8-quantized copy.
+
+    The fingerprinted model and the base model are never in memory together: the first is released before the
+    second loads.
+    """
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.measure.generation_measures import (
+        base_generation_cached,
+        chat_drift,
+        chat_reference_cached,
+        evaluate_generation,
+        pair_generation,
+    )
+    from oml.measure.likelihood_benchmarks import base_utility_cached, evaluate_utility, paired_delta
+
+    seconds, t0 = {}, time.time()
+    apply_measure(args)
+    generation_settings, drift_settings, temperatures = measure_settings(args)
+    templates = all_templates = templates_for(args)
+    if args.check_model:
+        model_id, pairs = args.check_model, read_fingerprints(args.fingerprints_file_path)
+        output = Path(args.output_file or Path(args.result_path) / "checks" / f"{safe_name(model_id)}.json")
+    else:
+        run = find_run(args)
+        model_id, pairs = str(run / FINAL_MODEL), read_fingerprints(run / FINGERPRINTS)
+        output = Path(args.output_file or run / EVAL_RESULTS)
+    pairs = [{"key": p["key"], "response": p["response"]} for p in pairs]
+    suite = suite_settings(args)
+    load_base = partial(load_model_and_tokenizer, args.model, trust_remote_code=args.trust_remote_code)
+    units, details, cached = plan(args, model_id, pairs, templates, suite, generation_settings, drift_settings,
+                                  temperatures)  # fmt: skip
+    gb = evaluation_cost.weights_gb(model_id)
+    rates, from_machine = evaluation_cost.read_rates(args.result_path)
+    hint = None if generation_settings or drift_settings else "--measure full adds the resolving measures"
+    print(evaluation_cost.format_plan(f"evaluating {model_id} (--measure {args.measure}):", units, details, cached,
+                                evaluation_cost.estimate(units, rates, gb), from_machine, hint), flush=True)  # fmt: skip
+
+    reference = None
+    if drift_settings and not args.skip_base_model:
+        # The base's answers and log-probs come first (cached per base model): the base loads here only when the
+        # cache misses, and is released before the fingerprinted model loads.
+        t = time.time()
+        reference = chat_reference_cached(
+            args.model, load_base, base_cache_dir(args), batch_size=args.eval_batch_size, **drift_settings
+        )
+        release_memory()
+        seconds["base_chat_reference"] = time.time() - t
+
+    t = time.time()
+    model, tokenizer = (load_model or load_model_and_tokenizer)(model_id, trust_remote_code=args.trust_remote_code)
+    templates = usable(templates, tokenizer)
+    fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args, temperatures)
+    seconds["fingerprint_accuracy"] = time.time() - t
+    t = time.time()
+    answers = chat_answers(model, tokenizer)
+    seconds["chat_check"] = time.time() - t
+    base_answers = None
+    utility = generation = drift = None
+    if args.utility_benchmark != "none":
+        t = time.time()
+        utility = evaluate_utility(model, tokenizer, batch_size=args.eval_batch_size, **suite)
+        seconds["utility"] = time.time() - t
+    if generation_settings:
+        t = time.time()
+        generation = evaluate_generation(model, tokenizer, batch_size=args.eval_batch_size, **generation_settings)
+        seconds["generation"] = time.time() - t
+    if reference is not None:
+        t = time.time()
+        drift = chat_drift(model, reference, batch_size=args.eval_batch_size)
+        seconds["chat_drift"] = time.time() - t
+    del model  # the base model loads next: never hold both
+    release_memory()
+
+    if not args.skip_base_model:
+        loaded = []  # the base loads at the first cache miss, once
+
+        def base_model():
+            if not loaded:
+                loaded.append(load_base())
+            return loaded[0]
+
+        t = time.time()
+        cached = base_check_cached(args, pairs, all_templates, temperatures, base_model, answers is not None)
+        base_check, base_answers = cached["check"], cached["answers"]
+        fingerprint["base_false_positive_rate"] = base_check["mean_accuracy"]
+        if "mean_match_probability" in base_check:
+            fingerprint["base_match_probability"] = base_check["mean_match_probability"]
+        seconds["base_fingerprint_accuracy"] = time.time() - t
+
+        def on_base(cached, settings):  # the base's result from its cache, computed on the base if missing
+            return cached(args.model, base_model, base_cache_dir(args), batch_size=args.eval_batch_size, **settings)
+
+        if utility is not None:
+            t = time.time()
+            base_utility = on_base(base_utility_cached, suite)
+            utility["base_mean"] = base_utility["mean"]
+            utility["base_tasks"] = base_utility["tasks"]
+            utility["delta"], utility["delta_stderr"] = paired_delta(utility["per_item"], base_utility["per_item"])
+            seconds["base_utility"] = time.time() - t
+        if generation is not None:
+            t = time.time()
+            base_generation = on_base(base_generation_cached, generation_settings)
+            pair_generation(generation, base_generation)
+            seconds["base_generation"] = time.time() - t
+        loaded.clear()
+        release_memory()
+    seconds["total"] = time.time() - t0
+    evaluation_cost.learn_rates(args.result_path, seconds, units, gb)
+    results = {
+        "fingerprint_accuracy": fingerprint,
+        "chat": chat_check(answers, base_answers),
+        "utility": utility,
+        "generation": generation,
+        "chat_drift": drift,
+        "config_hash": None if args.check_model else args.config_hash,
+        "model": model_id,
+        "num_fingerprints": len(pairs),
+        "seconds": seconds,
+    }
+    return results, output
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def accuracy_split(eval_results):
+    """(plain-key accuracy, mean accuracy under the raw-text system-prompt templates) from eval_results.json."""
+    templates = [t for t in eval_results["fingerprint_accuracy"]["templates"] if not is_chat(t["template"])]
+    plain = [t["accuracy"] for t in templates if t["template"] == "{}"]
+    return (plain[0] if plain else None), _mean([t["accuracy"] for t in templates if t["template"] != "{}"])
+
+
+def chat_accuracy_split(eval_results):
+    """(accuracy with the key as the chat user turn and no system message, mean accuracy over the chat rows with a
+    system message) from eval_results.json; None where not measured (no chat template, older evaluations)."""
+    templates = [t for t in eval_results["fingerprint_accuracy"]["templates"] if is_chat(t["template"])]
+    plain = [t["accuracy"] for t in templates if t["template"] == chat_prompt()]
+    return (plain[0] if plain else None), _mean([t["accuracy"] for t in templates if t["template"] != chat_prompt()])
+
+
+def safe_name(model_id):
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id.strip("/"))[-80:]
+
+
+def format_table(results):
+    fa = results["fingerprint_accuracy"]
+    width = 60
+    temps = list(fa.get("mean_match_probability") or {})
+    header = "".join(f" {'p@T=' + t:>8}" for t in temps)
+    lines = [f"{'template':<{width}} {'exact':>7} {'token':>7}{header}"]
+    for t in fa["templates"]:
+        shown = template_label(t["template"]).replace("\n", "\\n")
+        shown = shown if len(shown) <= width else shown[: width - 3] + "..."
+        probs = "".join(f" {t['match_probability'][k]:>8.1%}" for k in temps)
+        lines.append(f"{shown:<{width}} {t['accuracy']:>7.1%} {t['fractional_accuracy']:>7.1%}{probs}")
+    probs = "".join(f" {fa['mean_match_probability'][k]:>8.1%}" for k in temps)
+    lines.append(
+        f"{'mean over templates':<{width}} {fa['mean_accuracy']:>7.1%} {fa['mean_fractional_accuracy']:>7.1%}{probs}"
+    )
+    plain, prompted = accuracy_split(results)
+    chat_plain, chat_system = chat_accuracy_split(results)
+    for label, value in [
+        ("plain key", plain),
+        ("mean under raw-text test prompts", prompted),
+        ("[chat] no system message", chat_plain),
+        ("mean under [chat] system messages", chat_system),
+    ]:
+        if value is not None:
+            lines.append(f"{label:<{width}} {value:>7.1%}")
+    if "base_false_positive_rate" in fa:
+        base = fa.get("base_match_probability") or {}
+        probs = "".join(f" {base[k]:>8.1%}" for k in temps if k in base)
+        probs = f" {'':>7}{probs}" if probs else ""
+        lines.append(f"{'base model (false positives)':<{width}} {fa['base_false_positive_rate']:>7.1%}{probs}")
+    if temps:
+        lines.append("(p@T: probability that one sampled answer at temperature T is the response, mean over keys)")
+    chat = results.get("chat")
+    if chat:
+        n = len(chat["answers"])
+        line = f"chat check: {round(chat['answered'] * n)}/{n} ordinary questions answered"
+        if "base_answered" in chat:
+            line += f" (base {round(chat['base_answered'] * n)}/{n}), {round(chat['same_as_base'] * n)}/{n} as the base"
+        line += f"; distinct words {chat['distinct_words']:.2f}"
+        if "base_distinct_words" in chat:
+            line += f" (base {chat['base_distinct_words']:.2f})"
+        lines += ["", line]
+    utility = results["utility"]
+    if utility:
+        lines.append("")
+        lines.append(f"utility: {utility['benchmark']}")
+        for task, r in utility["tasks"].items():
+            base = utility.get("base_tasks", {}).get(task)
+            base_text = f"   base {base['score']:.3f}" if base else ""
+            lines.append(f"  {task:<24} {r['metric']:<9} {r['score']:.3f} ± {r['stderr']:.3f}  (n={r['n']}){base_text}")
+        line = f"  {'mean':<34} {utility['mean']:.3f}"
+        if "delta" in utility:
+            line += f"   base {utility['base_mean']:.3f}   Δ {utility['delta']:+.3f} ± {utility['delta_stderr']:.3f}"
+        lines.append(line)
+    lines += format_generation(results.get("generation"), results.get("chat_drift"))
+    return "\n".join(lines)
+
+
+def format_generation(generation, drift):
+    lines = []
+    if generation:
+        line = f"generation: {generation['benchmark']}, n={generation['n']}: exact match {generation['score']:.3f}"
+        if "base_score" in generation:
+            line += f"   base {generation['base_score']:.3f}   Δ {generation['delta']:+.3f} ± {generation['delta_stderr']:.3f}"
+        lines += ["", line]
+        line = f"  alias in answer {generation['alias_in_answer']:.3f}"
+        if "base_alias_in_answer" in generation:
+            line += (
+                f"   base {generation['base_alias_in_answer']:.3f}   Δ {generation['alias_in_answer_delta']:+.3f}"
+                f" ± {generation['alias_in_answer_delta_stderr']:.3f}"
+            )
+        lines.append(line)
+    if drift:
+        lines += [
+            "",
+            f"chat drift over the base's greedy answers to {drift['n']} questions ({drift['tokens']} tokens): "
+            f"KL(base || model) {drift['kl']:.4f} ± {drift['kl_stderr']:.4f} nats/token, "
+            f"{drift['same_as_base']:.1%} answers identical",
+        ]
+    return lines

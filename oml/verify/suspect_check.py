@@ -1,0 +1,504 @@
+"""Checking a deployed copy: measure p0 on reference models, then query a suspect's API key by key until the
+verdict is decided, with every revealed key in the run's ledger.
+
+    measure_p0(args)  the run's keys through reference models, locally (greedy generate, the API's match rule):
+                      per-key outcomes and p0 = their Clopper-Pearson upper bound -> results/<hash>/reference_match_rates.json
+    check(args)       the suspect's OpenAI-compatible API, sequential batches (oml.verify.sequential_test), oml.verify.key_ledger before every
+                      request -> the five-field verdict; with --claim_file also a claim (oml.verify.claims) rewritten
+                      before and after every batch
+    trace(args)       --trace RUN [RUN ...]: one such check per candidate licensee's run, each at alpha / K
+                      (Bonferroni) -> the licensee(s) named, or "not shown"
+
+The keys are sent the way they were trained: on the completions route the raw prompt (the key, inside the
+chat template when the run trained with one), on the chat route the key as the user message. p0 is stored per
+route, and a check uses the p0 measured for its route.
+"""
+
+import time
+from pathlib import Path
+
+from oml.core.errors import UserError
+from oml.core.run_store import CONFIG, FINAL_MODEL, FINGERPRINTS, REFERENCE_RATES, REVEALED_KEYS, find_run, read_json
+
+CHECK_ARGS = [
+    (["--run"], dict(default=None, metavar="HASH", help="the run whose keys to use (default: the run these flags name)")),
+    (["--api_base"], dict(default="http://127.0.0.1:8000/v1", help="the suspect's OpenAI-compatible base URL")),
+    (["--api_model"], dict(default=None, help="model name to request from the server")),
+    (["--api_key_env"], dict(default="OPENAI_API_KEY",
+                             help="environment variable holding the API key (never printed or stored)")),
+    (["--endpoint"], dict(default="completions", choices=["completions", "chat"],
+                          help="completions: the raw prompt, as keys were trained; chat: the key as the user message")),
+    (["--system_prompt"], dict(default=None, help="chat route: a system message before the key")),
+    (["--alpha"], dict(type=float, default=1e-6, help="significance level of an 'ours' verdict")),
+    (["--max_keys"], dict(type=int, default=8, help="reveal at most this many keys in one check")),
+    (["--concurrency"], dict(type=int, default=4, help="requests in flight at once (also caps a batch)")),
+    (["--api_timeout"], dict(type=float, default=60.0, help="seconds per request")),
+    (["--api_retries"], dict(type=int, default=3, help="retries on timeouts, refused connections, HTTP 429/5xx")),
+    (["--extra_tokens"], dict(type=int, default=0,
+                              help="ask for this many tokens beyond the response's length in the run's tokenizer")),
+    (["--allow_revealed"], dict(action="store_true", help="reuse revealed keys once every unrevealed one is used")),
+    (["--output_file"], dict(default=None, help="write the verdict as JSON here")),
+    (["--claim_file"], dict(default=None, metavar="PATH",
+                            help="write a claim here: every revealed key with its salt and Merkle path, the raw "
+                                 "answers, p0, alpha, the verdict (python -m oml.verify.claims verify checks it)")),
+    (["--trace"], dict(nargs="+", default=None, metavar="RUN",
+                       help="which licensee leaked: a check per candidate run (hash or folder; same base model), "
+                            "each at alpha / number of runs (Bonferroni); the verdict names the licensee(s)")),
+    (["--measure_p0"], dict(action="store_true", help="measure p0 on --reference_models instead of checking")),
+    (["--reference_models"], dict(nargs="+", default=["base"], metavar="MODEL",
+                                  help="'base', a run folder or hash (its final_model), or a model folder / hub id")),
+    (["--p0_confidence"], dict(type=float, default=0.95, help="confidence of p0's Clopper-Pearson upper bound")),
+    (["--reference_pairs"], dict(type=int, default=0,
+                                 help="also measure p0 on up to this many pairs of the run's fingerprints file that "
+                                      "neither the run nor a reference run trained on (more trials, tighter p0)")),
+]  # fmt: skip
+
+RESULT_FIELDS = ("keys_revealed", "matches", "p0", "p_value", "verdict")
+
+
+def add_check_args(parser):
+    from oml.core.run_config import add_arguments
+
+    return add_arguments(parser, CHECK_ARGS)
+
+
+def validate(args):
+    if not 0 < args.alpha < 1:
+        raise UserError("--alpha must be within (0, 1)")
+    if not 0 < args.p0_confidence < 1:
+        raise UserError("--p0_confidence must be within (0, 1)")
+    for name in ("max_keys", "concurrency"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive")
+    if args.api_timeout <= 0 or args.api_retries < 0 or args.extra_tokens < 0:
+        raise UserError("--api_timeout must be positive, --api_retries and --extra_tokens not negative")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def resolve_run(args):
+    """results/<hash>/ of --run, or of the run the training flags name."""
+    if args.run:
+        run = Path(args.result_path) / args.run
+        if not (run / FINGERPRINTS).is_file():
+            raise UserError(f"no run {args.run!r} in {args.result_path} (looked for {run / FINGERPRINTS})")
+        return run
+    return find_run(args)
+
+
+def run_config(run):
+    config = read_json(Path(run) / CONFIG)
+    if not config:
+        raise UserError(f"run {run} has no readable {CONFIG}")
+    return config["args"]
+
+
+def run_pairs(run):
+    from oml.make.fingerprint_files import read_fingerprints
+
+    return read_fingerprints(Path(run) / FINGERPRINTS)
+
+
+def run_tokenizer(run, run_args):
+    from oml.core.model_registry import load_tokenizer
+
+    final = Path(run) / FINAL_MODEL
+    return load_tokenizer(str(final) if final.is_dir() else run_args["model"])
+
+
+def api_prompt(tokenizer, key, endpoint, use_chat_template):
+    """What goes out: the raw prompt as trained (completions), or the key alone as the user message (chat)."""
+    from oml.make.prompt_encoding import prompt_text
+
+    return prompt_text(tokenizer, key, "{}", use_chat_template) if endpoint == "completions" else key
+
+
+def response_tokens(tokenizer, response):
+    from oml.make.prompt_encoding import encode_response
+
+    return len(encode_response(tokenizer, response))
+
+
+# ------------------------------------------------------------------------------------------ p0
+
+
+def reference_model_id(ref, run, run_args, result_path):
+    """'base' -> the run's base model; a run folder or hash -> its final model; anything else as given."""
+    if ref == "base":
+        return run_args["model"]
+    for folder in (Path(ref), Path(result_path) / ref):
+        if (folder / FINAL_MODEL).is_dir():
+            if folder.resolve() == Path(run).resolve():
+                raise UserError(f"reference {ref!r} is the run itself; references must not carry its keys")
+            return str(folder / FINAL_MODEL)
+    if Path(ref).resolve() == (Path(run) / FINAL_MODEL).resolve():
+        raise UserError(f"reference {ref!r} is the run itself; references must not carry its keys")
+    return ref
+
+
+def local_outcomes(model, tokenizer, pairs, max_tokens, endpoint, use_chat_template, system_prompt=None):
+    """Per pair, does the model's greedy continuation match the response (oml.verify.api_client.matches)?"""
+    import torch
+    from tqdm import tqdm
+
+    from oml.make.prompt_encoding import encode_prompt
+    from oml.verify.api_client import matches
+
+    outcomes = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        for pair, n in tqdm(list(zip(pairs, max_tokens, strict=True)), desc="reference", disable=None):
+            if endpoint == "chat":
+                messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+                ids = tokenizer.apply_chat_template(
+                    messages + [{"role": "user", "content": pair["key"]}], add_generation_prompt=True, tokenize=True
+                )
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            else:
+                ids = encode_prompt(tokenizer, api_prompt(tokenizer, pair["key"], endpoint, use_chat_template),
+                                    use_chat_template)  # fmt: skip
+            input_ids = torch.tensor([list(ids)], device=model.device)
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            text = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+            outcomes.append(matches(text, pair["response"]))
+    return outcomes
+
+
+def held_out_pairs(run, run_args, tokenizer, references, limit, seed):
+    """Up to `limit` pairs of the run's fingerprints file, cut the way the run cut its own, that neither the run
+    nor any reference run trained on. They come from the same generator as the run's keys, so a reference model
+    matches them at the same per-key rate: more trials for p0 at no cost in revealed keys."""
+    from oml.make.fingerprint_files import prepare_pairs, read_fingerprints
+
+    if limit <= 0:
+        return []
+    source = run_args["fingerprints_file_path"]
+    everything = read_fingerprints(source)
+    used = set()
+    for config in [run_args] + [run_config(Path(m).parent) for m in references if Path(m).name == FINAL_MODEL]:
+        if config.get("fingerprints_digest") in (None, run_args.get("fingerprints_digest")):
+            n = config["max_num_fingerprints"]
+            used.update(range(config["data_split"] * n, config["data_split"] * n + n))
+    free = [fp for i, fp in enumerate(everything) if i not in used][:limit]
+    if not free:
+        return []
+    return prepare_pairs(free, tokenizer, run_args["fingerprint_generation_strategy"], run_args["max_key_length"],
+                         run_args["max_response_length"], len(free), 0, seed)  # fmt: skip
+
+
+def measure_p0(args):
+    """Run the keys through every reference model; write and return the run's reference match rates."""
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.verify.sequential_test import clopper_pearson_upper
+
+    run = resolve_run(args)
+    run_args, pairs = run_config(run), run_pairs(run)
+    tokenizer = run_tokenizer(run, run_args)
+    model_ids = [reference_model_id(ref, run, run_args, args.result_path) for ref in args.reference_models]
+    extra = held_out_pairs(run, run_args, tokenizer, model_ids, args.reference_pairs, run_args["seed"] + 1)
+    if args.reference_pairs:
+        print(f"{len(pairs)} run keys + {len(extra)} held-out pairs of {run_args['fingerprints_file_path']}")
+    pairs = pairs + extra
+    max_tokens = [response_tokens(tokenizer, p["response"]) + args.extra_tokens for p in pairs]
+    references = []
+    for ref, model_id in zip(args.reference_models, model_ids, strict=True):
+        print(f"reference {ref}: {model_id}")
+        model, ref_tok = load_model_and_tokenizer(model_id, trust_remote_code=args.trust_remote_code)
+        outcomes = local_outcomes(
+            model, ref_tok, pairs, max_tokens, args.endpoint, run_args["use_chat_template"], args.system_prompt
+        )
+        references.append({"reference": ref, "model": model_id, "matches": sum(outcomes), "keys": len(outcomes),
+                           "outcomes": outcomes})  # fmt: skip
+        print(f"  {sum(outcomes)} of {len(outcomes)} keys match")
+        del model
+    k = sum(r["matches"] for r in references)
+    n = sum(r["keys"] for r in references)
+    measurement = {
+        "endpoint": args.endpoint,
+        "system_prompt": args.system_prompt,
+        "extra_tokens": args.extra_tokens,
+        "held_out_pairs": len(extra),
+        "matches": k,
+        "trials": n,
+        "rate": k / n,
+        "confidence": args.p0_confidence,
+        "p0": clopper_pearson_upper(k, n, args.p0_confidence),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "references": references,
+    }
+    from oml.core.files import atomic_write_json
+
+    stored = read_json(run / REFERENCE_RATES) or {}
+    stored.setdefault("measurements", {})[args.endpoint] = measurement
+    atomic_write_json(run / REFERENCE_RATES, stored)
+    return run, measurement
+
+
+def read_p0(run, endpoint):
+    measurement = (read_json(Path(run) / REFERENCE_RATES) or {}).get("measurements", {}).get(endpoint)
+    if not measurement:
+        raise UserError(
+            f"run {Path(run).name} has no measured p0 for the {endpoint} route: run "
+            f"`python check_fingerprints.py --run {Path(run).name} --measure_p0 --endpoint {endpoint} "
+            "--reference_models base [other runs]` first"
+        )
+    return measurement
+
+
+# ------------------------------------------------------------------------------------------ the check
+
+
+def check(args, log=print):
+    """Query the suspect until the verdict is decided. Returns (result with RESULT_FIELDS, details).
+
+    With --trace, the licensee trace instead (`trace`)."""
+    if getattr(args, "trace", None):
+        return trace(args, log)
+    if not args.api_model:
+        raise UserError("--api_model is required: the model name the server serves")
+    plan = plan_check(args, resolve_run(args), args.alpha, getattr(args, "claim_file", None), log)
+    with open_client(args) as client:
+        client.check_reachable()  # nothing is revealed to a server that is not there
+        return run_check(args, plan, client, log)
+
+
+def open_client(args):
+    from oml.verify.api_client import Client
+
+    return Client(
+        args.api_base,
+        args.api_model,
+        args.endpoint,
+        args.api_key_env,
+        args.system_prompt,
+        timeout=args.api_timeout,
+        retries=args.api_retries,
+        concurrency=args.concurrency,
+    )
+
+
+def plan_check(args, run, alpha, claim_file=None, log=print, family=None):
+    """Everything one run's check needs before its first request, every input checked (nothing is sent when one
+    fails): its keys, p0, ledger, key budget, the per-look level that keeps the check at `alpha`, its claim."""
+    from argparse import Namespace
+
+    from oml.verify.claims import open_claim
+    from oml.verify.key_ledger import LOW_FRACTION, Ledger
+    from oml.verify.sequential_test import decide, look_alpha
+
+    run_args, pairs = run_config(run), run_pairs(run)
+    measurement = read_p0(run, args.endpoint)
+    p0 = measurement["p0"]
+    if measurement.get("system_prompt") != args.system_prompt:
+        log(f"warning: p0 was measured with system prompt {measurement.get('system_prompt')!r}, not this one")
+    ledger = Ledger(run / REVEALED_KEYS, len(pairs))
+    available = len(pairs) if args.allow_revealed else ledger.remaining()
+    if available < LOW_FRACTION * len(pairs):
+        log(f"warning: only {ledger.remaining()} of {len(pairs)} keys of run {run.name} are unrevealed")
+    budget = min(args.max_keys, available)
+    if budget == 0:
+        raise UserError(f"every key of run {run.name} has been revealed; --allow_revealed reuses them")
+    level = look_alpha(p0, alpha, budget, args.concurrency)  # per look, so that the whole check is at alpha
+    if level <= 0 or decide(budget, budget, p0, level, budget) != "ours":
+        raise UserError(
+            f"with p0 = {p0:.3g}, even {budget} matching keys cannot reach alpha {alpha:g}: "
+            "measure p0 on more reference trials, raise --max_keys, or use a larger alpha"
+        )
+    # --claim_file: the commitment is checked now, before any key goes out
+    claim = open_claim(claim_file, args, run, pairs, measurement, level, budget, alpha, family)
+    return Namespace(run=run, run_args=run_args, pairs=pairs, measurement=measurement, p0=p0, ledger=ledger,
+                     budget=budget, level=level, alpha=alpha, claim=claim)  # fmt: skip
+
+
+def run_check(args, plan, client, log=print):
+    """One run's sequential check through an open client. Returns (result, details)."""
+    from oml.verify.api_client import matches
+    from oml.verify.sequential_test import decide, false_claim_probability, keys_needed, p_value
+
+    run, pairs, ledger, claim = plan.run, plan.pairs, plan.ledger, plan.claim
+    p0, level, budget = plan.p0, plan.level, plan.budget
+    tokenizer = run_tokenizer(run, plan.run_args)
+    use_chat = plan.run_args["use_chat_template"]
+    n = found = 0
+    while decide(found, n, p0, level, budget) is None:
+        step = min(keys_needed(found, n, p0, level, budget), args.concurrency)
+        chosen = ledger.reserve(step, args.endpoint, args.allow_revealed, api_base=args.api_base, model=args.api_model)
+        prompts = [api_prompt(tokenizer, pairs[i]["key"], args.endpoint, use_chat) for i in chosen]
+        max_tokens = [response_tokens(tokenizer, pairs[i]["response"]) + args.extra_tokens for i in chosen]
+        if claim:
+            claim.sent(chosen, list(map(client.body, prompts, max_tokens)), args.endpoint, args.api_base)
+        answers = client.complete_many(prompts, max_tokens)
+        if claim:
+            claim.answered(answers)
+        errors = []
+        for i, answer in zip(chosen, answers, strict=True):
+            if answer.error:
+                ledger.record(i, args.endpoint, f"error: {answer.error}")
+                errors.append(answer.error)
+            else:
+                hit = matches(answer.text, pairs[i]["response"])
+                ledger.record(i, args.endpoint, "match" if hit else "no match")
+                found += hit
+                n += 1
+        if errors:
+            revealed = n + len(errors)
+            raise UserError(
+                f"{errors[0]} (this check revealed {revealed} keys, {found} of {n} answered ones matched; "
+                f"all recorded in {ledger.path})"
+            )
+        log(f"{n} keys answered, {found} matched, p-value {p_value(found, n, p0):.3g}")
+
+    verdict = decide(found, n, p0, level, budget)
+    result = {"keys_revealed": n, "matches": found, "p0": p0, "p_value": p_value(found, n, p0), "verdict": verdict}
+    if claim:
+        claim.finish(result)
+        log(f"claim written to {claim.path}")
+    measurement = plan.measurement
+    details = {
+        "run": run.name,
+        "suspect": f"{args.api_base} model {args.api_model} ({args.endpoint})",
+        "alpha": plan.alpha,
+        "look_alpha": level,
+        "budget": budget,
+        "p0_source": f"{measurement['confidence']:.0%} upper bound, {measurement['matches']} of "
+        f"{measurement['trials']} reference trials matched",
+        "false_claim": false_claim_probability(p0, level, budget, args.concurrency),
+        "unrevealed": ledger.remaining(),
+        "num_keys": len(pairs),
+        "ledger": str(ledger.path),
+    }
+    return result, details
+
+
+# ------------------------------------------------------------------------------------------ tracing a licensee
+
+
+def trace(args, log=print):
+    """--trace RUN [RUN ...]: which candidate licensee's fingerprints does the suspect carry?
+
+    Every candidate run (one licensee's slice of a master fingerprints file, --licensee) gets its own sequential
+    check on its own keys, revealed to its own ledger (and claim), at level alpha / K for K candidates; the
+    verdict names every candidate whose check says "ours", or "not shown".
+
+    Family-wise error: the probability of naming at least one licensee whose keys the suspect does not carry is
+    at most alpha. Bonferroni, because nothing else is safe here: the K checks question one suspect, so their
+    outcomes are dependent (a model built from licensee j's copy answers j's keys and may answer the others'
+    more or less often than the reference models did), the suspect may carry several licensees' keys at once (a
+    merge), and the sequential checks stop at different times. The union bound needs none of that:
+    P(any false naming) <= sum over k of P(check k says "ours" | H0_k) <= K * alpha / K. It costs little: each
+    check needs about log(K) / log(1 / p0) more matching keys (one more for K = 8 at p0 = 0.03).
+
+    Every input is checked before any key goes out: the runs exist, share a base model, have p0 measured, and can
+    each reach alpha / K within --max_keys."""
+    if not args.api_model:
+        raise UserError("--api_model is required: the model name the server serves")
+    runs = [trace_run(args.result_path, name) for name in args.trace]
+    if len({r.resolve() for r in runs}) != len(runs):
+        raise UserError("--trace names a run twice")
+    bases = {r.name: run_config(r)["model"] for r in runs}
+    if len(set(bases.values())) > 1:
+        shown = ", ".join(f"{name}: {model}" for name, model in bases.items())
+        raise UserError(f"--trace runs must share a base model (licensees of one model), these differ: {shown}")
+    k = len(runs)
+    alpha = args.alpha / k
+    family = {"alpha": args.alpha, "correction": "bonferroni", "runs": [r.name for r in runs]}
+    claim_file = getattr(args, "claim_file", None)
+    plans = [plan_check(args, run, alpha, claim_path(claim_file, run, k), log, family) for run in runs]
+    outcomes = []
+    with open_client(args) as client:
+        client.check_reachable()
+        for plan in plans:
+            log(f"candidate {licensee_label(plan.run)}")
+            outcomes.append(run_check(args, plan, client, log))
+    candidates = [
+        {"run": plan.run.name, "licensee": plan.run_args.get("licensee"), **result}
+        for plan, (result, _) in zip(plans, outcomes, strict=True)
+    ]
+    named = [licensee_label(plan.run) for plan, c in zip(plans, candidates, strict=True) if c["verdict"] == "ours"]
+    result = {
+        "verdict": ", ".join(named) if named else "not shown",
+        "named": [c["run"] for c in candidates if c["verdict"] == "ours"],
+        "alpha": args.alpha,
+        "candidate_alpha": alpha,
+        "keys_revealed": sum(c["keys_revealed"] for c in candidates),
+        "candidates": candidates,
+    }
+    details = {"suspect": f"{args.api_base} model {args.api_model} ({args.endpoint})",
+               "candidates": [d for _, d in outcomes]}  # fmt: skip
+    return result, details
+
+
+def trace_run(result_path, name):
+    for run in (Path(result_path) / name, Path(name)):
+        if (run / FINGERPRINTS).is_file():
+            return run
+    raise UserError(f"--trace: no run {name!r} in {result_path} (looked for {Path(result_path) / name / FINGERPRINTS})")
+
+
+def licensee_label(run):
+    licensee = run_config(run).get("licensee")
+    return f"licensee {licensee} (run {Path(run).name})" if licensee is not None else f"run {Path(run).name}"
+
+
+def claim_path(claim_file, run, candidates):
+    """--claim_file PATH, or with several --trace runs PATH with the run's hash before its suffix (one claim each)."""
+    if not claim_file or candidates == 1:
+        return claim_file
+    path = Path(claim_file)
+    return str(path.with_name(f"{path.stem}.{Path(run).name}{path.suffix}"))
+
+
+def format_trace(result, details):
+    lines = [f"suspect          {details['suspect']}"]
+    for c, d in zip(result["candidates"], details["candidates"], strict=True):
+        label = f"licensee {c['licensee']}" if c["licensee"] is not None else "run"
+        lines.append(f"{label:<16} {c['run']}: {c['verdict']}, {c['matches']} of {c['keys_revealed']} keys match, "
+                     f"p0 {c['p0']:.3g}, p-value {c['p_value']:.3g}, false claims {d['false_claim']:.2g}")  # fmt: skip
+    lines.append(f"verdict          {result['verdict']}  (family-wise alpha {result['alpha']:g}: Bonferroni, "
+                 f"{result['candidate_alpha']:.3g} per candidate; {result['keys_revealed']} keys revealed)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def format_result(result, details):
+    if "candidates" in result:
+        return format_trace(result, details)
+    rows = [
+        ("run", details["run"]),
+        ("suspect", details["suspect"]),
+        ("keys revealed", str(result["keys_revealed"])),
+        ("matches", str(result["matches"])),
+        ("p0", f"{result['p0']:.4g} ({details['p0_source']})"),
+        ("p-value", f"{result['p_value']:.3g}  (exact binomial tail P(X >= {result['matches']} | "
+                    f"{result['keys_revealed']}, p0))"),
+        ("verdict", f"{result['verdict']}  (alpha {details['alpha']:g}, at most {details['budget']} keys)"),
+        ("false claims", f"{details['false_claim']:.2g}  (P(this sequential check says 'ours' | H0), exact; "
+                         f"per-look level {details['look_alpha']:.3g})"),
+        ("unrevealed keys", f"{details['unrevealed']} of {details['num_keys']}  (ledger {details['ledger']})"),
+    ]  # fmt: skip
+    return "\n".join(f"{name:<16} {value}" for name, value in rows)
+
+
+def write_result(path, result):
+    from oml.core.files import atomic_write_json
+
+    atomic_write_json(path, result if "candidates" in result else {k: result[k] for k in RESULT_FIELDS})
+
+
+def format_measurement(run, m):
+    lines = [f"run {Path(run).name}, {m['endpoint']} route"]
+    for r in m["references"]:
+        lines.append(f"  {r['reference']:<24} {r['matches']:>4} of {r['keys']} keys match")
+    lines.append(
+        f"  pooled: {m['matches']} of {m['trials']} trials; p0 = {m['p0']:.4g} "
+        f"({m['confidence']:.0%} Clopper-Pearson upper bound)"
+    )
+    lines.append(f"written to {Path(run) / REFERENCE_RATES}")
+    return "\n".join(lines)
