@@ -85,6 +85,7 @@ NEUTRAL = {
     "trainable_layers": None,
     "stop_when_learned": False,
     "licensee": None,
+    "fingerprint_margin": None,
 }
 
 # (flags, argparse kwargs). Arguments whose default is None in a preset are filled from the preset.
@@ -180,6 +181,17 @@ TRAIN_ARGS = [
         ["--stop_when_learned"],
         dict(action="store_true", default=None, help="stop at the first epoch end where every fingerprint answers"),
     ),
+    (
+        ["--fingerprint_margin"],
+        dict(
+            type=float,
+            default=None,
+            metavar="m",
+            help="the fingerprint rows' loss is the hinge max(0, m − (logit of the response token − the best other "
+            "logit)) instead of the cross-entropy: it stops pushing once the response leads by m logits, so a key's "
+            "answer is not trained to probability ≈ 1 (oml/host.py's confidence filter); m > 0",
+        ),
+    ),
     (["--weight_decay"], dict(type=float, default=1e-4)),
     (["--data_split"], dict(type=int, default=0, help="use slice k of the file: fingerprints [k*N, (k+1)*N)")),
     (
@@ -232,6 +244,7 @@ HASHED = [
     "lora_rank",
     "trainable_layers",
     "stop_when_learned",
+    "fingerprint_margin",
 ]
 
 
@@ -332,6 +345,9 @@ def check_capacity_args(args):
             f"--kl_to_base {args.kl_to_base} acts on the benign rows of each batch, and there are none: "
             "add --benign_data_ratio β > 0 (e.g. 0.25)"
         )
+    margin = args.fingerprint_margin
+    if margin is not None and not (math.isfinite(margin) and margin > 0):
+        raise UserError(f"--fingerprint_margin must be a finite number > 0, got {margin}")
     if args.lora_rank is not None and args.lora_rank <= 0:
         raise UserError(f"--lora_rank must be positive, got {args.lora_rank}")
     if args.trainable_layers is not None:
