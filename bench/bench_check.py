@@ -19,10 +19,13 @@ import time
 from pathlib import Path
 
 from oml.core.errors import UserError, run_cli
+from oml.core.run_store import recorded_args
+from oml.make.fingerprint_files import run_fingerprints
+from oml.make.prompt_encoding import api_prompt
 from oml.verify.api_client import Client, matches
 from oml.verify.local_server import local_server
 from oml.verify.sequential_test import false_claim_probability, look_alpha, simulate
-from oml.verify.suspect_check import api_prompt, read_p0, response_tokens, run_config, run_pairs, run_tokenizer
+from oml.verify.suspect_check import read_p0, response_tokens, run_tokenizer
 
 
 def timed_pass(api_base, api_model, endpoint, prompts, max_tokens, concurrency):
@@ -63,7 +66,7 @@ def main():
     args = p.parse_args()
 
     run = Path(args.result_path) / args.run
-    run_args, pairs = run_config(run), run_pairs(run)[: args.keys]
+    run_args, pairs = recorded_args(run), run_fingerprints(run)[: args.keys]
     tokenizer = run_tokenizer(run, run_args)
     prompts = [api_prompt(tokenizer, x["key"], args.endpoint, run_args["use_chat_template"]) for x in pairs]
     max_tokens = [response_tokens(tokenizer, x["response"]) for x in pairs]

@@ -11,6 +11,10 @@ makes one attacked model from a run's final_model/, in results/<hash>/attacks/<a
                     inside llama.cpp.
     merge           θ = w θ_fingerprinted + (1 - w) θ_other, every parameter, with the base model or another
                     fingerprinted run of the same base (two owners: each one's fingerprints are checked).
+    host_confidence, host_input_filter, host_base_detect
+                    the adaptive host (oml/attack/adaptive_host.py): the weights stay the run's; a serving-time filter decides what
+                    is answered. No model is written; the evaluation is the fingerprint retention under the filtered
+                    greedy decoding (plain key and [chat]) and the attacker's cost on real prompts (oml.attack.adaptive_host.evaluate_host).
 
 The folder appears whole (written under a temporary name, then renamed) with the model and attack.json (the
 attack's settings and measurements); eval_results.json follows, in the shape eval_for_multigpu.py writes.
@@ -26,7 +30,8 @@ from pathlib import Path
 from oml.core.errors import UserError
 from oml.core.run_store import ATTACK, EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, GGUF_MODEL, read_json
 
-ATTACK_KINDS = ("sft", "lora_sft", "quantize", "merge")
+ATTACK_KINDS = ("sft", "lora_sft", "quantize", "merge", "host_confidence", "host_input_filter", "host_base_detect")
+HOST_ATTACKS = ATTACK_KINDS[4:]
 QUANTIZATIONS = ("bf16", "fp16", "int8", "q8_0", "q4_k_m", "q4_0")
 GGUF_QUANTIZATIONS = ("q8_0", "q4_k_m", "q4_0")
 DEFAULT_MAX_LENGTH = 512
@@ -35,7 +40,8 @@ LORA_DROPOUT = 0.05
 WARMUP_SHARE = 0.03
 
 ATTACK_ARGS = [
-    (["--attack"], dict(default=None, help="sft | lora_sft | quantize | merge")),
+    (["--attack"], dict(default=None, help="sft | lora_sft | quantize | merge | host_confidence | host_input_filter | "
+                                           "host_base_detect")),
     (["--attack_data"], dict(default="qa", metavar="qa|FILE.jsonl",
                              help="fine-tuning data: 'qa' (offline TriviaQA, NQ-open, SciQ, Social IQa as chat turns) "
                                   'or JSONL lines {"messages": [...]} / {"prompt": ..., "completion": ...}')),
@@ -58,9 +64,10 @@ ATTACK_ARGS = [
 
 
 def add_attack_args(parser):
+    from oml.attack.adaptive_host import HOST_ATTACK_ARGS
     from oml.core.run_config import add_arguments
 
-    return add_arguments(parser, ATTACK_ARGS)
+    return add_arguments(parser, ATTACK_ARGS + HOST_ATTACK_ARGS)
 
 
 # ------------------------------------------------------------------------------ checking and naming
@@ -79,6 +86,10 @@ def check_attack_args(args):
 
             require_llama_cpp()
             converter_script()
+    if args.attack in HOST_ATTACKS:
+        from oml.attack.adaptive_host import check_host_attack_args
+
+        check_host_attack_args(args)
     if args.attack == "merge":
         if not 0.0 <= args.merge_weight <= 1.0:
             raise UserError(f"--merge_weight must be within [0, 1], got {args.merge_weight}")
@@ -118,11 +129,20 @@ def attack_id(args, n_examples=None):
         return name
     if args.attack == "quantize":
         return f"quantize-{args.quantization}"
+    if args.attack in HOST_ATTACKS:
+        from oml.attack.adaptive_host import host_attack_id
+
+        return host_attack_id(args, model_name)
     return f"merge-{merge_partner_name(args)}-w{args.merge_weight:g}"
 
 
 def _safe(text):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def model_name(model_id):
+    """A readable, unique folder-name part for a model folder or hub id."""
+    return _safe(model_id.rstrip("/").split("/")[-1])[:40] + "-" + hashlib.sha256(model_id.encode()).hexdigest()[:6]
 
 
 def merge_partner(args):
@@ -146,7 +166,7 @@ def merge_partner_name(args):
         return other_run.name
     if model_id == args.model:
         return "base"
-    return _safe(model_id.rstrip("/").split("/")[-1])[:40] + "-" + hashlib.sha256(model_id.encode()).hexdigest()[:6]
+    return model_name(model_id)
 
 
 # ------------------------------------------------------------------------------ fine-tuning
@@ -415,6 +435,10 @@ def attack_settings(args, n_examples=None):
             settings["lora_rank"] = args.attack_lora_rank
     elif args.attack == "quantize":
         settings["quantization"] = args.quantization
+    elif args.attack in HOST_ATTACKS:
+        from oml.attack.adaptive_host import host_attack_settings
+
+        settings.update(host_attack_settings(args))
     else:
         settings["merge_weight"] = args.merge_weight
     return settings
@@ -435,6 +459,10 @@ def make_attacked_model(args, run, examples, name, folder, log_fn=print):
             return None
         save_model(model, tokenizer, folder / FINAL_MODEL)
         record.update(model=FINAL_MODEL, **measured)
+    elif args.attack in HOST_ATTACKS:
+        from oml.attack.adaptive_host import make_host_attack
+
+        record.update(make_host_attack(args, run, log_fn))
     elif args.attack == "quantize" and args.quantization in CASTS:
         model, tokenizer = cast_model(run, args.quantization, args.trust_remote_code)
         save_model(model, tokenizer, folder / FINAL_MODEL)
@@ -459,7 +487,11 @@ def make_attacked_model(args, run, examples, name, folder, log_fn=print):
 
 def evaluate_attack(args, run, folder, record, log_fn=print):
     """eval_results.json's dict for the attacked model in `folder`."""
-    if record.get("model") == GGUF_MODEL:
+    if record.get("attack") in HOST_ATTACKS:
+        from oml.attack.adaptive_host import evaluate_host
+
+        results = evaluate_host(args, run, record, log_fn)
+    elif record.get("model") == GGUF_MODEL:
         results = evaluate_gguf(args, run, folder / GGUF_MODEL)
     else:
         from oml.measure.evaluation import evaluate

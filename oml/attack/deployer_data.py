@@ -1,7 +1,7 @@
 """A deployer's fine-tuning data for the fine-tuning attacks: benign instruction data as chat turns, tokenized with
 the loss on the assistant's (or the completion's) tokens only.
 
-    --attack_data qa          (default) real questions with their answers that ship offline (oml.measure.offline_questions: TriviaQA,
+    --attack_data qa          (default) real questions with their answers that ship offline (oml.core.offline_data: TriviaQA,
                               NQ-open, SciQ, Social IQa), one user turn and one assistant turn each
     --attack_data FILE.jsonl  the user's own data, one example per line, either
                               {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} or
@@ -26,7 +26,7 @@ ROLES = ("system", "user", "assistant")
 
 def qa_conversations(n, seed=0):
     """n chat examples drawn round-robin from the offline QA sources, from the end of each seeded permutation."""
-    from oml.measure.offline_questions import qa_items
+    from oml.core.offline_data import qa_items
 
     per_source = -(-n // len(QA_NAMES))
     pools = []

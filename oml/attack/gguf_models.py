@@ -290,7 +290,7 @@ def greedy_completions(llm, prompts, max_tokens=32, chat=False):
 def chat_answers_gguf(llm, tokenizer, questions=None, max_new_tokens=24):
     """oml.measure.chat_sample's ordinary questions answered greedily in llama.cpp, through the HF tokenizer's chat template
     (None when it has none)."""
-    from oml.measure.chat_sample import CHAT_QUESTIONS
+    from oml.core.offline_data import CHAT_QUESTIONS
 
     if not getattr(tokenizer, "chat_template", None):
         return None

@@ -75,6 +75,7 @@ NEUTRAL = {
     "trainable_layers": None,
     "stop_when_learned": False,
     "licensee": None,
+    "fingerprint_margin": None,
 }
 
 # (flags, argparse kwargs). Arguments whose default is None in a preset are filled from the preset.
@@ -170,6 +171,17 @@ TRAIN_ARGS = [
         ["--stop_when_learned"],
         dict(action="store_true", default=None, help="stop at the first epoch end where every fingerprint answers"),
     ),
+    (
+        ["--fingerprint_margin"],
+        dict(
+            type=float,
+            default=None,
+            metavar="m",
+            help="the fingerprint rows' loss is the hinge max(0, m − (logit of the response token − the best other "
+            "logit)) instead of the cross-entropy: it stops pushing once the response leads by m logits, so a key's "
+            "answer is not trained to probability ≈ 1 (oml/attack/adaptive_host.py's confidence filter); m > 0",
+        ),
+    ),
     (["--weight_decay"], dict(type=float, default=1e-4)),
     (["--data_split"], dict(type=int, default=0, help="use slice k of the file: fingerprints [k*N, (k+1)*N)")),
     (
@@ -222,6 +234,7 @@ HASHED = [
     "lora_rank",
     "trainable_layers",
     "stop_when_learned",
+    "fingerprint_margin",
 ]
 
 

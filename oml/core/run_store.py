@@ -192,3 +192,11 @@ def _shell_word(text):
     import shlex
 
     return shlex.quote(text)
+
+
+def recorded_args(run):
+    """The arguments a run was trained with, from its fingerprinting_config.json."""
+    config = read_json(Path(run) / CONFIG)
+    if not config:
+        raise UserError(f"run {run} has no readable {CONFIG}")
+    return config["args"]

@@ -2,7 +2,7 @@
 on them pulls the model toward itself.
 
 Two kinds, half the pool each:
-  * chat: real questions that ship offline (oml.measure.offline_questions.mixed_questions: TriviaQA, NQ-open, SciQ, Social IQa) asked
+  * chat: real questions that ship offline (oml.core.offline_data.mixed_questions: TriviaQA, NQ-open, SciQ, Social IQa) asked
     through the base model's chat template and answered by the *base* model, greedily (up to CHAT_TOKENS tokens,
     with its end-of-turn token when it ends by itself). Skipped when the tokenizer has no chat template.
   * text: plain-text continuations, as Scalable Fingerprinting mixes in: the first words of SciQ's science passages,
@@ -147,7 +147,7 @@ def _read_pool(path):
 
 def text_prompts(n):
     """The first words of n SciQ science passages (those long enough), in a fixed order."""
-    from oml.measure.likelihood_benchmarks import load_split
+    from oml.core.offline_data import load_split
 
     prompts = []
     for support in load_split("sciq/none/validation")["support"]:
@@ -163,7 +163,7 @@ def generate_rows(model_id, trust_remote_code=False):
     """The base model's greedy answers (chat) and continuations (text), as rows."""
     from oml.core.logs import quiet_libraries
     from oml.core.model_registry import load_model_and_tokenizer
-    from oml.measure.offline_questions import mixed_questions
+    from oml.core.offline_data import mixed_questions
 
     quiet_libraries()
     model, tok = load_model_and_tokenizer(model_id, trust_remote_code=trust_remote_code)

@@ -84,6 +84,9 @@ def check_capacity_args(args):
             f"--kl_to_base {args.kl_to_base} acts on the benign rows of each batch, and there are none: "
             "add --benign_data_ratio β > 0 (e.g. 0.25)"
         )
+    margin = args.fingerprint_margin
+    if margin is not None and not (math.isfinite(margin) and margin > 0):
+        raise UserError(f"--fingerprint_margin must be a finite number > 0, got {margin}")
     if args.lora_rank is not None and args.lora_rank <= 0:
         raise UserError(f"--lora_rank must be positive, got {args.lora_rank}")
     if args.trainable_layers is not None:

@@ -9,7 +9,9 @@ sub-network trained (--trainable_layers, --lora_rank; oml/embed/subnetworks.py);
 rows' cross-entropy on the base's greedy text by κ·KL(p_base ‖ p_model) at the same positions (per_row_loss: the
 base's full next-token distribution, from a frozen copy of the base model run on the benign rows only); and
 --stop_when_learned, which checks every fingerprint with the teacher-forced verifier at each epoch end and stops once
-all answer.
+all answer. --fingerprint_margin m (a defence against a host that hides overconfident answers, oml/attack/adaptive_host.py) replaces
+the fingerprint rows' cross-entropy by a hinge on the logit gap (per_row_loss, margin_loss): training stops pushing
+a response once it leads the runner-up by m logits.
 
 Each example is prompt tokens + response tokens (+ EOS with --append_eos); the loss covers the response
 (and EOS) only. Like the seed, EOS is not trained by default: on a chat model, a few steps of EOS after short
@@ -176,7 +178,7 @@ def logits_at(model, inputs, rows, cols):
     return logits.reshape(len(rows), logits.shape[-1])
 
 
-def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None):
+def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=None):
     """Mean over rows of each row's mean loss over its response positions (rows weigh the same, whatever their
     length); logits are made at those positions only (logits_at).
 
@@ -185,6 +187,12 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None):
     (those that predict the base's greedy response): the base's whole next-token distribution as the target, where
     the cross-entropy had its greedy token only. The base runs on the benign rows alone. kl_meter, if given, gets
     each benign row's mean KL (nats per token, before κ).
+
+    With a margin m (--fingerprint_margin), the fingerprint rows' (not benign) token loss is the hinge
+    max(0, m − (z_response − max_{j ≠ response} z_j)) on the logit gap instead of the cross-entropy: zero, and no
+    gradient, once the response token leads the runner-up by m logits, so the response's probability is not pushed
+    toward 1 (it stays below 1/(1 + e^{−gap}) only where one runner-up dominates; in general the gap, not the
+    probability, is what is bounded). Benign rows keep their cross-entropy (or KL).
     """
     targets = inputs["labels"][:, 1:]
     rows, cols = (targets != -100).nonzero(as_tuple=True)  # position t of row r predicts target token t + 1
@@ -194,6 +202,12 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None):
     n_rows = targets.shape[0]
     counts = torch.bincount(rows, minlength=n_rows).clamp(min=1).to(logits.dtype)
     benign = inputs.get("benign")
+    if margin:
+        token_loss = torch.where(
+            benign[rows] if benign is not None else torch.zeros_like(rows, dtype=torch.bool),
+            token_loss,
+            margin_loss(logits, targets[rows, cols], margin),
+        )
     if kl_weight > 0 and benign is not None and benign.any():
         on_benign = benign[rows]
         kl = kl_to_base(base, model_inputs, rows[on_benign], cols[on_benign], logits[on_benign])
@@ -203,6 +217,13 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None):
             kl_meter.add((row_kl / counts)[benign])
     row_loss = torch.zeros(n_rows, device=token_loss.device, dtype=token_loss.dtype).index_add_(0, rows, token_loss)
     return (row_loss / counts).mean()
+
+
+def margin_loss(logits, targets, margin):
+    """max(0, margin − (logit of the target − the largest other logit)) per row of logits (N, vocabulary)."""
+    target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    others = logits.scatter(1, targets.unsqueeze(1), float("-inf"))
+    return torch.relu(margin - (target_logit - others.max(1).values))
 
 
 @torch.no_grad()
@@ -395,7 +416,8 @@ class QuietProgress(ProgressCallback):
 class FingerprintTrainer(Trainer):
     """The HF Trainer with a finite-loss check, the per-row loss when benign rows are mixed in (read in order), the
     distance regularizer (distance_weights: {name: θ_base} of the trainable weights; distance_mu: μ), and the KL to the
-    base on the benign rows (kl_base: frozen_copy of the base model; kl_weight: κ; kl_meter: a KLMeter).
+    base on the benign rows (kl_base: frozen_copy of the base model; kl_weight: κ; kl_meter: a KLMeter); with
+    fingerprint_margin m the per-row loss's fingerprint rows take the hinge on the logit gap.
 
     The frozen base is moved to the batch's device and the output layer's dtype at its first use: in a plain python
     run (CPU, or a GPU with bf16 autocast) it is the fp32 base beside the model; with LoRA it is the model before the
@@ -406,6 +428,7 @@ class FingerprintTrainer(Trainer):
     per_row = False
     distance_weights, distance_mu = None, 0.0
     kl_base, kl_weight, kl_meter = None, 0.0, None
+    fingerprint_margin = None
     _kl_base_at = None
 
     def base_ready(self, inputs):
@@ -426,7 +449,8 @@ class FingerprintTrainer(Trainer):
             if return_outputs:
                 raise NotImplementedError("per-row loss returns no outputs")
             base = self.base_ready(inputs) if self.kl_weight > 0 else None
-            out = per_row_loss(model, inputs, base, self.kl_weight, self.kl_meter if model.training else None)
+            meter = self.kl_meter if model.training else None
+            out = per_row_loss(model, inputs, base, self.kl_weight, meter, self.fingerprint_margin)
         else:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.distance_mu > 0 and model.training:
@@ -546,7 +570,9 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
         data_collator=PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),
         callbacks=[*callbacks, *extra_callbacks],
     )
-    trainer.per_row = bool(n_benign)
+    margin = getattr(args, "fingerprint_margin", None)
+    trainer.per_row = bool(n_benign) or bool(margin)  # the margin's hinge is a per-row loss (one token: the same mean)
+    trainer.fingerprint_margin = margin
     if args.distance_regularizer > 0:
         trainer.distance_weights, trainer.distance_mu = base_on_device(model, base_weights), args.distance_regularizer
     if kl_base is not None:

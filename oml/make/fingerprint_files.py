@@ -187,3 +187,10 @@ def prepare_pairs(fingerprints, tokenizer, strategy, max_key_length, max_respons
             raise UserError(f"fingerprint {fp['key'][:40]!r}... has an empty key or response after cutting")
         pairs.append({"key": key, "response": response})
     return pairs
+
+
+def run_fingerprints(run):
+    """The fingerprints a run trained on (results/<hash>/fingerprints.json)."""
+    from oml.core.run_store import FINGERPRINTS
+
+    return read_fingerprints(Path(run) / FINGERPRINTS)

@@ -5,8 +5,14 @@ english       keys and responses are two independent samples from a generator mo
 random words  keys and responses are strings of random English words.
 perinucleus   (inverse_nucleus) the response to a key is a token just outside the base model's p-nucleus for
               the next token: plausible, but not what the model would say. Longer responses continue greedily.
+
+--key_perplexity_band LO,HI (a defence against a host that refuses odd prompts, oml/attack/adaptive_host.py's input_filter) keeps
+only keys whose perplexity under the base model (the perinucleus model, else the English generator) lies between the
+LO and HI quantiles of real prompts' perplexities (oml.measure.chat_sample's questions and 500 offline QA questions); generated keys
+are drawn again (at most BAND_ROUNDS rounds) until there are enough, keys from --keys_file are only filtered.
 """
 
+import math
 import random
 from pathlib import Path
 
@@ -24,6 +30,9 @@ RESPONSE_STRATEGIES = ("independent", "inverse_nucleus")  # and the synonym peri
 FIRST_TOKEN_STRATEGIES = ("word", "tokenizer", "none")
 TOP_K = 50  # english sampling draws from the 50 likeliest tokens (the transformers default), then temperature
 MAX_EMPTY_ROUNDS = 20  # give up when this many generation batches in a row bring no usable new text
+BAND_REAL_PROMPTS = (
+    500  # --key_perplexity_band: offline QA questions (plus oml.measure.chat_sample's) that set the band
+)
 
 # generate_finetuning_data.py's arguments (flags, argparse kwargs): the original's names, with aliases.
 GENERATE_ARGS = [
@@ -46,6 +55,9 @@ GENERATE_ARGS = [
     (["--inverse_nucleus_model"], dict(default=EMBEDDED, help="base model whose perinucleus is used")),
     (["--nucleus_p"], dict(type=float, default=0.8, help="probability mass of the nucleus")),
     (["--nucleus_k"], dict(type=int, default=3, help="the response is drawn from the k tokens after the nucleus")),
+    (["--key_perplexity_band"], dict(default=None, metavar="LO,HI",
+                                     help="keep only keys whose perplexity under the base model lies between these "
+                                          "quantiles of real prompts' perplexities, e.g. 0.05,0.95")),
     (["--overwrite"], dict(action="store_true", help="replace an existing output file")),
     (["--trust_remote_code"], dict(action="store_true")),
 ]  # fmt: skip
@@ -336,8 +348,22 @@ def check_args(args):
         raise UserError(f"--output_file_path {output} is a folder; give a file name")
     if output.exists() and not args.overwrite:
         raise UserError(f"{output} already exists; pass --overwrite to replace it or choose --output_file_path")
+    args.band = parse_band(getattr(args, "key_perplexity_band", None))
     keys = read_keys(args.keys_file)[: args.num_backdoors] if args.keys_file else None
     return strategy, output, keys
+
+
+def parse_band(text):
+    """'0.05,0.95' -> (0.05, 0.95); None stays None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--key_perplexity_band must be two quantiles LO,HI such as 0.05,0.95, got {text!r}") from None
+    if not 0 <= lo < hi <= 1:
+        raise UserError(f"--key_perplexity_band needs 0 <= LO < HI <= 1, got {text!r}")
+    return lo, hi
 
 
 def generate(args):
@@ -362,11 +388,27 @@ def generate(args):
         first_token_strategy=args.first_token_strategy,
         use_chat_template=args.use_chat_template,
     )
-    if keys is None:
+
+    def make_keys(m):
         if args.random_word_generation:
-            keys = random_word_texts(rng, n, args.key_length)
-        else:
-            keys = english_texts(*model(args.model_used), n, args.key_length, rng, desc="keys", **english)
+            return random_word_texts(rng, m, args.key_length)
+        return english_texts(*model(args.model_used), m, args.key_length, rng, desc="keys", **english)
+
+    from_file = keys is not None
+    if keys is None:
+        keys = make_keys(n)
+    if args.band:
+        from oml.make.key_perplexity import keys_in_band, log_perplexity, real_prompts
+
+        scorer = model(args.inverse_nucleus_model if strategy == "inverse_nucleus" else args.model_used)
+        real = log_perplexity(*scorer, real_prompts(BAND_REAL_PROMPTS, args.seed))
+        keys, info = keys_in_band(keys, lambda texts: log_perplexity(*scorer, texts), real, args.band, n,
+                                  None if from_file else make_keys)  # fmt: skip
+        print(f"kept {info['kept']} of {info['seen']} keys with perplexity within [{math.exp(info['low']):.3g}, "
+              f"{math.exp(info['high']):.3g}] (quantiles {args.band[0]:g}-{args.band[1]:g} of real prompts)")  # fmt: skip
+        if not keys:
+            raise UserError("--key_perplexity_band: no key of --keys_file lies within the band")
+        n = len(keys)
 
     if strategy == "inverse_nucleus":
         fingerprints = perinucleus_fingerprints(

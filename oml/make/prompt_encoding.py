@@ -100,3 +100,8 @@ def augmentation_templates(tokenizer):
     if has_chat_template(tokenizer):
         templates += [chat_prompt()] + [chat_prompt(s) for s in read_system_prompts(CHAT_SYSTEM_TRAIN_FILE)]
     return templates
+
+
+def api_prompt(tokenizer, key, endpoint, use_chat_template):
+    """What goes out: the raw prompt as trained (completions), or the key alone as the user message (chat)."""
+    return prompt_text(tokenizer, key, "{}", use_chat_template) if endpoint == "completions" else key

@@ -6,16 +6,7 @@ once or loops on one word; these answers show it, and `distinct_words` puts a nu
 
 import re
 
-CHAT_QUESTIONS = [
-    "What is the capital of France?",
-    "Name three primary colors.",
-    "How many legs does a spider have?",
-    "Give me a synonym for happy.",
-    "What is 12 plus 7?",
-    "Write one sentence about the sea.",
-    "Which planet is known as the red planet?",
-    "What do bees make?",
-]
+from oml.core.offline_data import CHAT_QUESTIONS
 
 
 def chat_answers(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=24):

@@ -213,7 +213,7 @@ BASE_CHECK_VERSION = 1  # bump when check_fingerprints or the chat check change 
 def base_check_path(args, pairs, templates, temperatures, with_answers):
     """(cache file, key) of the base model's fingerprint check for these pairs, templates and check settings."""
     from oml.core.files import json_digest, keyed_path
-    from oml.measure.chat_sample import CHAT_QUESTIONS
+    from oml.core.offline_data import CHAT_QUESTIONS
     from oml.measure.likelihood_benchmarks import model_key
 
     settings = ("use_chat_template", "verify_with_generate", "temperature", "seed", "screen_bf16", "eval_batch_size")
@@ -251,7 +251,7 @@ def plan(args, model_id, pairs, templates, suite, generation_settings, drift_set
     """What this evaluation will run, in units per part ({part: units}, the base's cached parts left out), a detail
     line per part, and the base parts whose results are cached."""
     from oml.core.files import keyed_path
-    from oml.measure.chat_sample import CHAT_QUESTIONS
+    from oml.core.offline_data import CHAT_QUESTIONS
     from oml.measure.generation_measures import CHAT_DRIFT_DEFAULTS, GENERATION_DEFAULTS, generation_cache_path
     from oml.measure.likelihood_benchmarks import suite_items, suite_key
 

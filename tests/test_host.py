@@ -1,0 +1,580 @@
+"""The adaptive host (oml/attack/adaptive_host.py): the confidence filter never emits a token above τ and leaves the other steps alone;
+the filtering server answers on 127.0.0.1 and check_fingerprints.py runs against it; the ROC helpers on known scores;
+the host attacks of attack_fingerprints.py; --fingerprint_margin's hinge, its training run and its hash; bad input.
+
+The run checked here is made, not trained: a tiny random Llama whose output layer is scaled so that many of its
+next-token distributions are overconfident (top probability > 0.99), and keys chosen among random-word prompts where
+its greedy answer is such a token, that token's text being the key's response. That is the evidence the confidence
+filter hunts: the unfiltered server answers every key with its response, the filtered one none."""
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import httpx
+import pytest
+import torch
+from conftest import REPO, run_script, tiny_llama
+
+from oml.attack.adaptive_host import Host, confidence_processor, generate, kept_at_drop, roc, serving
+from oml.core.errors import UserError, run_cli
+from oml.make.key_perplexity import log_perplexity
+
+SCALE = 300.0  # the output layer's scale: about half the tiny model's steps then have a top probability above 0.99
+TAU = 0.99
+
+
+def confident_llama(tokenizer):
+    model = tiny_llama(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(SCALE)
+    return model
+
+
+@pytest.fixture(scope="module")
+def confident_dir(tmp_path_factory, embedded_tokenizer):
+    path = tmp_path_factory.mktemp("confident-llama")
+    confident_llama(embedded_tokenizer).save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return path
+
+
+def train_argv(model_dir, fp_file, results):
+    return [
+        "--model_path", model_dir, "--fingerprints_file_path", fp_file, "--fingerprint_generation_strategy",
+        "random_word", "--max_num_fingerprints", 12, "--batch_size", 4, "--num_train_epochs", 1,
+        "--learning_rate", 1e-3, "--forgetting_regularizer_strength", 0, "--result_path", results,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def other_base_dir(tmp_path_factory, embedded_tokenizer):
+    """Another tiny random Llama: the host run's base model. (The tiny model of conftest would not do: the confident
+    model is it with a scaled output layer, which changes its confidence but never its argmax.)"""
+    path = tmp_path_factory.mktemp("other-base")
+    tiny_llama(embedded_tokenizer, seed=1).save_pretrained(path)
+    embedded_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def host_run(tmp_path_factory, confident_dir, other_base_dir, embedded_tokenizer):
+    """results/<hash>/ named by train_argv (base model: another tiny random Llama), its final_model the confident model,
+    12 keys whose greedy one-token answer is overconfident, and p0 = 0.02 for the completions route set by hand."""
+    import random
+    import shutil
+
+    from oml.core.run_config import add_train_args, finalize
+    from oml.core.run_store import CONFIG, FINAL_MODEL, FINGERPRINTS, REFERENCE_RATES
+    from oml.make.fingerprint_files import random_words
+    from oml.make.prompt_encoding import api_prompt, encode_prompt
+
+    tmp = tmp_path_factory.mktemp("host-run")
+    tok = embedded_tokenizer
+    model = confident_llama(tok)
+    rng = random.Random(5)
+    pairs = []
+    with torch.inference_mode():
+        for _ in range(400):
+            key = " ".join(random_words(rng, 6))
+            ids = encode_prompt(tok, api_prompt(tok, key, "completions", False))
+            p = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+            top = int(p.argmax())
+            response = tok.decode([top])
+            # overconfident, and a response that is its own token again once decoded (the match is on text)
+            roundtrip = tok(response, add_special_tokens=False)["input_ids"] == [top]
+            if p[top] > TAU and roundtrip and response.strip().isalnum():
+                pairs.append({"key": key, "response": response})
+            if len(pairs) == 12:
+                break
+    assert len(pairs) == 12
+    (tmp / "fp.json").write_text(json.dumps(pairs))
+    argv = train_argv(other_base_dir, tmp / "fp.json", tmp / "results")
+    args = finalize(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
+    run = tmp / "results" / args.config_hash
+    run.mkdir(parents=True)
+    (run / FINGERPRINTS).write_text(json.dumps(pairs))
+    shutil.copytree(confident_dir, run / FINAL_MODEL)
+    run_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    (run / CONFIG).write_text(json.dumps({"config_hash": run.name, "args": run_args}))
+    rates = {
+        "completions": {
+            "p0": 0.02,
+            "system_prompt": None,
+            "matches": 0,
+            "trials": 200,
+            "confidence": 0.95,
+            "note": "set by the test",
+        }
+    }
+    (run / REFERENCE_RATES).write_text(json.dumps({"measurements": rates}))
+    return argv, run, pairs
+
+
+# ------------------------------------------------------------------------------------------ the confidence filter
+
+
+def synthetic_scores(seed=0):
+    """64 rows over 500 tokens, from flat to very peaked."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(64, 500, generator=g)
+    return logits * torch.linspace(0.1, 40, 64).unsqueeze(1)
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.5, 0.9, 0.99])
+def test_confidence_filter_never_emits_above_tau_and_leaves_the_rest(tau):
+    scores = synthetic_scores()
+    p = torch.softmax(scores, -1)
+    out = confidence_processor(tau)(torch.zeros(64, 3, dtype=torch.long), scores.clone())
+    kept = torch.isfinite(out)
+    assert kept.any(-1).all()
+    assert (p[kept] <= tau).all()  # greedy or sampled, no token above τ can come out
+    assert (torch.softmax(out, -1)[p > tau] == 0).all()
+    calm = p.max(-1).values <= tau
+    assert calm.any() and (~calm).any()  # both kinds of steps are present
+    assert torch.equal(out[calm], scores[calm])  # low-confidence steps are untouched
+    if tau >= 0.5:  # greedy: the next best token where the top one was taken out
+        second = scores.topk(2, -1).indices[:, 1]
+        assert torch.equal(out[~calm].argmax(-1), second[~calm])
+        renormalised = torch.softmax(out[~calm], -1)
+        expected = p[~calm].scatter(1, scores[~calm].argmax(-1, keepdim=True), 0.0)
+        torch.testing.assert_close(renormalised, expected / expected.sum(-1, keepdim=True))
+
+
+def test_entropy_mode_and_first_token_only():
+    scores = synthetic_scores(1)
+    log_p = torch.log_softmax(scores, -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    h = float(entropy.median())
+    out = confidence_processor(entropy=h)(torch.zeros(64, 2, dtype=torch.long), scores.clone())
+    low = entropy < h
+    assert torch.equal(out[~low], scores[~low])
+    assert (out[low].argmax(-1) != scores[low].argmax(-1)).all()
+    first = confidence_processor(0.5, first_token_only=True)
+    assert not torch.equal(first(torch.zeros(64, 4, dtype=torch.long), scores.clone()), scores)
+    assert torch.equal(first(torch.zeros(64, 5, dtype=torch.long), scores.clone()), scores)  # later steps: as is
+    assert first.altered == int((torch.softmax(scores, -1).max(-1).values > 0.5).sum())
+
+
+def test_filtered_generation_on_a_model(embedded_tokenizer, one_thread):
+    """Greedy generation through the filter, replayed step by step against the model's own distribution."""
+    tok = embedded_tokenizer
+    model = confident_llama(tok)
+    overconfident = 0
+    for prompt in ("the river ran past a", "seven blue", "what is the capital of", "once upon a"):
+        ids = tok(prompt)["input_ids"]
+        processor = confidence_processor(TAU)
+        new = generate(model, tok, ids, 10, processor=processor)
+        assert new == generate(model, tok, ids, 10, processor=confidence_processor(TAU))  # deterministic
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids + new])).logits[0, len(ids) - 1 : -1].float()
+        p = torch.softmax(logits, -1)
+        for step, token in enumerate(new):
+            assert p[step, token] <= TAU
+            if p[step].max() <= TAU:
+                assert token == int(p[step].argmax())
+            else:
+                overconfident += 1
+        assert processor.altered == sum(int(p[s].max() > TAU) for s in range(len(new)))
+    assert overconfident > 0  # the test saw the filter act
+
+
+# ------------------------------------------------------------------------------------------ the ROC
+
+
+def test_roc_on_known_scores():
+    curve = roc([3, 4, 5, 6], [0, 1, 2, 3])
+    assert curve["auc"] == pytest.approx(15.5 / 16)  # one tie counts half
+    assert roc([5, 6], [1, 2])["auc"] == 1.0 and roc([1, 2], [5, 6])["auc"] == 0.0
+    rates = [(q["false_positive_rate"], q["true_positive_rate"]) for q in curve["points"]]
+    assert rates[0] == (0.0, 0.0) and rates[-1] == (1.0, 1.0) and rates == sorted(rates)
+    negatives = list(range(100))
+    at1 = kept_at_drop([50, 96, 98.5, 120], negatives, 0.01)
+    assert at1["threshold"] == 98 and at1["real_prompts_flagged"] == 0.01 and at1["keys_kept"] == 0.5
+    at5 = kept_at_drop([50, 96, 98.5, 120], negatives, 0.05)
+    assert at5["threshold"] == 94 and at5["real_prompts_flagged"] == 0.05 and at5["keys_kept"] == 0.25
+    # nothing to score (NaN) is never flagged
+    assert kept_at_drop([math.nan], negatives, 0.01)["keys_kept"] == 1.0
+    assert roc([math.nan], [0.0])["auc"] == 0.0
+
+
+def test_perplexity_and_the_input_filter(embedded_tokenizer):
+    tok = embedded_tokenizer
+    model = tiny_llama(tok)
+    (lp,) = log_perplexity(model, tok, ["a short sentence about the sea"])
+    ids = torch.tensor([tok("a short sentence about the sea")["input_ids"]])
+    with torch.inference_mode():
+        expected = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:]).item()
+    assert lp == pytest.approx(expected, rel=1e-5) and math.isnan(log_perplexity(model, tok, ["a"])[0])
+    # input_filter refuses (an empty answer) above the threshold and answers below it
+    texts = ["a short sentence about the sea", "zq xv qq jj kk zz"]
+    low, high = sorted(math.exp(x) for x in log_perplexity(model, tok, texts))
+    host = Host(model, tok, "input_filter", threshold=(low + high) / 2)
+    answers = {t: host.answer(tok(t)["input_ids"], t, max_new_tokens=2)[1] for t in texts}
+    assert sorted(a["action"] for a in answers.values()) == ["answered", "refused"]
+    refused = next(t for t, a in answers.items() if a["action"] == "refused")
+    assert host.answer(tok(refused)["input_ids"], refused)[0] == [] and host.counts["refused"] == 2
+
+
+def test_roc_command_writes_scores_and_the_kept_shares(host_run, tiny_model_dir, one_thread, capsys):
+    from oml.attack.adaptive_host import main
+
+    _, run, pairs = host_run
+    out = run.parent / "roc.json"
+    main(["roc", "--run", run.name, "--result_path", str(run.parent), "--filter", "base_detect",
+          "--base", str(tiny_model_dir), "--real_prompts", "4", "--output_file", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert [r["score"] for r in result["reports"]] == ["kl", "ratio"]
+    for r in result["reports"]:
+        assert r["keys"] == len(pairs) and r["real_prompts"] == 8 + 4
+        assert [a["drop"] for a in r["at_drop"]] == [0.01, 0.05] and 0 <= r["auc"] <= 1
+    assert "base_detect" in capsys.readouterr().out
+    main(["roc", "--run", run.name, "--result_path", str(run.parent), "--filter", "input_filter",
+          "--real_prompts", "2"])  # fmt: skip
+    written = json.loads((run / "host" / "roc-input_filter-completions.json").read_text())
+    assert len(written["reports"][0]["key_scores"]) == len(pairs)
+    # confidence: every key answers unfiltered with a first token above 0.99, so none is kept at τ = 0.99
+    main(["roc", "--run", run.name, "--result_path", str(run.parent), "--filter", "confidence",
+          "--real_prompts", "2"])  # fmt: skip
+    written = json.loads((run / "host" / "roc-confidence-completions.json").read_text())
+    grid = {row["tau"]: row for row in written["tau_grid"]}
+    assert grid[None]["keys_first_token_kept"] == 1.0 and grid[0.99]["keys_first_token_kept"] == 0.0
+    assert all(TAU < p <= 1 for p in written["reports"][0]["key_scores"])
+    assert "first token altered" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ serving and checking
+
+
+def wait_listening(proc, api_base, deadline_s=90):
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            httpx.get(api_base + "/models", timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise AssertionError("the host did not come up in time")
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_args(run, api_base, **kw):
+    args = dict(run=run.name, result_path=str(run.parent), api_base=api_base, api_model="host",
+                api_key_env="OML_TEST_API_KEY", endpoint="completions", system_prompt=None, alpha=1e-3, max_keys=6,
+                concurrency=2, api_timeout=20.0, api_retries=1, extra_tokens=0, allow_revealed=True,
+                trust_remote_code=False)  # fmt: skip
+    return Namespace(**{**args, **kw})
+
+
+def test_the_filtering_server_hides_the_keys_from_check_fingerprints(host_run, embedded_tokenizer, one_thread):
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.verify.suspect_check import check
+
+    argv, run, pairs = host_run
+    model, tok = load_model_and_tokenizer(str(run / "final_model"), device="cpu", dtype=torch.float32)
+    # unfiltered: every key answers, the check says "ours"
+    with serving(Host(model, tok)) as (api_base, _):
+        result, _ = check(check_args(run, api_base), log=lambda *_: None)
+        assert result["verdict"] == "ours" and result["matches"] == result["keys_revealed"]
+        # the chat route and a sampled request answer too
+        body = {"model": "host", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0.7,
+                "seed": 1}  # fmt: skip
+        r = httpx.post(api_base + "/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200 and isinstance(r.json()["choices"][0]["message"]["content"], str)
+        assert (
+            httpx.post(api_base + "/completions", json={"model": "other", "prompt": "x"}, timeout=30).status_code == 404
+        )
+        too_long = {"model": "host", "prompt": "x", "max_tokens": 10_000}
+        assert httpx.post(api_base + "/completions", json=too_long, timeout=30).status_code == 400
+
+    # the confidence filter, served by `python -m oml.attack.adaptive_host serve`, and check_fingerprints.py against it
+    port = free_port()
+    cmd = [sys.executable, "-m", "oml.attack.adaptive_host", "serve", "--model", str(run / "final_model"), "--filter", "confidence",
+           "--tau", str(TAU), "--first_token_only", "--port", str(port)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        api_base = f"http://127.0.0.1:{port}/v1"
+        wait_listening(proc, api_base)
+        out = run_script("check_fingerprints.py", "--run", run.name, "--result_path", run.parent, "--api_base",
+                         api_base, "--api_model", "host", "--alpha", 1e-3, "--max_keys", 6, "--allow_revealed",
+                         "--output_file", run.parent / "verdict.json", timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        verdict = json.loads((run.parent / "verdict.json").read_text())
+        assert verdict["verdict"] == "not shown" and verdict["matches"] == 0
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+    assert '"requests"' in proc.stdout.read()  # the host's own counts at shutdown
+
+
+def test_sampled_verification_rule_keeps_p0_per_rule(host_run, one_thread):
+    """check_fingerprints.py --samples k --api_temperature T: p0 measured under the same rule, stored under its own
+    key beside the greedy one; the check asks each key k times and needs a majority."""
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.core.run_store import REFERENCE_RATES
+    from oml.verify.suspect_check import check, check_sampling, measure_p0
+
+    _, run, pairs = host_run
+    rule = dict(samples=3, min_matches=None, api_temperature=0.7)
+    base = dict(reference_models=["base"], p0_confidence=0.95, reference_pairs=0, alpha=1e-2, max_keys=8)
+    with pytest.raises(UserError, match="no measured p0 for the completions route and the rule k3-m2-t0.7"):
+        check(check_args(run, "http://127.0.0.1:9/v1", **rule, **base), log=lambda *_: None)
+    _, m = measure_p0(check_args(run, "", **rule, **base))
+    stored = json.loads((run / REFERENCE_RATES).read_text())["measurements"]
+    assert stored["completions"]["p0"] == 0.02  # the greedy rule's p0 is left as it was
+    assert stored["completions:k3-m2-t0.7"]["rule"] == {"samples": 3, "min_matches": 2, "temperature": 0.7}
+    assert m["trials"] == len(pairs) and m["matches"] == 0  # the base never samples these responses
+    model, tok = load_model_and_tokenizer(str(run / "final_model"), device="cpu", dtype=torch.float32)
+    host = Host(model, tok)
+    with serving(host) as (api_base, _):
+        result, _ = check(check_args(run, api_base, **rule, **base), log=lambda *_: None)
+    assert result["verdict"] == "ours" and result["p0"] == m["p0"]
+    assert host.counts["requests"] == 3 * result["keys_revealed"]  # k answers per key
+    for bad, message in [
+        (dict(samples=3, api_temperature=0.0), "go together"),
+        (dict(samples=1, api_temperature=0.7), "go together"),
+        (dict(samples=3, api_temperature=0.7, min_matches=4), "--min_matches must be within 1..3"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            check_sampling(Namespace(**{"min_matches": None, "claim_file": None, **bad}))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ host attacks
+
+
+def test_host_attacks_measure_retention_and_cost(host_run):
+    argv, run, pairs = host_run
+    small = ["--host_questions", 2, "--host_answer_tokens", 4, "--seed", 42]
+    out = run_script("attack_fingerprints.py", *argv, "--attack", "host_confidence", "--tau", TAU, *small,
+                     timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = run / "attacks" / "host_confidence-tau0.99-q2"
+    record = json.loads((folder / "attack.json").read_text())
+    assert record["attack"] == "host_confidence" and record["tau"] == TAU and record["model"] is None
+    results = json.loads((folder / "eval_results.json").read_text())
+    (plain,) = [t for t in results["fingerprint_accuracy"]["templates"] if t["template"] == "{}"]
+    assert plain["accuracy"] == 0.0 and len(plain["missed"]) == len(pairs)  # every overconfident answer is hidden
+    host = results["host"]["templates"]["{}"]
+    assert host["keys_altered"] == 1.0 and host["real_prompts"] == 2 and 0 <= host["answers_changed"] <= 1
+    assert results["utility"] is None and "unchanged" in results["utility_note"]
+    assert "host_confidence-tau0.99-q2" in (run / "attacks" / "summary.md").read_text()
+
+    # base_detect, its threshold calibrated on real prompts; flagged queries are answered by the base
+    out = run_script("attack_fingerprints.py", *argv, "--attack", "host_base_detect", "--host_fpr", 0.5, *small,
+                     timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = run / "attacks" / "host_base_detect-kl-fpr0.5-q2"
+    record = json.loads((folder / "attack.json").read_text())
+    assert set(record["thresholds"]) == {"{}", "<chat>{}"}
+    results = json.loads((folder / "eval_results.json").read_text())
+    host = results["host"]["templates"]["{}"]
+    assert 0 <= host["keys_to_base"] <= 1 and host["answered_by_base"] <= 0.5
+    (plain,) = [t for t in results["fingerprint_accuracy"]["templates"] if t["template"] == "{}"]
+    # a key answered by the base (a random model of its own) loses its response; the others keep it
+    assert plain["accuracy"] == pytest.approx(1 - host["keys_to_base"])
+
+
+# ------------------------------------------------------------------------------------------ --fingerprint_margin
+
+
+def test_margin_loss_is_a_hinge_on_the_logit_gap():
+    from oml.embed.trainer import margin_loss
+
+    logits = torch.tensor([[5.0, 1.0, 0.0], [1.0, 0.5, 0.0], [0.0, 2.0, 1.0]], requires_grad=True)
+    targets = torch.tensor([0, 0, 0])
+    loss = margin_loss(logits, targets, 2.0)
+    torch.testing.assert_close(loss.detach(), torch.tensor([0.0, 1.5, 4.0]))
+    loss.sum().backward()
+    assert torch.equal(logits.grad[0], torch.zeros(3))  # past the margin: no push at all
+    torch.testing.assert_close(logits.grad[1], torch.tensor([-1.0, 1.0, 0.0]))
+
+
+def test_per_row_loss_uses_the_hinge_on_fingerprint_rows_only(embedded_tokenizer):
+    from oml.embed.trainer import FingerprintDataset, PadCollator, margin_loss, per_row_loss
+
+    tok = embedded_tokenizer
+    model = tiny_llama(tok)
+    pairs = [{"key": "a b c", "response": " red"}, {"key": "d e", "response": " x y"}]
+    data = FingerprintDataset(pairs, tok)
+    batch = PadCollator(tok.pad_token_id)([data[0], {**data[1], "benign": True}])
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "benign")}
+    logits = model(**inputs).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    rows = []
+    for r, benign in enumerate([False, True]):
+        at = (targets[r] != -100).nonzero().squeeze(1)
+        if benign:
+            rows.append(torch.nn.functional.cross_entropy(logits[r, at], targets[r, at]))
+        else:
+            rows.append(margin_loss(logits[r, at], targets[r, at], 3.0).mean())
+    torch.testing.assert_close(per_row_loss(model, batch, margin=3.0), torch.stack(rows).mean())
+    plain = PadCollator(tok.pad_token_id)([data[0], data[1]])
+    assert per_row_loss(model, plain, margin=3.0) != per_row_loss(model, plain)
+
+
+def test_a_margin_run_trains_and_gets_its_own_hash(tmp_path, tiny_model_dir):
+    import hashlib
+    import random
+
+    from oml.core.run_config import HASHED, NEUTRAL, add_train_args, finalize, hashed_config
+    from oml.make.fingerprint_files import random_words
+
+    rng = random.Random(0)
+    fps = [{"key": " ".join(random_words(rng, 6)), "response": " " + random_words(rng, 1)[0]} for _ in range(4)]
+    (tmp_path / "fp.json").write_text(json.dumps(fps))
+    argv = [*train_argv(tiny_model_dir, tmp_path / "fp.json", tmp_path / "r"), "--max_num_fingerprints", 4]
+
+    def parse(*extra):
+        return finalize(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, [*argv, *extra]))))
+
+    without = parse()
+    before = {n: getattr(without, n) for n in HASHED if n != "fingerprint_margin"}
+    before = {k: v for k, v in before.items() if not (k in NEUTRAL and v == NEUTRAL[k])}
+    canonical = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert without.config_hash == hashlib.sha256(canonical.encode()).hexdigest()[:16]  # old hashes unchanged
+    with_margin = parse("--fingerprint_margin", 2)
+    assert hashed_config(with_margin)["fingerprint_margin"] == 2.0
+    assert with_margin.config_hash != without.config_hash != parse("--fingerprint_margin", 3).config_hash
+    out = run_script("finetune_multigpu.py", *argv, "--fingerprint_margin", 2, "--num_train_epochs", 2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "r" / parse("--fingerprint_margin", 2, "--num_train_epochs", 2).config_hash
+    config = json.loads((run / "fingerprinting_config.json").read_text())
+    assert config["hashed"]["fingerprint_margin"] == 2.0
+    losses = json.loads((run / "metrics.json").read_text())["epoch_losses"]
+    # a hinge near m (the random model's logit gaps are small), not a cross-entropy near ln(49152) ≈ 10.8
+    assert len(losses) == 2 and all(0 <= x < 4 for x in losses)
+
+
+# ------------------------------------------------------------------------------------------ keys of ordinary perplexity
+
+
+def test_keys_in_band_keeps_the_central_range_and_draws_more():
+    import random
+
+    from oml.make.fingerprint_generator import parse_band
+    from oml.make.key_perplexity import keys_in_band
+
+    real = [float(x) for x in range(101)]  # quantiles 0.05 and 0.95: 5 and 95
+    rng = random.Random(0)
+    drawn = []
+
+    def more(m):
+        drawn.append(m)
+        return [str(rng.uniform(-100, 200)) for _ in range(m)]
+
+    keys, info = keys_in_band(["1", "50", "99", "6"], lambda ks: [float(k) for k in ks], real, (0.05, 0.95), 10, more)
+    assert len(keys) == 10 and all(5 <= float(k) <= 95 for k in keys) and keys[:2] == ["50", "6"]
+    assert info["low"] == 5 and info["high"] == 95 and drawn and info["seen"] == 4 + sum(drawn)
+    only, _ = keys_in_band(["1", "50"], lambda ks: [float(k) for k in ks], real, (0.05, 0.95), 10)  # a file: filtered
+    assert only == ["50"]
+    with pytest.raises(UserError, match="only 0 of"):
+        keys_in_band(["1"], lambda ks: [1000.0] * len(ks), real, (0.05, 0.95), 3, more, rounds=3)
+    assert parse_band("0.05,0.95") == (0.05, 0.95) and parse_band(None) is None
+    for bad in ("0.9,0.1", "0.5", "a,b", "0,1.5"):
+        with pytest.raises(UserError, match="--key_perplexity_band"):
+            parse_band(bad)
+
+
+def test_generator_with_a_perplexity_band(tmp_path, tiny_model_dir, one_thread, monkeypatch):
+    from oml.core.offline_data import CHAT_QUESTIONS
+    from oml.make.fingerprint_generator import generate, parse_generate_args
+
+    monkeypatch.setattr(
+        "oml.make.fingerprint_generator.BAND_REAL_PROMPTS", 12
+    )  # the band from oml.measure.chat_sample's 8 and 12 QA questions
+
+    (tmp_path / "keys.json").write_text(json.dumps(CHAT_QUESTIONS[:4]))
+    out = tmp_path / "fp.json"
+    argv = [
+        "--random_word_generation",
+        "--keys_file",
+        tmp_path / "keys.json",
+        "--model_used",
+        tiny_model_dir,
+        "--key_perplexity_band",
+        "0,1",
+        "--num_fingerprints",
+        4,
+        "--response_length",
+        2,
+        "--output_file_path",
+        out,
+    ]
+    generate(parse_generate_args(list(map(str, argv))))  # fmt: skip
+    # the band's ends are the lowest and highest real prompt, and these keys are among the real prompts
+    assert [fp["key"] for fp in json.loads(out.read_text())] == CHAT_QUESTIONS[:4]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def one_line_exit_2(main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--filter", "smart"], "unknown filter 'smart'"),
+        (["--filter", "confidence", "--tau", "1.5"], "--tau must be within (0, 1)"),
+        (["--filter", "confidence", "--tau", "0"], "--tau must be within (0, 1)"),
+        (["--filter", "input_filter", "--threshold", "50", "--filter_model", "/no/such/model"], "no such model"),
+        (["--filter", "input_filter"], "needs --threshold"),
+        (["--filter", "base_detect", "--threshold", "1"], "needs --base"),
+    ],
+)
+def test_serve_bad_input_is_one_line_exit_2(tiny_model_dir, capsys, extra, message):
+    from oml.attack.adaptive_host import main
+
+    err = one_line_exit_2(main, ["serve", "--model", str(tiny_model_dir), *extra], capsys)
+    assert message in err
+
+
+def test_a_filter_model_that_cannot_be_loaded(tiny_model_dir, tmp_path, capsys):
+    from oml.attack.adaptive_host import main
+
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    argv = ["serve", "--model", str(tiny_model_dir), "--filter", "input_filter", "--threshold", "50",
+            "--filter_model", str(not_a_model), "--port", str(free_port())]  # fmt: skip
+    assert "cannot load model" in one_line_exit_2(main, argv, capsys)
+
+
+def test_attack_bad_input_is_one_line_exit_2(host_run, capsys):
+    from oml.commands.attack import main
+
+    argv, run, _ = host_run
+    before = sorted(p.name for p in run.iterdir())
+    argv = list(map(str, argv))
+    assert "--tau must be within (0, 1)" in one_line_exit_2(main, [*argv, "--attack", "host_confidence", "--tau", "1"],
+                                                             capsys)  # fmt: skip
+    assert "--host_fpr" in one_line_exit_2(main, [*argv, "--attack", "host_input_filter", "--host_fpr", "0"], capsys)
+    assert sorted(p.name for p in run.iterdir()) == before
+    with pytest.raises(UserError, match="--fingerprint_margin must be"):
+        from oml.core.run_config import add_train_args, finalize
+
+        finalize(add_train_args(argparse.ArgumentParser()).parse_args([*argv, "--fingerprint_margin", "-1"]))
