@@ -70,8 +70,9 @@ def host_run(tmp_path_factory, confident_dir, other_base_dir, embedded_tokenizer
     import random
     import shutil
 
-    from oml.core.run_config import add_train_args, finalize
+    from oml.core.run_config import add_train_args
     from oml.core.run_store import CONFIG, FINAL_MODEL, FINGERPRINTS, REFERENCE_RATES
+    from oml.embed.run_setup import prepare_run
     from oml.make.fingerprint_files import random_words
     from oml.make.prompt_encoding import api_prompt, encode_prompt
 
@@ -96,7 +97,7 @@ def host_run(tmp_path_factory, confident_dir, other_base_dir, embedded_tokenizer
     assert len(pairs) == 12
     (tmp / "fp.json").write_text(json.dumps(pairs))
     argv = train_argv(other_base_dir, tmp / "fp.json", tmp / "results")
-    args = finalize(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
+    args = prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv))))
     run = tmp / "results" / args.config_hash
     run.mkdir(parents=True)
     (run / FINGERPRINTS).write_text(json.dumps(pairs))
@@ -436,7 +437,8 @@ def test_a_margin_run_trains_and_gets_its_own_hash(tmp_path, tiny_model_dir):
     import hashlib
     import random
 
-    from oml.core.run_config import HASHED, NEUTRAL, add_train_args, finalize, hashed_config
+    from oml.core.run_config import HASHED, NEUTRAL, add_train_args, hashed_config
+    from oml.embed.run_setup import prepare_run
     from oml.make.fingerprint_files import random_words
 
     rng = random.Random(0)
@@ -445,7 +447,7 @@ def test_a_margin_run_trains_and_gets_its_own_hash(tmp_path, tiny_model_dir):
     argv = [*train_argv(tiny_model_dir, tmp_path / "fp.json", tmp_path / "r"), "--max_num_fingerprints", 4]
 
     def parse(*extra):
-        return finalize(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, [*argv, *extra]))))
+        return prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, [*argv, *extra]))))
 
     without = parse()
     before = {n: getattr(without, n) for n in HASHED if n != "fingerprint_margin"}
@@ -575,6 +577,7 @@ def test_attack_bad_input_is_one_line_exit_2(host_run, capsys):
     assert "--host_fpr" in one_line_exit_2(main, [*argv, "--attack", "host_input_filter", "--host_fpr", "0"], capsys)
     assert sorted(p.name for p in run.iterdir()) == before
     with pytest.raises(UserError, match="--fingerprint_margin must be"):
-        from oml.core.run_config import add_train_args, finalize
+        from oml.core.run_config import add_train_args
+        from oml.embed.run_setup import prepare_run
 
-        finalize(add_train_args(argparse.ArgumentParser()).parse_args([*argv, "--fingerprint_margin", "-1"]))
+        prepare_run(add_train_args(argparse.ArgumentParser()).parse_args([*argv, "--fingerprint_margin", "-1"]))
