@@ -139,37 +139,26 @@ def reference_model_id(ref, run, run_args, result_path):
 
 
 def local_outcomes(model, tokenizer, pairs, max_tokens, endpoint, use_chat_template, system_prompt=None):
-    """Per pair, does the model's greedy continuation match the response (oml.verify.api_client.matches)?"""
-    import torch
-    from tqdm import tqdm
-
+    """Per pair, does the model's greedy continuation match the response (oml.verify.api_client.matches)? One prompt
+    at a time through the "hf" backend, as a server decodes a request."""
     from oml.make.prompt_encoding import encode_prompt
+    from oml.measure.transformers_backend import TransformersModel
     from oml.verify.api_client import matches
 
-    outcomes = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.inference_mode():
-        for pair, n in tqdm(list(zip(pairs, max_tokens, strict=True)), desc="reference", disable=None):
-            if endpoint == "chat":
-                messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-                ids = tokenizer.apply_chat_template(
-                    messages + [{"role": "user", "content": pair["key"]}], add_generation_prompt=True, tokenize=True
-                )
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                ids = encode_prompt(tokenizer, api_prompt(tokenizer, pair["key"], endpoint, use_chat_template),
-                                    use_chat_template)  # fmt: skip
-            input_ids = torch.tensor([list(ids)], device=model.device)
-            out = model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=n,
-                do_sample=False,
-                pad_token_id=pad,
+    prompts = []
+    for pair in pairs:
+        if endpoint == "chat":
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            ids = tokenizer.apply_chat_template(
+                messages + [{"role": "user", "content": pair["key"]}], add_generation_prompt=True, tokenize=True
             )
-            text = tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
-            outcomes.append(matches(text, pair["response"]))
-    return outcomes
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = encode_prompt(tokenizer, api_prompt(tokenizer, pair["key"], endpoint, use_chat_template),
+                                use_chat_template)  # fmt: skip
+        prompts.append(list(ids))
+    answers = TransformersModel(model, tokenizer, batch_size=1).greedy(prompts, max_tokens)
+    return [matches(text, pair["response"]) for text, pair in zip(answers, pairs, strict=True)]
 
 
 def held_out_pairs(run, run_args, tokenizer, references, limit, seed):
