@@ -8,6 +8,9 @@ A backend answers two questions, whatever runs the model (as lm-evaluation-harne
     score(prompt, response)          teacher-forced: per response token, (is it the argmax given the true prefix,
                                      its log-probability), in the backend's tokenization
 
+greedy_with_tokens gives each completion's tokens beside its text (what a greedy check's fractional accuracy counts):
+the decoded tokens in transformers and llama.cpp; for an API, its text tokenized by the model's HF tokenizer.
+
 Implementations, each in the lowest layer whose imports it needs:
 
     "hf"    oml.measure.transformers_backend  a transformers model; its fingerprint verdicts are the batched
