@@ -297,15 +297,9 @@ def test_llama_cpp_loads_with_plain_weight_layouts():
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")
 def test_llama_cpp_greedy_verdicts_equal_transformers_on_an_f16_export(tiny_run, tmp_path):
-    from oml.attack.gguf_models import (
-        check_fingerprints_gguf,
-        export_gguf,
-        gguf_metadata,
-        greedy_completions,
-        load_gguf,
-    )
+    from oml.attack.gguf_models import GgufModel, export_gguf, gguf_metadata
     from oml.core.model_registry import load_model_and_tokenizer
-    from oml.measure.fingerprint_check import verify_with_generate
+    from oml.measure.fingerprint_check import check_results, verify_with_generate
 
     _, run = tiny_run
     pairs = [{"key": p["key"], "response": p["response"]} for p in json.loads((run / "fingerprints.json").read_text())]
@@ -313,12 +307,12 @@ def test_llama_cpp_greedy_verdicts_equal_transformers_on_an_f16_export(tiny_run,
     assert info["bytes"] == (tmp_path / "m.gguf").stat().st_size and not list(tmp_path.glob(".*"))
     metadata = json.dumps(gguf_metadata(tmp_path / "m.gguf"), default=str)
     assert not [p["key"] for p in pairs if p["key"] in metadata]
-    llm = load_gguf(tmp_path / "m.gguf")
+    gguf = GgufModel(tmp_path / "m.gguf")
     model, tok = load_model_and_tokenizer(str(run / "final_model"), device="cpu")
-    ours = check_fingerprints_gguf(llm, pairs, ["{}"], progress=False)[0]
+    ours = check_results(gguf, pairs, ["{}"], progress=False)[0]
     theirs = verify_with_generate(model, tok, pairs, ["{}"])[0]
     assert ours["matches"] == theirs["matches"] and any(ours["matches"])
-    (text,) = greedy_completions(llm, [pairs[0]["key"]], max_tokens=4)
+    (text,) = gguf.greedy([pairs[0]["key"]], 4)
     assert text.startswith(pairs[0]["response"]) == ours["matches"][0]
 
 

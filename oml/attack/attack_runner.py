@@ -515,14 +515,14 @@ def other_owner_check(args, model_dir, other_run):
     """The second owner's fingerprints in a merged model: their accuracy per template, as evaluate reports ours."""
     from oml.core.model_registry import load_model_and_tokenizer
     from oml.make.fingerprint_files import read_fingerprints
-    from oml.measure.evaluation import check_fingerprints, release_memory, templates_for
+    from oml.measure.evaluation import check_as_configured, release_memory, templates_for
 
     other_args = copy.copy(args)
     config = read_json(other_run / "fingerprinting_config.json") or {}
     other_args.use_chat_template = config.get("args", {}).get("use_chat_template", args.use_chat_template)
     pairs = [{"key": p["key"], "response": p["response"]} for p in read_fingerprints(other_run / FINGERPRINTS)]
     model, tokenizer = load_model_and_tokenizer(str(model_dir), trust_remote_code=args.trust_remote_code)
-    out = check_fingerprints(model, tokenizer, pairs, templates_for(other_args), other_args)
+    out = check_as_configured(model, tokenizer, pairs, templates_for(other_args), other_args)
     del model
     release_memory()
     return {"run": other_run.name, "num_fingerprints": len(pairs), "fingerprint_accuracy": out}
@@ -531,24 +531,24 @@ def other_owner_check(args, model_dir, other_run):
 def evaluate_gguf(args, run, gguf_path):
     """Fingerprint accuracy per template and the chat check, inside llama.cpp. No utility: the local suite scores
     log-likelihoods through transformers, which a GGUF file does not load into without dequantizing."""
-    from oml.attack.gguf_models import chat_answers_gguf, check_fingerprints_gguf, load_gguf
+    from oml.attack.gguf_models import GgufModel
     from oml.core.model_registry import load_tokenizer
     from oml.make.fingerprint_files import read_fingerprints
     from oml.make.prompt_encoding import chat_prompt
-    from oml.measure.chat_sample import chat_check
+    from oml.measure.chat_sample import chat_answers, chat_check
     from oml.measure.evaluation import templates_for, usable
-    from oml.measure.fingerprint_check import summarize
+    from oml.measure.fingerprint_check import check_fingerprints
 
     t0 = time.time()
     pairs = [{"key": p["key"], "response": p["response"]} for p in read_fingerprints(run / FINGERPRINTS)]
     tokenizer = load_tokenizer(str(run / FINAL_MODEL), args.trust_remote_code)
-    llm = load_gguf(gguf_path)
+    backend = GgufModel(gguf_path, tokenizer=tokenizer)
     templates = usable(templates_for(args), tokenizer)
     if args.gguf_templates == "plain":
         templates = [t for t in templates if t in ("{}", chat_prompt())]
-    fingerprint = summarize(check_fingerprints_gguf(llm, pairs, templates, args.use_chat_template, tokenizer))
+    fingerprint = check_fingerprints(backend, pairs, templates, args.use_chat_template)
     seconds = {"fingerprint_accuracy": time.time() - t0}
-    answers = chat_answers_gguf(llm, tokenizer)
+    answers = chat_answers(backend, tokenizer)
     seconds["total"] = time.time() - t0
     return {
         "fingerprint_accuracy": fingerprint,

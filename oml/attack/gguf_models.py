@@ -1,10 +1,10 @@
 """GGUF, the way open models are served: convert an HF folder with llama.cpp's own converter, quantize it with
-llama.cpp, load it with llama.cpp (llama-cpp-python) and ask it for greedy completions.
+llama.cpp, load it with llama.cpp (llama-cpp-python) and ask it through the LanguageModel interface (GgufModel).
 
     export_gguf("results/<hash>/final_model", "model.gguf", "q4_k_m")   # f16 | bf16 | q8_0 | q4_k_m | q4_0
-    llm = load_gguf("model.gguf")
-    greedy_completions(llm, ["The capital of France is"], max_tokens=8)  # -> [" Paris..."]
-    check_fingerprints_gguf("model.gguf", pairs, ["{}"])                  # verify.summarize's shape, in llama.cpp
+    backend = GgufModel("model.gguf", tokenizer=hf_tokenizer)        # the "gguf" backend of oml.core.backends
+    backend.greedy(["The capital of France is"], 8)                 # -> [" Paris..."]
+    oml.measure.fingerprint_check.check_fingerprints(backend, pairs, ["{}"])   # summarize's shape, in llama.cpp
 
 Conversion writes f16 (or bf16) with `convert_hf_to_gguf.py`; the quantized types are made from the f16 file by
 `llama_model_quantize`, as `llama-quantize` does. Only the model folder goes in: a run keeps its fingerprints beside
@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from oml.core.backends import LanguageModel, cut_at_end, end_of_sequence_ids, register
 from oml.core.errors import UserError
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the converter must come from the same llama.cpp as the runtime
@@ -263,84 +264,77 @@ def prompt_tokens(llm, text, chat=False):
     return llm.tokenize(text.encode("utf-8"), add_bos=not chat, special=True)
 
 
-def greedy_tokens(llm, tokens, max_tokens):
-    """Greedy continuation of the token list, at most max_tokens, stopping after an end-of-generation token."""
+def greedy_tokens(llm, tokens, max_tokens, eos_ids=None):
+    """Greedy continuation of the token list, at most max_tokens, stopping after an end-of-sequence token (eos_ids,
+    default llama.cpp's EOS)."""
+    eos_ids = eos_ids or {llm.token_eos()}
     out = []
     if max_tokens <= 0:
         return out
     for token in llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
         out.append(token)
-        if llm.token_eos() == token or len(out) >= max_tokens:
+        if token in eos_ids or len(out) >= max_tokens:
             break
     return out
 
 
-def greedy_completions(llm, prompts, max_tokens=32, chat=False):
-    """The greedy completion text of each prompt (plain strings, or token-id lists)."""
-    texts = []
-    for prompt in prompts:
-        tokens = prompt if isinstance(prompt, list) else prompt_tokens(llm, prompt, chat)
-        generated = greedy_tokens(llm, tokens, max_tokens)
-        if generated and generated[-1] == llm.token_eos():
-            generated = generated[:-1]
-        texts.append(llm.detokenize(generated, prev_tokens=tokens).decode("utf-8", errors="replace"))
-    return texts
+@register("gguf")
+class GgufModel(LanguageModel):
+    """A GGUF file in llama.cpp behind oml.core.backends' LanguageModel interface (one prompt at a time: llama-cpp-python
+    decodes one sequence per context).
 
+    tokenizer: the model's HF tokenizer, for chat-template prompts and the end-of-sequence set. A greedy fingerprint
+    check asks for 2 tokens beyond the response's own count, so a different tokenization of the same text still
+    counts, and matches when the completion text starts with the response text."""
 
-def chat_answers_gguf(llm, tokenizer, questions=None, max_new_tokens=24):
-    """oml.measure.chat_sample's ordinary questions answered greedily in llama.cpp, through the HF tokenizer's chat template
-    (None when it has none)."""
-    from oml.core.offline_data import CHAT_QUESTIONS
+    extra_tokens = 2
 
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        for q in questions or CHAT_QUESTIONS
-    ]
-    return [answer.strip() for answer in greedy_completions(llm, texts, max_new_tokens, chat=True)]
+    def __init__(self, path=None, llm=None, tokenizer=None, n_ctx=2048, threads=None):
+        self.llm = llm if llm is not None else load_gguf(path, n_ctx=n_ctx, threads=threads)
+        self.tokenizer = tokenizer
 
+    @property
+    def eos_ids(self):
+        return end_of_sequence_ids(tokenizer=self.tokenizer) | {self.llm.token_eos()}
 
-def check_fingerprints_gguf(llm, pairs, templates, use_chat_template=False, tokenizer=None, progress=True):
-    """Per template, {"template", "accuracy", "fractional_accuracy", "matches"} from greedy generation in llama.cpp.
+    def prompt_tokens(self, prompt, chat=False):
+        return list(prompt) if isinstance(prompt, list) else prompt_tokens(self.llm, prompt, chat)
 
-    A pair matches when the completion text starts with the response text (a few tokens beyond the response's own
-    count are generated, so a different tokenization of the same text still counts). fractional_accuracy: the share
-    of the response's tokens (llama.cpp's tokenization) generated at their positions. With use_chat_template the
-    prompt text is built by the HF tokenizer's chat template, as in training.
-    """
-    from tqdm import tqdm
+    def tokenize(self, text):
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    from oml.make.prompt_encoding import is_chat, prompt_text
+    def greedy_with_tokens(self, prompts, max_new_tokens, chat=False):
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+        out = []
+        for prompt, limit in zip(prompts, limits, strict=True):
+            tokens = self.prompt_tokens(prompt, chat)
+            generated, _ = cut_at_end(greedy_tokens(self.llm, tokens, limit, self.eos_ids), self.eos_ids)
+            text = self.llm.detokenize(generated, prev_tokens=tokens).decode("utf-8", errors="replace")
+            out.append((text, generated))
+        return out
 
-    if use_chat_template and tokenizer is None:
-        raise UserError("checking chat-template fingerprints in llama.cpp needs the model's HF tokenizer")
-    results = []
-    with tqdm(total=len(pairs) * len(templates), desc="llama.cpp", disable=not progress or None) as bar:
-        for template in templates:
-            matches, fractions = [], []
-            for pair in pairs:
-                text = prompt_text(tokenizer, pair["key"], template, use_chat_template)
-                tokens = prompt_tokens(llm, text, chat=use_chat_template or is_chat(template))
-                response = llm.tokenize(pair["response"].encode("utf-8"), add_bos=False, special=True)
-                generated = greedy_tokens(llm, tokens, len(response) + 2)
-                if generated and generated[-1] == llm.token_eos():
-                    generated = generated[:-1]
-                text = llm.detokenize(generated, prev_tokens=tokens).decode("utf-8", errors="replace")
-                matches.append(text.startswith(pair["response"]))
-                hits = sum(g == r for g, r in zip(generated, response, strict=False))
-                fractions.append(hits / len(response) if response else 0.0)
-                bar.update(1)
-            n = len(pairs)
-            results.append(
-                {
-                    "template": template,
-                    "accuracy": sum(matches) / n if n else 0.0,
-                    "fractional_accuracy": sum(fractions) / n if n else 0.0,
-                    "matches": matches,
-                }
-            )
-    return results
+    def score(self, prompt, response, chat=False):
+        """Teacher-forced, one response token at a time (the context keeps the last position's logits only)."""
+        import numpy as np
+
+        llama_cpp = require_llama_cpp()
+        tokens, response_ids = self.prompt_tokens(prompt, chat), self.tokenize(response)
+        n_vocab = self.llm.n_vocab()
+        self.llm.reset()
+        self.llm.eval(tokens)
+        out = []
+        for token in response_ids:
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+            logits = logits.astype(np.float64)
+            top = logits.max()
+            log_prob = logits[token] - top - np.log(np.exp(logits - top).sum())
+            out.append((int(logits.argmax()) == token, float(log_prob)))
+            self.llm.eval([token])
+        self.llm.reset()
+        return out
+
+    def close(self):
+        self.llm.close()
 
 
 def main(argv=None):

@@ -189,27 +189,12 @@ def generate_rows(model_id, trust_remote_code=False):
 
 def _greedy(model, tok, prompts, max_new_tokens, desc):
     """[(new token ids without the end token, ended by an end token)] for each prompt, left-padded batches."""
-    import torch
-    from tqdm import tqdm
+    from oml.core.backends import cut_at_end, end_of_sequence_ids
+    from oml.core.greedy_decoding import greedy_decode
 
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tok.eos_token_id])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [None] * len(prompts)
-    for start in tqdm(range(0, len(prompts), GENERATE_BATCH), desc=desc, unit="batch", disable=None):
-        batch = order[start : start + GENERATE_BATCH]
-        longest = max(len(prompts[i]) for i in batch)
-        ids = torch.tensor([[tok.pad_token_id] * (longest - len(prompts[i])) + prompts[i] for i in batch])
-        mask = torch.tensor([[0] * (longest - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
-        with torch.inference_mode():
-            gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)  # fmt: skip
-        for row, i in enumerate(batch):
-            new = gen[row, longest:].tolist()
-            ends = [j for j, t in enumerate(new) if t in eos]
-            out[i] = (new[: ends[0]], True) if ends else (new, False)
-    return out
+    eos = end_of_sequence_ids(model.generation_config, tok)
+    answers = greedy_decode(model, prompts, max_new_tokens, eos, tok.pad_token_id, GENERATE_BATCH, desc=desc)
+    return [cut_at_end(tokens, eos) for tokens in answers]
 
 
 # ------------------------------------------------------------------------------ rows as tokens

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from oml.core.backends import cut_at_end, end_of_sequence_ids
 from oml.core.data_files import DEFAULT_FINGERPRINT_FILES, STRATEGY_SYNONYMS
 from oml.core.errors import UserError
 from oml.core.files import atomic_write_json
+from oml.core.greedy_decoding import greedy_decode
 from oml.core.model_registry import EMBEDDED, load_model_and_tokenizer
 from oml.make.fingerprint_files import cut_to_tokens, english_words, random_words, read_keys
 from oml.make.prompt_encoding import encode_prompt, prompt_text
@@ -248,31 +250,17 @@ def next_token_probs(model, sequences, pad_id):
     return torch.softmax(logits[torch.arange(len(sequences), device=logits.device), last].float(), dim=-1).cpu()
 
 
-@torch.no_grad()
 def greedy_continuations(model, tokenizer, sequences, n_tokens):
-    """Greedy continuations of n_tokens after each sequence, with each chosen token's probability.
+    """Greedy continuations of n_tokens after each sequence, with each chosen token's probability, in one batch.
 
-    A continuation stops early at the end-of-sequence token.
+    A continuation stops early at an end-of-sequence token (oml.core.backends.end_of_sequence_ids), not kept.
     """
-    out = generate_batch(
-        model, tokenizer, sequences, n_tokens, do_sample=False, return_dict_in_generate=True, output_logits=True
-    )
-    new = out.sequences
-    probs = torch.stack(  # each chosen token's probability, step by step (never all distributions at once)
-        [torch.softmax(logits.float(), -1).gather(1, new[:, i : i + 1]) for i, logits in enumerate(out.logits)], dim=1
-    )[..., 0].cpu()
-    new = new.cpu()
-    eos = model.generation_config.eos_token_id
-    stop = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    eos = end_of_sequence_ids(model.generation_config, tokenizer)
+    decoded = greedy_decode(model, sequences, n_tokens, eos, tokenizer.pad_token_id, len(sequences), True)
     results = []
-    for row in range(len(sequences)):
-        tokens, token_probs = [], []
-        for step, token in enumerate(new[row].tolist()):
-            if token in stop:
-                break
-            tokens.append(token)
-            token_probs.append(probs[row, step].item())
-        results.append((tokens, token_probs))
+    for tokens, probs in decoded:
+        kept, _ = cut_at_end(tokens, eos)
+        results.append((kept, probs[: len(kept)]))
     return results
 
 

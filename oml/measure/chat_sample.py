@@ -10,17 +10,21 @@ from oml.core.offline_data import CHAT_QUESTIONS
 
 
 def chat_answers(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=24):
-    """Greedy answers through the chat template (None when the tokenizer has none)."""
+    """Greedy answers through the chat template (None when the tokenizer has none), from a transformers model or any
+    oml.core.backends.LanguageModel (a GGUF in llama.cpp, a served model)."""
+    from oml.core.backends import LanguageModel
+
     if not getattr(tokenizer, "chat_template", None):
         return None
-    answers = []
-    for question in questions:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
-        )["input_ids"].to(model.device)
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    return answers
+    if not isinstance(model, LanguageModel):
+        from oml.measure.transformers_backend import TransformersModel
+
+        model = TransformersModel(model, tokenizer, batch_size=1)  # one at a time: no padding, as before
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    return [answer.strip() for answer in model.greedy(texts, max_new_tokens, chat=True)]
 
 
 def chat_check(answers, base_answers=None):

@@ -132,32 +132,26 @@ def usable(templates, tokenizer):
     return templates if has_chat_template(tokenizer) else [t for t in templates if not is_chat(t)]
 
 
-def check_fingerprints(model, tokenizer, pairs, templates, args, temperatures=()):
-    from oml.measure.fingerprint_check import summarize, verify_teacher_forced, verify_with_generate
+def check_as_configured(model, tokenizer, pairs, templates, args, temperatures=()):
+    """The fingerprint check the flags ask for: one generate per key (--verify_with_generate), else the check through
+    the "hf" backend (its batched teacher-forced verdicts, --screen_bf16 and --eval_batch_size as given)."""
+    from oml.measure.fingerprint_check import check_fingerprints, summarize, verify_with_generate
 
     if args.verify_with_generate:
-        results = verify_with_generate(
-            model, tokenizer, pairs, templates, args.use_chat_template, args.temperature, args.seed
-        )
-    else:
-        import torch
-
-        results = verify_teacher_forced(
-            model,
-            tokenizer,
-            pairs,
-            templates,
-            args.use_chat_template,
-            batch_size=args.eval_batch_size,
-            screen_dtype=torch.bfloat16 if args.screen_bf16 else None,
-            temperatures=temperatures,
-        )
-        if any("rechecked" in r for r in results):
-            print(
-                f"bf16 screen: {sum(r['rechecked'] for r in results)} of {len(pairs) * len(templates)} pairs "
-                f"near a tie, recomputed in {model.dtype}"
+        return summarize(
+            verify_with_generate(
+                model, tokenizer, pairs, templates, args.use_chat_template, args.temperature, args.seed
             )
-    return summarize(results)
+        )
+    import torch
+
+    from oml.measure.transformers_backend import TransformersModel
+
+    screen = torch.bfloat16 if args.screen_bf16 else None
+    backend = TransformersModel(
+        model, tokenizer, batch_size=args.eval_batch_size, screen_dtype=screen, temperatures=temperatures
+    )
+    return check_fingerprints(backend, pairs, templates, args.use_chat_template, announce_rechecks=True)
 
 
 def suite_settings(args):
@@ -207,7 +201,7 @@ def base_cache_dir(args):
     return Path(args.result_path) / "base_utility"
 
 
-BASE_CHECK_VERSION = 1  # bump when check_fingerprints or the chat check change what they return
+BASE_CHECK_VERSION = 1  # bump when check_as_configured or the chat check change what they return
 
 
 def base_check_path(args, pairs, templates, temperatures, with_answers):
@@ -234,14 +228,14 @@ def base_check_cached(args, pairs, templates, temperatures, load_base, with_answ
     computed once per (base model, fingerprints, templates, check settings) and kept as JSON in base_cache_dir, so
     evaluating many runs or attacked copies on the same fingerprints loads the base once. load_base() ->
     (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
-    Returns {"check": check_fingerprints' summary, "answers": list or None}."""
+    Returns {"check": check_as_configured's summary, "answers": list or None}."""
     from oml.core.files import cached_json
 
     path, key = base_check_path(args, pairs, templates, temperatures, with_answers)
 
     def compute():
         base, tokenizer = load_base()
-        check = check_fingerprints(base, tokenizer, pairs, usable(templates, tokenizer), args, temperatures)
+        check = check_as_configured(base, tokenizer, pairs, usable(templates, tokenizer), args, temperatures)
         return {"key": key, "check": check, "answers": chat_answers(base, tokenizer) if with_answers else None}
 
     return cached_json(path, compute)
@@ -369,7 +363,7 @@ def evaluate(args, load_model=None):
     t = time.time()
     model, tokenizer = (load_model or load_model_and_tokenizer)(model_id, trust_remote_code=args.trust_remote_code)
     templates = usable(templates, tokenizer)
-    fingerprint = check_fingerprints(model, tokenizer, pairs, templates, args, temperatures)
+    fingerprint = check_as_configured(model, tokenizer, pairs, templates, args, temperatures)
     seconds["fingerprint_accuracy"] = time.time() - t
     t = time.time()
     answers = chat_answers(model, tokenizer)

@@ -38,6 +38,10 @@ temperatures, with no sampling loop. Each template's result gains "match_probabi
 screen, pairs that are not recomputed keep the bf16 pass's probabilities.
 
 Tokens come from oml.make.prompt_encoding.encode_pair, exactly as in training.
+
+Through any backend (oml.core.backends): check_fingerprints(backend, pairs, templates) gives summarize's dict from a
+transformers model (its verdicts are verify_teacher_forced's), a GGUF in llama.cpp or a served model (greedy
+completions, matched by the backend's rule). An EOS token is the one set oml.core.backends.end_of_sequence_ids makes.
 """
 
 import copy
@@ -47,8 +51,9 @@ import torch
 from tqdm import tqdm
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from oml.core.backends import end_of_sequence_ids
 from oml.core.errors import UserError
-from oml.make.prompt_encoding import encode_pair
+from oml.make.prompt_encoding import encode_pair, is_chat, prompt_text
 
 # Below this many tokens a template's shared prefix is simply recomputed in every row: reusing it costs
 # a KV cache copy and concatenation in every layer of every batch, which a few tokens do not repay.
@@ -82,13 +87,6 @@ def encode_template(tokenizer, pairs, template, use_chat_template=False):
         if not response_ids:
             raise UserError(f"the response {pair['response']!r} encodes to no tokens")
     return encoded
-
-
-def eos_token_ids(model):
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {eos} if isinstance(eos, int) else set(eos)
 
 
 def shared_prefix_length(sequences):
@@ -279,7 +277,7 @@ def verify_teacher_forced(
     sampling (see the module docstring); () for none.
     """
     temperatures = check_temperatures(temperatures)
-    eos = eos_token_ids(model)
+    eos = end_of_sequence_ids(model.generation_config, tokenizer)
     encoded_by_template = [encode_template(tokenizer, pairs, t, use_chat_template) for t in templates]
     screen = screen_dtype is not None and screen_dtype != model.dtype
     batches = len(templates) * -(-len(pairs) // batch_size)
@@ -314,8 +312,9 @@ def verify_teacher_forced(
 # Reference: one generate call per (template, key)
 
 
-def generate_response(model, prompt_ids, max_new_tokens, temperature=0.0, pad_token_id=None):
-    """The token ids model.generate appends to prompt_ids (greedy when temperature is 0)."""
+def generate_response(model, prompt_ids, max_new_tokens, temperature=0.0, pad_token_id=None, eos_ids=None):
+    """The token ids model.generate appends to prompt_ids (greedy when temperature is 0), stopping at eos_ids (default:
+    the generation config's)."""
     input_ids = torch.tensor([prompt_ids], device=model.device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     output = model.generate(
@@ -323,6 +322,7 @@ def generate_response(model, prompt_ids, max_new_tokens, temperature=0.0, pad_to
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_token_id,
+        eos_token_id=sorted(eos_ids) if eos_ids else None,
         **(sampling if temperature > 0 else {"do_sample": False}),
     )
     return output[0, len(prompt_ids) :].tolist()
@@ -332,17 +332,64 @@ def verify_with_generate(model, tokenizer, pairs, templates, use_chat_template=F
     """Verdicts from one model.generate per (template, pair): greedy, or sampled at `temperature` (seeded)."""
     torch.manual_seed(seed)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = end_of_sequence_ids(model.generation_config, tokenizer)
     results = []
     with torch.inference_mode(), tqdm(total=len(pairs) * len(templates), desc="generating", disable=None) as bar:
         for template in templates:
             matches, fractions = [], []
             for prompt, response in encode_template(tokenizer, pairs, template, use_chat_template):
-                generated = generate_response(model, prompt, len(response), temperature, pad_token_id)
+                generated = generate_response(model, prompt, len(response), temperature, pad_token_id, eos)
                 matches.append(generated == response)
                 fractions.append(sum(g == r for g, r in zip(generated, response, strict=False)) / len(response))
                 bar.update(1)
             results.append(_result(template, matches, fractions))
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through any backend (oml.core.backends): the same results from a transformers model, llama.cpp or an API
+
+
+def check_results(backend, pairs, templates, use_chat_template=False, progress=True, announce_rechecks=False):
+    """Per template, {"template", "accuracy", "fractional_accuracy", "matches"} through a LanguageModel.
+
+    A backend with its own batched verdicts (the transformers one: verify_teacher_forced) gives them. Otherwise each
+    key is asked greedily for its response's length in the backend's tokens plus backend.extra_tokens, and a pair
+    matches when backend.answer_matches(answer, response) (llama.cpp: the text starts with the response; an API:
+    oml.verify.api_client.matches). fractional_accuracy: the share of the response's tokens generated at their
+    positions. Prompts are built as in training (prompt_text), with backend.tokenizer's chat template.
+    """
+    if hasattr(backend, "fingerprint_verdicts"):
+        results = backend.fingerprint_verdicts(pairs, templates, use_chat_template)
+        if announce_rechecks and any("rechecked" in r for r in results):
+            print(
+                f"bf16 screen: {sum(r['rechecked'] for r in results)} of {len(pairs) * len(templates)} pairs "
+                f"near a tie, recomputed in {backend.model.dtype}"
+            )
+        return results
+    if (use_chat_template or any(map(is_chat, templates))) and backend.tokenizer is None:
+        raise UserError(f"checking chat-template fingerprints through {backend.name} needs the model's HF tokenizer")
+    responses = [backend.tokenize(p["response"]) for p in pairs]
+    limits = [len(r) + backend.extra_tokens for r in responses]
+    results = []
+    with tqdm(total=len(pairs) * len(templates), desc=backend.name, disable=not progress or None) as bar:
+        for template in templates:
+            prompts = [prompt_text(backend.tokenizer, p["key"], template, use_chat_template) for p in pairs]
+            answers = backend.greedy_with_tokens(prompts, limits, chat=use_chat_template or is_chat(template))
+            matches = [backend.answer_matches(text, p["response"]) for (text, _), p in zip(answers, pairs, strict=True)]
+            fractions = [
+                sum(g == r for g, r in zip(tokens, response, strict=False)) / len(response) if response else 0.0
+                for (_, tokens), response in zip(answers, responses, strict=True)
+            ]
+            results.append(_result(template, matches, fractions))
+            bar.update(len(pairs))
+    return results
+
+
+def check_fingerprints(backend, pairs, templates, use_chat_template=False, progress=True, announce_rechecks=False):
+    """summarize(check_results(...)): the fingerprint check, written once for every backend. announce_rechecks: say how
+    many pairs a bf16 screen recomputed."""
+    return summarize(check_results(backend, pairs, templates, use_chat_template, progress, announce_rechecks))
 
 
 def summarize(results):

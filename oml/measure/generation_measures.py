@@ -243,38 +243,13 @@ def prompt_ids(tokenizer, question):
     return tokenizer(f"Question: {question}\nAnswer:")["input_ids"]
 
 
-def _stop_ids(model, tokenizer):
-    from oml.measure.fingerprint_check import eos_token_ids
-
-    return eos_token_ids(model) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-
-
 def greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size=32):
     """Greedy answer token ids per prompt (ids), up to and including the first stop token. Batched, left-padded."""
-    import torch
-    from tqdm import tqdm
+    from oml.core.backends import end_of_sequence_ids
+    from oml.core.greedy_decoding import greedy_decode
 
-    stops = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    answers = [None] * len(prompts)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc="base answers", unit="batch", disable=None):
-            chunk = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in chunk)
-            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=model.device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk])
-            out = model.generate(
-                ids,
-                attention_mask=mask.to(model.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-            for i, row in zip(chunk, out[:, width:].tolist(), strict=True):
-                end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
-                answers[i] = row[:end]
-    return answers
+    eos = end_of_sequence_ids(model.generation_config, tokenizer)
+    return greedy_decode(model, prompts, max_new_tokens, eos, tokenizer.pad_token_id, batch_size, desc="base answers")
 
 
 def _answer_log_probs(model, rows, batch_size):

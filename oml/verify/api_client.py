@@ -84,7 +84,10 @@ class Client:
         backoff=0.5,
         concurrency=4,
         temperature=0.0,
+        extra_body=None,
     ):
+        """extra_body: fields added to every request (a server's own sampling options, e.g. llama.cpp's
+        {"repeat_penalty": 1.0}); never needed for an OpenAI-compatible greedy request."""
         import httpx
 
         if endpoint not in ENDPOINTS:
@@ -92,6 +95,7 @@ class Client:
         self.api_base = api_base.rstrip("/")
         self.model, self.endpoint, self.system_prompt = model, endpoint, system_prompt
         self.retries, self.backoff, self.temperature = retries, backoff, temperature
+        self.extra_body = dict(extra_body or {})
         self.concurrency = max(1, concurrency)
         headers = {"Content-Type": "application/json"}
         api_key = os.environ.get(api_key_env) if api_key_env else None
@@ -117,6 +121,7 @@ class Client:
 
     def body(self, prompt, max_tokens):
         body = {"model": self.model, "max_tokens": max_tokens, "temperature": self.temperature, "stream": False}
+        body.update(self.extra_body)
         if self.temperature == 0:
             body["top_p"] = 1.0
         if self.endpoint == "completions":
@@ -164,6 +169,29 @@ class Client:
                 raise ApiError(self._status_message(r))
             return self._text(r)
         raise AssertionError("unreachable")
+
+    def echo_logprobs(self, text, top=1):
+        """The completions route's logprobs over `text` itself (echo, `top` alternatives per position): {"tokens",
+        "token_logprobs", "top_logprobs", "text_offset"}. ApiError when the server does not return them."""
+        body = {**self.body(text, 1), "prompt": text, "echo": True, "logprobs": top}
+        body.pop("messages", None)
+        try:
+            r = self.http.post(self.api_base + ENDPOINTS["completions"], json=body)
+        except self._httpx.HTTPError as e:
+            raise ApiError(self._transport_message(e)) from None
+        if r.status_code != 200:
+            raise ApiError(self._status_message(r))
+        try:
+            logprobs = r.json()["choices"][0]["logprobs"]
+            fields = {k: logprobs[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        except (ValueError, KeyError, IndexError, TypeError):
+            fields = None
+        if not fields or not fields["tokens"] or fields["top_logprobs"] is None:
+            raise ApiError(
+                f"{self.api_base} returns no logprobs of the prompt (echo + logprobs on the completions route), so "
+                "teacher-forced scoring is not available through it; check by greedy completions instead"
+            )
+        return fields
 
     def complete_many(self, prompts, max_tokens):
         """Answers for several prompts, at most `concurrency` in flight. Returns [Answer] in order: every request

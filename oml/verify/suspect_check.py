@@ -173,40 +173,46 @@ def reference_model_id(ref, run, run_args, result_path):
 
 def local_outcomes(model, tokenizer, pairs, max_tokens, endpoint, use_chat_template, system_prompt=None,
                    samples=1, min_matches=1, temperature=0.0, seed=0):  # fmt: skip
-    """Per pair, does the model's greedy continuation match the response (oml.verify.api_client.matches)? With samples k > 1: do
-    at least min_matches of k continuations sampled at `temperature` (top_p 1, no top-k; seeded) match?"""
+    """Per pair, does the model's greedy continuation match the response (oml.verify.api_client.matches)? One prompt
+    at a time through the "hf" backend, as a server decodes a request. With samples k > 1: do at least min_matches of
+    k continuations sampled at `temperature` (top_p 1, no top-k; seeded) match?"""
+    from oml.make.prompt_encoding import encode_prompt
+    from oml.measure.transformers_backend import TransformersModel
+    from oml.verify.api_client import matches
+
+    prompts = []
+    for pair in pairs:
+        if endpoint == "chat":
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            ids = tokenizer.apply_chat_template(
+                messages + [{"role": "user", "content": pair["key"]}], add_generation_prompt=True, tokenize=True
+            )
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = encode_prompt(tokenizer, api_prompt(tokenizer, pair["key"], endpoint, use_chat_template),
+                                use_chat_template)  # fmt: skip
+        prompts.append(list(ids))
+    if samples == 1:
+        answers = TransformersModel(model, tokenizer, batch_size=1).greedy(prompts, max_tokens)
+        return [matches(text, pair["response"]) for text, pair in zip(answers, pairs, strict=True)]
+    return sampled_outcomes(model, tokenizer, prompts, pairs, max_tokens, samples, min_matches, temperature, seed)
+
+
+def sampled_outcomes(model, tokenizer, prompts, pairs, max_tokens, samples, min_matches, temperature, seed):
+    """Per pair, do at least min_matches of `samples` continuations sampled at `temperature` (seeded per pair) match?"""
     import torch
     from tqdm import tqdm
 
-    from oml.make.prompt_encoding import encode_prompt
     from oml.verify.api_client import matches
 
     outcomes = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
-        for pair, n in tqdm(list(zip(pairs, max_tokens, strict=True)), desc="reference", disable=None):
-            if endpoint == "chat":
-                messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-                ids = tokenizer.apply_chat_template(
-                    messages + [{"role": "user", "content": pair["key"]}], add_generation_prompt=True, tokenize=True
-                )
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                ids = encode_prompt(tokenizer, api_prompt(tokenizer, pair["key"], endpoint, use_chat_template),
-                                    use_chat_template)  # fmt: skip
-            input_ids = torch.tensor([list(ids)], device=model.device)
-            decoding = dict(do_sample=False)
-            if samples > 1:
-                torch.manual_seed(seed + len(outcomes))
-                decoding = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-                input_ids = input_ids.expand(samples, -1)
-            out = model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=n,
-                pad_token_id=pad,
-                **decoding,
-            )
+        for ids, pair, n in tqdm(list(zip(prompts, pairs, max_tokens, strict=True)), desc="reference", disable=None):
+            torch.manual_seed(seed + len(outcomes))
+            input_ids = torch.tensor([ids], device=model.device).expand(samples, -1)
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
+                                 pad_token_id=pad, do_sample=True, temperature=temperature, top_p=1.0, top_k=0)  # fmt: skip
             texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
             outcomes.append(sum(matches(text, pair["response"]) for text in texts) >= min_matches)
     return outcomes
