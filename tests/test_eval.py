@@ -190,6 +190,7 @@ def test_tinybenchmarks_offline_is_one_line(tiny_run):
 # ----------------------------------------------------------------------- embedded model, for real
 
 
+@pytest.mark.long  # minutes on 2 cores: `make test-long`
 @pytest.mark.slow
 def test_teacher_forced_verdicts_equal_generate_after_fingerprinting(tmp_path):
     """After a short real run, the fast verifier and one greedy generate per (template, key) agree exactly."""

@@ -112,6 +112,7 @@ def test_a_lost_peer_becomes_one_line_and_other_errors_pass(monkeypatch):
 # ------------------------------------------------------------------------ two nodes = one node
 
 
+@pytest.mark.long  # minutes on 2 cores: `make test-long`
 def test_two_nodes_by_the_sweep_script_end_on_the_one_node_weights(tmp_path, tiny_model_dir):
     """launch_multigpu.sh once per node (NUM_NODES=2, NODE_RANK, MASTER_ADDR; one CPU rank each) against one node
     with two ranks: the same world of 2 ranks, so the same batches and sums, and the same weights bit for bit."""

@@ -16,6 +16,7 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
+@pytest.mark.long  # minutes on 2 cores: `make test-long`
 @pytest.mark.slow
 def test_notebook_runs_top_to_bottom_on_an_empty_results_folder(tmp_path, monkeypatch):
     """With no run in OML_RESULTS the notebook trains a small one, then samples from it; any cell error fails."""

@@ -35,6 +35,7 @@ NON_DEFAULT = {
     "stop_when_learned": True,
     "kl_to_base": 0.5,
     "licensee": 1,
+    "fingerprint_margin": 2.0,
 }
 DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest", "benign_data_digest"}
 

@@ -176,6 +176,7 @@ def measure_settings(args):
     from oml.measure.generation_measures import check_generation_settings, check_limit
 
     generation = None
+    check_limit("the generation limit", args.generation_limit)  # checked even where the benchmark is off
     if args.generation_benchmark != "none":
         check_generation_settings(args.generation_benchmark, args.generation_limit)
         generation = dict(benchmark=args.generation_benchmark, limit=args.generation_limit)
