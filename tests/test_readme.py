@@ -111,6 +111,12 @@ def parser_of(kind, name):
     return module.make_parser() if hasattr(module, "make_parser") else None
 
 
+
+def accepted_flags(script):
+    """Every flag a top-level script (e.g. "eval_for_multigpu.py") accepts: its verb's parser."""
+    return flags_of(parser_of("verb", SCRIPT_VERB[script]), [])
+
+
 def flags_of(parser, args):
     """The flags a parser accepts for these arguments: its own and those of the subcommand the arguments name."""
     flags = {flag for action in parser._actions for flag in action.option_strings}
