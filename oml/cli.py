@@ -58,7 +58,7 @@ def main(argv=None):
     """The console script: dispatch `oml VERB ARGS...` to VERBS[VERB]; exits 2 with one line on an unknown verb."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["-h"], ["--help"]):
-        print(usage())
+        run_cli(lambda: print(usage()))  # a reader that stops early (| head) ends it quietly
         return
     if not argv:
         print(usage(), file=sys.stderr)

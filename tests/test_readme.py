@@ -111,7 +111,6 @@ def parser_of(kind, name):
     return module.make_parser() if hasattr(module, "make_parser") else None
 
 
-
 def accepted_flags(script):
     """Every flag a top-level script (e.g. "eval_for_multigpu.py") accepts: its verb's parser."""
     return flags_of(parser_of("verb", SCRIPT_VERB[script]), [])
