@@ -16,7 +16,7 @@ Implementations, each in the lowest layer whose imports it needs:
     "hf"    oml.measure.transformers_backend  a transformers model; its fingerprint verdicts are the batched
                                               teacher-forced pass of oml.measure.fingerprint_check
     "gguf"  oml.attack.gguf_models            a GGUF file in llama.cpp (llama-cpp-python)
-    "api"   oml.measure.fingerprint_check.api_backend            an OpenAI-compatible endpoint; score only where it returns logprobs
+    "api"   oml.verify.api_backend            an OpenAI-compatible endpoint; score only where it returns logprobs
 
     backend = get_backend("gguf", path="model.gguf")
     oml.measure.fingerprint_check.check_fingerprints(backend, pairs, ["{}"])   # the same summary from every backend
@@ -33,7 +33,7 @@ from oml.core.errors import UserError
 BUILT_IN = {
     "hf": "oml.measure.transformers_backend",
     "gguf": "oml.attack.gguf_models",
-    "api": "oml.measure.fingerprint_check.api_backend",
+    "api": "oml.verify.api_backend",
 }
 _REGISTRY = {}
 
