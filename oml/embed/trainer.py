@@ -582,7 +582,10 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
     start = time.time()
     result = trainer.train()
     seconds = time.time() - start
-    shutil.rmtree(output_dir, ignore_errors=True)
+    # Every rank reads the scratch folder until its Trainer has finished: remove it once all have, on one rank only.
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        shutil.rmtree(output_dir, ignore_errors=True)
     trainer.model = merged(trainer.model)
     # tokens per epoch of the plain keys (+ response, + EOS); augmentation templates add more than this counts
     encoded = (fp_dataset.encode(i, "{}") for i in range(len(pairs)))
