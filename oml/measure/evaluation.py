@@ -16,11 +16,20 @@ from oml.measure.chat_sample import chat_answers, chat_check
 from oml.measure.generation_measures import CHAT_DRIFT_DEFAULTS, GENERATION_DEFAULTS
 from oml.measure.likelihood_benchmarks import SUITE_DEFAULTS
 
-# What --measure turns on. quick: what a first look needs, about a minute on the embedded model (the fingerprint check
-# under every template, the base's false positives, the chat check, 30 utility items per task). full: the resolving
+# The quick look's utility tasks: the experiments' four (MMLU is at chance for a 135M model, HellaSwag the slowest task).
+QUICK_UTILITY_TASKS = ["arc_challenge", "arc_easy", "winogrande", "piqa"]
+# What --measure turns on. quick: what a first look needs, minutes not hours on the embedded model (the fingerprint
+# check under every template, the base's false positives, the chat check, 30 items of each quick utility task; the
+# base's side is cached after the first evaluation; bench/bench_first_minutes.py times it). full: the resolving
 # measures of the experiments too. A measure's own flag, given by name, wins over the profile.
 MEASURES = {
-    "quick": dict(utility_limit=30, generation_benchmark="none", chat_drift_limit="none", match_temperatures="none"),
+    "quick": dict(
+        utility_limit=30,
+        utility_tasks=QUICK_UTILITY_TASKS,
+        generation_benchmark="none",
+        chat_drift_limit="none",
+        match_temperatures="none",
+    ),
     "full": dict(
         utility_limit=SUITE_DEFAULTS["limit"],
         generation_benchmark=GENERATION_DEFAULTS["benchmark"],
@@ -44,8 +53,8 @@ EVAL_ARGS = [
                              help="fp32 model: decide verdicts on a bf16 copy and recompute near-ties in fp32 "
                                   "(1.5-1.7x faster on CPUs with AMX; see oml/measure/fingerprint_check.py)")),
     (["--measure"], dict(default="quick", choices=list(MEASURES),
-                         help="quick (default): fingerprints, false positives, a small utility look, about a minute "
-                              "on the embedded model; full: also the resolving measures (generative benchmark, chat "
+                         help="quick (default): fingerprints, false positives, a small utility look (30 items of ARC-C, "
+                              "ARC-E, Winogrande, PIQA); full: also the resolving measures (generative benchmark, chat "
                               "drift, match probabilities, 100 utility items per task). A measure's own flag wins")),
     (["--eval_templates"], dict(default="all", type=lambda text: template_groups(text),
                                 help="which prompt templates the fingerprint check uses: all, or some of "
@@ -54,7 +63,7 @@ EVAL_ARGS = [
     (["--utility_limit"], dict(default=None, help="items per task of the local suite, or 'all' (the experiments: "
                                                    "see the README); default: --measure's")),
     (["--utility_tasks"], dict(default=None, type=lambda text: local_task_list(text),
-                               help="local suite tasks, comma-separated (default: all six)")),
+                               help="local suite tasks, comma-separated (default: --measure quick the four above, full all six)")),
     (["--num_fewshot"], dict(type=int, default=0)),
     (["--generation_benchmark"], dict(default=None, help="generative benchmark: trivia_qa | nq_open | none (see "
                                                           "oml/measure/generation_measures.py); default: --measure's")),
