@@ -254,10 +254,9 @@ def base_check_cached(args, pairs, templates, temperatures, load_base, with_answ
 def plan(args, model_id, pairs, templates, suite, generation_settings, drift_settings, temperatures):
     """What this evaluation will run, in units per part ({part: units}, the base's cached parts left out), a detail
     line per part, and the base parts whose results are cached."""
-    from oml.core.files import keyed_path
     from oml.core.offline_data import CHAT_QUESTIONS
-    from oml.measure.generation_measures import CHAT_DRIFT_DEFAULTS, GENERATION_DEFAULTS, generation_cache_path
-    from oml.measure.likelihood_benchmarks import suite_items, suite_key
+    from oml.measure.generation_measures import base_generation_path, chat_reference_path
+    from oml.measure.likelihood_benchmarks import base_utility_path, suite_items
 
     has_chat = any(is_chat(t) for t in templates)
     parts, details, cached = {}, {}, []
@@ -279,31 +278,22 @@ def plan(args, model_id, pairs, templates, suite, generation_settings, drift_set
         details["chat_drift"] = f"{drift_settings['limit']} answers"
     if args.skip_base_model:
         return parts, details, cached
-    base_parts = {"base_fingerprint_accuracy": parts["fingerprint_accuracy"]}
-    base_cached = {"base_fingerprint_accuracy": base_check_path(args, pairs, templates, temperatures, has_chat)[0]}
-    details["base_fingerprint_accuracy"] = details["fingerprint_accuracy"]
+    cache_dir = base_cache_dir(args)
+    check_path = base_check_path(args, pairs, templates, temperatures, has_chat)[0]
+    base = {"base_fingerprint_accuracy": ("fingerprint_accuracy", check_path)}  # base part: (model's part, cache)
     if has_chat:
-        base_parts["base_chat_check"] = parts["chat_check"]
-        base_cached["base_chat_check"] = base_cached["base_fingerprint_accuracy"]
+        base["base_chat_check"] = ("chat_check", check_path)  # the base check's file holds its chat answers too
     if "utility" in parts:
-        base_parts["base_utility"] = parts["utility"]
-        base_cached["base_utility"] = keyed_path(base_cache_dir(args), "", suite_key(args.model, **suite))
+        base["base_utility"] = ("utility", base_utility_path(args.model, cache_dir, **suite)[0])
     if generation_settings:
-        base_parts["base_generation"] = parts["generation"]
-        base_cached["base_generation"] = generation_cache_path(
-            base_cache_dir(args), "generation", args.model, {**GENERATION_DEFAULTS, **generation_settings}, ".json"
-        )[0]
+        base["base_generation"] = ("generation", base_generation_path(args.model, cache_dir, **generation_settings)[0])
     if drift_settings:
-        base_parts["base_chat_reference"] = parts["chat_drift"]
-        base_cached["base_chat_reference"] = generation_cache_path(
-            base_cache_dir(args), "chat-reference", args.model, {**CHAT_DRIFT_DEFAULTS, **drift_settings}, ".pt"
-        )[0]
-    for part, units in base_parts.items():
-        if base_cached[part].is_file():
+        base["base_chat_reference"] = ("chat_drift", chat_reference_path(args.model, cache_dir, **drift_settings)[0])
+    for part, (own, path) in base.items():
+        if path.is_file():
             cached.append(part)
         else:
-            parts[part] = units
-            details.setdefault(part, details.get(part.removeprefix("base_"), details.get("chat_drift")))
+            parts[part], details[part] = parts[own], details[own]
     return parts, details, cached
 
 

@@ -216,13 +216,23 @@ def generation_cache_path(cache_dir, kind, model_id, settings, suffix):
     return keyed_path(cache_dir, f"{kind}-", key, suffix), key
 
 
+def base_generation_path(model_id, cache_dir, **settings):
+    """(cache file, key) of the base model's generation result for these settings (defaults filled in)."""
+    return generation_cache_path(cache_dir, "generation", model_id, {**GENERATION_DEFAULTS, **settings}, ".json")
+
+
+def chat_reference_path(model_id, cache_dir, **settings):
+    """(cache file, key) of the base model's chat reference for these settings (defaults filled in)."""
+    return generation_cache_path(cache_dir, "chat-reference", model_id, {**CHAT_DRIFT_DEFAULTS, **settings}, ".pt")
+
+
 def base_generation_cached(model_id, load_fn, cache_dir, batch_size=32, **settings):
     """The base model's generation result, computed once per (model_id, settings) and kept as JSON in cache_dir.
 
     load_fn() -> (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
     """
     settings = {**GENERATION_DEFAULTS, **settings}
-    path, key = generation_cache_path(cache_dir, "generation", model_id, settings, ".json")
+    path, key = base_generation_path(model_id, cache_dir, **settings)
     return cached_json(
         path,
         lambda: {"model_id": str(model_id), "key": key, **evaluate_generation(*load_fn(), batch_size, **settings)},
@@ -330,7 +340,7 @@ def chat_reference_cached(model_id, load_fn, cache_dir, batch_size=32, **setting
 
     settings = {**CHAT_DRIFT_DEFAULTS, **settings}
     check_limit("the chat drift limit", settings["limit"])
-    path, key = generation_cache_path(cache_dir, "chat-reference", model_id, settings, ".pt")
+    path, key = chat_reference_path(model_id, cache_dir, **settings)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
             model, tokenizer = load_fn()

@@ -467,6 +467,12 @@ def folder_state(folder):
     return json_digest(entries)
 
 
+def base_utility_path(model_id, cache_dir, **suite_kwargs):
+    """(cache file, key) of the base model's utility for these suite settings."""
+    key = suite_key(model_id, **suite_kwargs)
+    return keyed_path(cache_dir, "", key), key
+
+
 def base_utility_cached(model_id, load_fn, cache_dir, **suite_kwargs):
     """The base model's utility, computed once per (model_id, suite settings) and kept as JSON in cache_dir.
 
@@ -474,10 +480,9 @@ def base_utility_cached(model_id, load_fn, cache_dir, **suite_kwargs):
     the same time wait on a file lock, so the base model is evaluated once. Returns evaluate_utility's
     dict plus "model_id" and "cache_file" (None for benchmark "none").
     """
-    key = suite_key(model_id, **suite_kwargs)
+    path, key = base_utility_path(model_id, cache_dir, **suite_kwargs)
     if key["benchmark"] == "none":
         return None
-    path = keyed_path(cache_dir, "", key)
     cached = cached_json(
         path, lambda: {"model_id": str(model_id), "key": key, **evaluate_utility(*load_fn(), **suite_kwargs)}
     )
