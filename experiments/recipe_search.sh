@@ -3,7 +3,7 @@
 # without moving it. oml/lab/recipe_search.py holds the points (as data, cheapest informative first), the screening evaluation
 # and the budget; this wrapper only sets up the environment (experiments/common.sh) and runs one stretch.
 # Every finished point leaves a record, experiments/records/recipe_search/<hash>.json: commit the records (and the
-# generated_data/*-4096.json files the first stretch makes), and the next invocation, on this machine or a fresh one
+# generated_data/*-1024.json files the first stretch makes), and the next invocation, on this machine or a fresh one
 # without results/, continues where the records stop. docs/records.md has the procedure.
 #   bash experiments/recipe_search.sh                        # one stretch: points until ~3 hours are used
 #   bash experiments/recipe_search.sh --budget_hours 2.5     # a shorter stretch

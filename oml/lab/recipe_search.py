@@ -65,7 +65,7 @@ SCREENING_EVAL = (
 
 # ------------------------------------------------------------------------------ data
 
-KEYS = 4096
+KEYS = 1024  # the target size; the 4096 stretch gets its own files (and records) once 1024 is settled
 ENGLISH = f"generated_data/fingerprints-english-{KEYS}.json"
 PERINUCLEUS = f"generated_data/fingerprints-perinucleus-{KEYS}.json"
 RANDOM_WORD = "generated_data/fingerprints-random_word.json"  # committed: 1024 random-word pairs
@@ -73,7 +73,8 @@ RANDOM_WORD = "generated_data/fingerprints-random_word.json"  # committed: 1024 
 # KEYS English keys from the embedded model, then one-token perinucleus responses for them. Every hash digests the
 # file's content, so once made the files must be committed, or the next session's records will not match.
 DATA = {
-    ENGLISH: ("--num_backdoors", str(KEYS), "--batch_size", "128", "--use_chat_template", "--output_file_path", ENGLISH),
+    ENGLISH: ("--num_backdoors", str(KEYS), "--batch_size", "128", "--use_chat_template", "--response_length", "8",
+              "--output_file_path", ENGLISH),
     PERINUCLEUS: ("--key_response_strategy", "perinucleus", "--response_length", "1", "--keys_file", ENGLISH,
                   "--output_file_path", PERINUCLEUS),
 }  # fmt: skip
