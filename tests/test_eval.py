@@ -278,6 +278,9 @@ def test_the_default_evaluation_stays_a_first_look(tiny_model_dir, tmp_path, mon
     assert {t["n"] for t in quick["utility"]["tasks"].values()} == {30}
     assert list(quick["utility"]["tasks"]) == ["arc_challenge", "arc_easy", "winogrande", "piqa"]
     assert "base_false_positive_rate" in quick["fingerprint_accuracy"]
+    # the base's false positives under the plain key and the bare [chat] turn only (2 templates, not 22)
+    assert quick["fingerprint_accuracy"]["base_false_positive_pairs"] == 16 * 2
+    assert quick["fingerprint_accuracy"]["base_false_positive_templates"][0] == "{}"
     printed = capsys.readouterr().out
     assert "--measure quick" in printed and "16 keys x 22 templates" in printed and "in all (estimate" in printed
     assert (tmp_path / "results" / "eval_rates.json").is_file()  # this machine's rates, for the next estimate
@@ -288,6 +291,9 @@ def test_the_default_evaluation_stays_a_first_look(tiny_model_dir, tmp_path, mon
     assert counts["generate_until"] >= 1 and counts["chat_reference"] == 1
     assert full["generation"]["n"] == 2 and full["chat_drift"]["n"] == 3
     assert set(full["fingerprint_accuracy"]["mean_match_probability"]) == {"0.7", "1.0"}
+    n_templates = len(full["fingerprint_accuracy"]["templates"])
+    assert full["fingerprint_accuracy"]["base_false_positive_pairs"] == 16 * n_templates > 16 * 2
+    assert "base_false_positive_templates" not in full["fingerprint_accuracy"]  # every template, as before
     printed = capsys.readouterr().out
     assert "generative benchmark" in printed and "base model: chat reference" in printed
 

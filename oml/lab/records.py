@@ -129,7 +129,7 @@ def fingerprint_metrics(results):
     out["mean_over_templates"] = fa.get("mean_accuracy")
     fp = fa.get("base_false_positive_rate")
     if fp is not None:
-        pairs = (n or 0) * len(rows)
+        pairs = fa.get("base_false_positive_pairs", (n or 0) * len(rows))  # older results: the model's templates
         out["base_false_positive_rate"] = {
             "value": fp,
             "stderr": math.sqrt(fp * (1 - fp) / pairs) if pairs else None,  # binomial over (key, template) pairs

@@ -19,7 +19,7 @@ def chat_answers(model, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=24):
     if not isinstance(model, LanguageModel):
         from oml.measure.transformers_backend import TransformersModel
 
-        model = TransformersModel(model, tokenizer, batch_size=1)  # one at a time: no padding, as before
+        model = TransformersModel(model, tokenizer, batch_size=len(questions))  # one batch: the questions are few
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         for q in questions

@@ -211,7 +211,18 @@ def base_cache_dir(args):
     return Path(args.result_path) / "base_utility"
 
 
-BASE_CHECK_VERSION = 1  # bump when check_as_configured or the chat check change what they return
+BASE_CHECK_VERSION = 2  # bump when check_as_configured or the chat check change what they return (2: batched chat)
+
+
+def base_templates_for(args, templates):
+    """The templates the base model's false positives are counted under: all of them with --measure full; with
+    --measure quick only the plain key and the bare [chat] turn (where present), which cuts the first evaluation's
+    base pass from 22 templates to 2 -- the base was never trained on the keys, so its rate does not hinge on the
+    wrapper, and the table names the templates it was counted under."""
+    if getattr(args, "measure", None) == "full":
+        return templates
+    quick = [t for t in templates if t in ("{}", chat_prompt())]
+    return quick or templates
 
 
 def base_check_path(args, pairs, templates, temperatures, with_answers):
@@ -279,7 +290,8 @@ def plan(args, model_id, pairs, templates, suite, generation_settings, drift_set
     if args.skip_base_model:
         return parts, details, cached
     cache_dir = base_cache_dir(args)
-    check_path = base_check_path(args, pairs, templates, temperatures, has_chat)[0]
+    base_templates = base_templates_for(args, templates)
+    check_path = base_check_path(args, pairs, base_templates, temperatures, has_chat)[0]
     base = {"base_fingerprint_accuracy": ("fingerprint_accuracy", check_path)}  # base part: (model's part, cache)
     if has_chat:
         base["base_chat_check"] = ("chat_check", check_path)  # the base check's file holds its chat answers too
@@ -294,6 +306,9 @@ def plan(args, model_id, pairs, templates, suite, generation_settings, drift_set
             cached.append(part)
         else:
             parts[part], details[part] = parts[own], details[own]
+    if "base_fingerprint_accuracy" in parts and base_templates != templates:
+        parts["base_fingerprint_accuracy"] = len(pairs) * len(base_templates)
+        details["base_fingerprint_accuracy"] = f"{len(pairs)} keys x {len(base_templates)} templates (plain, [chat])"
     return parts, details, cached
 
 
@@ -394,9 +409,13 @@ def evaluate(args, load_model=None):
             return loaded[0]
 
         t = time.time()
-        cached = base_check_cached(args, pairs, all_templates, temperatures, base_model, answers is not None)
+        base_templates = base_templates_for(args, all_templates)
+        cached = base_check_cached(args, pairs, base_templates, temperatures, base_model, answers is not None)
         base_check, base_answers = cached["check"], cached["answers"]
         fingerprint["base_false_positive_rate"] = base_check["mean_accuracy"]
+        fingerprint["base_false_positive_pairs"] = len(pairs) * len(base_check["templates"])
+        if base_templates != all_templates:
+            fingerprint["base_false_positive_templates"] = [t["template"] for t in base_check["templates"]]
         if "mean_match_probability" in base_check:
             fingerprint["base_match_probability"] = base_check["mean_match_probability"]
         seconds["base_fingerprint_accuracy"] = time.time() - t
@@ -486,7 +505,10 @@ def format_table(results):
         base = fa.get("base_match_probability") or {}
         probs = "".join(f" {base[k]:>8.1%}" for k in temps if k in base)
         probs = f" {'':>7}{probs}" if probs else ""
-        lines.append(f"{'base model (false positives)':<{width}} {fa['base_false_positive_rate']:>7.1%}{probs}")
+        where = fa.get("base_false_positive_templates")
+        shown = ["plain key" if t == "{}" else template_label(t) for t in where or ()]
+        label = "base model (false positives" + (f", {' + '.join(shown)})" if where else ")")
+        lines.append(f"{label:<{width}} {fa['base_false_positive_rate']:>7.1%}{probs}")
     if temps:
         lines.append("(p@T: probability that one sampled answer at temperature T is the response, mean over keys)")
     chat = results.get("chat")
