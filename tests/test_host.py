@@ -581,3 +581,33 @@ def test_attack_bad_input_is_one_line_exit_2(host_run, capsys):
         from oml.embed.run_setup import prepare_run
 
         prepare_run(add_train_args(argparse.ArgumentParser()).parse_args([*argv, "--fingerprint_margin", "-1"]))
+
+
+# ------------------------------------------------------------------------------------------ the study (oml.lab.host_study)
+
+
+@pytest.mark.long  # four servers, four checks and an attack: minutes on 2 cores (`make test-long`)
+def test_the_host_study_records_retention_and_both_verdicts_per_host(host_run, tmp_path, one_thread):
+    """Two hosts of the study against the confident run: unfiltered, the served copy is "ours" and the base is not;
+    behind the confidence filter every key is hidden. The record is written per host, and a rerun skips them."""
+    from oml.lab import host_study
+
+    argv, run, pairs = host_run
+    records = tmp_path / "records"
+    study = ["run", "--hosts", "none,confidence-0.99", "--records", records, "--point", "confident",
+             "--attack_flags", "--host_questions 2 --host_answer_tokens 4"]  # fmt: skip
+    host_study.main([str(a) for a in [*study, *argv]])
+    record = json.loads((records / "adaptive_host" / f"{run.name}.json").read_text())
+    plain, hidden = record["hosts"]["none"], record["hosts"]["confidence-0.99"]
+    assert plain["verdict_ours"]["verdict"] == "ours" and plain["verdict_base"]["verdict"] == "not shown"
+    assert hidden["kept_plain"] == 0.0 and hidden["keys"] == len(pairs)
+    assert hidden["verdict_ours"]["verdict"] == "not shown" and hidden["verdict_ours"]["matches"] == 0
+    assert hidden["verdict_base"]["verdict"] == "not shown"
+    assert 0 <= hidden["cost_plain"]["answers_changed"] <= 1
+    table = host_study.table(records, markdown=True)
+    assert "| confident | confidence-0.99 | 0.0% |" in table
+    before = (records / "adaptive_host" / f"{run.name}.json").stat().st_mtime_ns
+    host_study.main([str(a) for a in [*study, *argv]])  # everything recorded: nothing runs, nothing rewritten
+    assert (records / "adaptive_host" / f"{run.name}.json").stat().st_mtime_ns == before
+    with pytest.raises(UserError, match="unknown nope"):
+        host_study.main([str(a) for a in ["run", "--hosts", "nope", "--records", records, *argv]])
