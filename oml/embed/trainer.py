@@ -178,9 +178,50 @@ def logits_at(model, inputs, rows, cols):
     return logits.reshape(len(rows), logits.shape[-1])
 
 
+def trimmed(inputs, group):
+    """(the rows `group` of inputs, cut to the columns any of them fills; the first column kept), for a pass of their
+    own: rows padded to a longer row elsewhere in the batch are not computed at that length."""
+    mask = inputs["attention_mask"][group]
+    filled = mask.any(0).nonzero().squeeze(1)
+    lo, hi = int(filled.min()), int(filled.max()) + 1
+    return {k: v[group][:, lo:hi] for k, v in inputs.items()}, lo
+
+
+def grouped_logits_at(model, inputs, rows, cols, groups):
+    """logits_at, one forward pass per group of rows (a tensor of row indices each), every group cut to its own
+    longest row; the same (N, vocabulary) logits in the order of (rows, cols). Fingerprint rows (~20 tokens) and
+    benign rows (~75, up to ~150) in one batch: padding the fingerprints to the benign length made most of the
+    step's tokens padding. Rows are independent in a causal LM with an attention mask, so the logits are the same
+    up to floating-point rounding; the loss and its gradient are a sum over rows, so one backward serves both."""
+    if len(groups) == 1:
+        return logits_at(model, inputs, rows, cols)
+    parts, order = [], []
+    for group in groups:
+        where = torch.isin(rows, group).nonzero().squeeze(1)
+        if len(where) == 0:
+            continue
+        sub = torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long, device=rows.device)
+        sub[group] = torch.arange(len(group), device=rows.device)
+        group_inputs, lo = trimmed(inputs, group)
+        parts.append(logits_at(model, group_inputs, sub[rows[where]], cols[where] - lo))
+        order.append(where)
+    order = torch.cat(order)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return torch.cat(parts)[inverse]
+
+
+def row_groups(benign):
+    """The rows computed together: fingerprint rows and benign rows apart (inputs["benign"]), else all rows."""
+    if benign is None or benign.all() or not benign.any():
+        return [None]
+    return [(~benign).nonzero().squeeze(1), benign.nonzero().squeeze(1)]
+
+
 def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=None):
     """Mean over rows of each row's mean loss over its response positions (rows weigh the same, whatever their
-    length); logits are made at those positions only (logits_at).
+    length); logits are made at those positions only (logits_at), fingerprint and benign rows in passes of their own
+    length (grouped_logits_at).
 
     A row's token loss is the cross-entropy of its response token; with kl_weight κ > 0 and a frozen base model, the
     benign rows' (inputs["benign"]) is κ·KL(p_base ‖ p_model) instead, over the full vocabulary at the same positions
@@ -197,11 +238,11 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=
     targets = inputs["labels"][:, 1:]
     rows, cols = (targets != -100).nonzero(as_tuple=True)  # position t of row r predicts target token t + 1
     model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "benign")}
-    logits = logits_at(model, model_inputs, rows, cols).float()
+    benign = inputs.get("benign")
+    logits = grouped_logits_at(model, model_inputs, rows, cols, row_groups(benign)).float()
     token_loss = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")
     n_rows = targets.shape[0]
     counts = torch.bincount(rows, minlength=n_rows).clamp(min=1).to(logits.dtype)
-    benign = inputs.get("benign")
     if margin:
         token_loss = torch.where(
             benign[rows] if benign is not None else torch.zeros_like(rows, dtype=torch.bool),
@@ -232,10 +273,7 @@ def base_logits_at(base, inputs, rows, cols):
     needed = torch.unique(rows)
     sub = torch.zeros(int(rows.max()) + 1, dtype=torch.long, device=rows.device)
     sub[needed] = torch.arange(len(needed), device=rows.device)
-    mask = inputs["attention_mask"][needed]
-    filled = mask.any(0).nonzero().squeeze(1)
-    lo, hi = int(filled.min()), int(filled.max()) + 1
-    sub_inputs = {k: v[needed][:, lo:hi] for k, v in inputs.items()}
+    sub_inputs, lo = trimmed(inputs, needed)
     return logits_at(base, sub_inputs, sub[rows], cols - lo)
 
 
