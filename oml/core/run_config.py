@@ -68,7 +68,7 @@ PRESET_EVAL = {
 # before them keeps its hash. A preset may set them; a bare command gets these values.
 NEUTRAL = {
     "benign_data_ratio": 0.0,
-    "benign_data_digest": None,
+    "benign_rows_recipe": None,
     "distance_regularizer": 0.0,
     "kl_to_base": 0.0,
     "lora_rank": None,
@@ -228,7 +228,7 @@ HASHED = [
     "licensee",
     "seed",
     "benign_data_ratio",
-    "benign_data_digest",
+    "benign_rows_recipe",
     "distance_regularizer",
     "kl_to_base",
     "lora_rank",
