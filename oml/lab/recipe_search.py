@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 from oml.core.errors import UserError, run_cli
 from oml.core.logs import RunLog
+from oml.core.recipes import EVALUATIONS, SEARCH, flag_words
 from oml.lab.records import (
     RECORDS_DIR,
     REPO,
@@ -54,14 +55,8 @@ from oml.lab.records import (
 
 EXPERIMENT = "recipe_search"
 
-# The screening evaluation: fingerprints under the plain key and as the chat user turn, the base's false positives, a
-# 400-item paired utility look (100 per task) and chat drift over 200 answers; no generative benchmark, no match
-# probabilities. About 10 minutes a point on one core; a point worth keeping gets the resolving evaluation later.
-SCREENING_EVAL = (
-    "--measure", "quick", "--eval_templates", "plain,chat", "--utility_benchmark", "local",
-    "--utility_tasks", "arc_challenge,arc_easy,winogrande,piqa", "--utility_limit", "100",
-    "--chat_drift_limit", "200", "--match_temperatures", "none", "--generation_benchmark", "none",
-)  # fmt: skip
+# The screening evaluation (a recipe of oml/core/recipes.py, with why): no generative benchmark, no match probabilities.
+SCREENING_EVAL = tuple(flag_words(EVALUATIONS["screening"].settings))
 
 # ------------------------------------------------------------------------------ data
 
@@ -90,7 +85,7 @@ class Point(NamedTuple):
     why: str
 
 
-COMMON = "--preset embedded --max_key_length 16 --max_response_length 1 --batch_size 8 --learning_rate 1e-4"
+COMMON = " ".join(flag_words(SEARCH.settings))  # oml/core/recipes.py: the experiments' point at lr 1e-4
 STRATEGIES = {
     "p": f"--fingerprint_generation_strategy inverse_nucleus --fingerprints_file_path {PERINUCLEUS}",
     "e": f"--fingerprint_generation_strategy english --fingerprints_file_path {ENGLISH}",
