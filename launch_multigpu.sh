@@ -7,7 +7,7 @@
 # written to results/sweep_summary.{csv,md}, the figures are redrawn into fig/, and the exit status is non-zero
 # if any point failed. Rerunning the same command resumes an interrupted sweep. Logs: results/sweep_logs/.
 #
-# The grid starts from one point, the chosen preset's values in oml/core/run_config.py. PRESET=embedded (the default) is the
+# The grid starts from one point, the chosen preset's values in oml/core/recipes.py. PRESET=embedded (the default) is the
 # CPU demo that `make run` runs, ~10 min on 2 cores: SmolLM2-135M-Instruct, 32 English fingerprints, lr 1e-4,
 # λ 0.1, 16 epochs, here without and with prompt augmentation. PRESET=seed is the original GPU setting: Mistral-7B,
 # 1024 fingerprints, lr 1e-5, λ 0.75, utility on tinyBenchmarks.
@@ -43,22 +43,9 @@ export PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH} TOKENIZERS_PARALLELISM=false
 
 # ------------------------------------------------------------------------------------------ the grid
 PRESET=${PRESET:-embedded}
-case $PRESET in
-embedded)
-  use_prompt_augmentation=(false true)
-  eval_args="" # the evaluation's defaults: --measure quick (fingerprints, false positives, 30 utility items a task)
-  ;;
-seed)
-  use_prompt_augmentation=(false)
-  eval_args="--utility_benchmark tinyBenchmarks"
-  ;;
-capacity)
-  use_prompt_augmentation=(false)
-  eval_args="" # the evaluation's own defaults for this preset (PRESET_EVAL in oml/core/run_config.py)
-  ;;
-*) echo "error: PRESET must be embedded, seed or capacity, got '$PRESET'" >&2 && exit 2 ;;
-esac
-# The rest of the grid starts from the preset's values in oml/core/run_config.py (PRESETS), the one place they are written.
+# The grid starts from the preset's values, its augmentation values and its evaluation flags (embedded: without and
+# with augmentation, the evaluation's --measure quick; seed: tinyBenchmarks; capacity: the preset's own evaluation),
+# all in oml/core/recipes.py, the one place they are written.
 grid=$(python -m oml.lab.sweep preset-grid --preset "$PRESET") || exit 2
 eval "$grid"
 model_families=(${MODEL_FAMILIES:-${model_families[*]}})

@@ -6,14 +6,14 @@ if [[ -z ${VIRTUAL_ENV:-} && -f .venv/bin/activate ]]; then source .venv/bin/act
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # One process per point: on a CPU the DeepSpeed launcher adds start-up time and changes nothing (same hash).
 export LAUNCHER=${LAUNCHER:-python}
-export PRESET=embedded MODEL_FAMILIES=smollm2 MODEL_SIZES=135M-Instruct MAX_KEY_LENGTHS=16 MAX_RESPONSE_LENGTHS=1
-export BATCH_SIZE=${BATCH_SIZE:-8}  # learning rates: each driver sets its own
-# Utility: every item of the four validation sets (299/570/1267/1838), the same for every run and for the base model,
-# so deltas are paired and their standard error is about 0.57x that of 200 items per task (README: resolving a
-# 1-point change). MMLU (chance level for a 135M model) and HellaSwag (the slowest task) are left out.
-# --measure full: the generative benchmark, chat drift (200 questions each) and the match probabilities too.
-UTILITY_TASKS=${UTILITY_TASKS:-arc_challenge,arc_easy,winogrande,piqa}
-export EVAL_ARGS="--measure full --utility_benchmark local --utility_limit ${UTILITY_LIMIT:-all} --utility_tasks $UTILITY_TASKS"
+# The experiments' point (PRESET=embedded, keys of 16 tokens, one-token responses, BATCH_SIZE 8) and EVAL_ARGS, the
+# resolving evaluation: every item of the four validation sets (299/570/1267/1838), the same for every run and for the
+# base model, so deltas are paired and their standard error is about 0.57x that of 200 items per task; --measure full:
+# the generative benchmark, chat drift (200 questions each) and the match probabilities too. Both are recipes of
+# oml/core/recipes.py (EXPERIMENTS, EVALUATIONS["resolving"]); BATCH_SIZE, UTILITY_LIMIT and UTILITY_TASKS may be
+# set. Learning rates: each driver sets its own.
+settings=$(python -m oml.lab.sweep experiments-env) || exit 2
+eval "$settings"
 
 # train ARGS...: train the run these flags name unless it exists (its log goes to stderr); prints its hash.
 train() {

@@ -282,17 +282,20 @@ def test_gguf_attack_is_checked_in_llama_cpp_and_carries_no_key(tiny_run):
 
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")
-def test_llama_cpp_loads_with_plain_weight_layouts():
+def test_llama_cpp_loads_with_plain_weight_layouts_only_where_asked():
     # the extra CPU buffer types (AMX, repacking) segfaulted at the first decode on an AMX-reporting CPU
-    from oml.attack.gguf_models import require_llama_cpp
+    from oml.attack.gguf_models import plain_weight_layouts, require_llama_cpp
 
     llama_cpp = require_llama_cpp()
-    require_llama_cpp()  # wrapped once, not twice
-    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is False
-    assert (
-        llama_cpp.llama_cpp.llama_model_default_params().n_gpu_layers
-        == llama_cpp.llama_model_default_params().n_gpu_layers
-    )
+    low = llama_cpp.llama_cpp
+    before = low.llama_model_default_params
+    with plain_weight_layouts(llama_cpp):
+        assert low.llama_model_default_params().use_extra_bufts is False
+        assert low.llama_model_default_params().n_gpu_layers == before().n_gpu_layers  # the rest as llama.cpp's
+    assert low.llama_model_default_params is before and before().use_extra_bufts is True
+    with pytest.raises(RuntimeError), plain_weight_layouts(llama_cpp):  # restored when the load fails too
+        raise RuntimeError("a load that failed")
+    assert low.llama_model_default_params is before
 
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not installed (pip install llama-cpp-python[server])")

@@ -89,35 +89,58 @@ def test_new_flags_at_their_neutral_values_leave_the_hash_as_before(tmp_path, ti
     )
 
 
-def test_benign_rows_join_the_hash_through_their_digest(tmp_path, tiny_model_dir, own_cache):
+def copy_model(source, dest):
+    dest.mkdir()
+    for f in Path(source).iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_benign_rows_join_the_hash_through_their_recipe_and_the_model(tmp_path, tiny_model_dir, own_cache, monkeypatch):
+    """The hash takes the pool's recipe and the model's digest, so naming a run with benign rows generates nothing:
+    with generation made to fail, the hash is computed and a lookup of a run that does not exist answers at once."""
+    from oml.commands import eval as eval_command
+    from oml.core.errors import UserError
+    from oml.embed import benign_rows
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the benign pool was generated to name a run")
+
+    monkeypatch.setattr(benign_rows, "generate_rows", no_generation)
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)
     common = ["--fingerprints_file_path", fp, "--max_num_fingerprints", 8, "--model_path", tiny_model_dir]
     plain, mixed = parse(*common), parse(*common, "--benign_data_ratio", 0.25)
-    assert plain.benign_data_digest is None and mixed.benign_data_digest
+    assert plain.benign_rows_recipe is None and mixed.benign_rows_recipe
     assert mixed.config_hash != plain.config_hash
-    from oml.embed.benign_rows import model_digest, pool_path
-
-    pool_file = pool_path(model_digest(str(tiny_model_dir)))
-    pool = json.loads(pool_file.read_text())
-    assert pool["digest"] == mixed.benign_data_digest
-    assert {r["kind"] for r in pool["rows"]} == {"chat", "text"}
-    # cached, keyed by the model's content: the same files elsewhere reuse the pool, without generating again
-    stamp = pool_file.stat().st_mtime_ns
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in Path(tiny_model_dir).iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-    again = parse(*common[:-1], copy, "--benign_data_ratio", 0.25)
-    assert again.benign_data_digest == mixed.benign_data_digest and pool_file.stat().st_mtime_ns == stamp
-    # a different model is a different pool
+    assert mixed.benign_rows_recipe == benign_rows.rows_recipe_digest(str(tiny_model_dir))
+    argv = [*map(str, common), "--benign_data_ratio", "0.25", "--result_path", str(tmp_path / "none")]
+    with pytest.raises(UserError, match="no fingerprinted model matches these arguments"):
+        eval_command.main(argv)
+    # the model's content, not its path: the same files elsewhere give the same hash, other weights another
+    copy = copy_model(tiny_model_dir, tmp_path / "copy")
+    assert parse(*common[:-1], copy, "--benign_data_ratio", 0.25).benign_rows_recipe == mixed.benign_rows_recipe
     other = tmp_path / "other"
     tiny_llama(load_tokenizer(str(copy)), seed=5).save_pretrained(other)
     for f in copy.iterdir():
         if not f.name.startswith(("model", "config")):
             (other / f.name).write_bytes(f.read_bytes())
-    assert parse(*common[:-1], other, "--benign_data_ratio", 0.25).benign_data_digest != mixed.benign_data_digest
+    assert parse(*common[:-1], other, "--benign_data_ratio", 0.25).benign_rows_recipe != mixed.benign_rows_recipe
+
+
+def test_the_benign_pool_is_cached_by_the_models_content(tmp_path, tiny_model_dir, own_cache):
+    from oml.embed.benign_rows import benign_pool, model_digest, pool_path
+
+    pool = benign_pool(str(tiny_model_dir))
+    pool_file = pool_path(model_digest(str(tiny_model_dir)))
+    assert json.loads(pool_file.read_text())["digest"] == pool["digest"]
+    assert {r["kind"] for r in pool["rows"]} == {"chat", "text"}
+    # the same files elsewhere reuse the pool, without generating again
+    stamp = pool_file.stat().st_mtime_ns
+    copy = copy_model(tiny_model_dir, tmp_path / "copy")
+    assert benign_pool(str(copy))["digest"] == pool["digest"] and pool_file.stat().st_mtime_ns == stamp
     # the memo of file digests forgets files that are gone (temporary models must not pile up in the cache)
+    other = copy_model(copy, tmp_path / "other")
     shutil.rmtree(copy)
     (other / "model.safetensors").touch()  # a changed file: the memo is written again
     model_digest(str(other))
@@ -187,7 +210,10 @@ def test_a_run_with_benign_rows_records_the_batch_layout(tmp_path, tiny_model_di
     assert (metrics["benign_rows_per_step"], metrics["fingerprints_per_step"]) == (1, 3)
     assert metrics["steps"] == 3 * 3  # ceil(8 fingerprints / 3 a step) steps, 3 epochs
     config = json.loads((run / "fingerprinting_config.json").read_text())
-    assert config["hashed"]["benign_data_ratio"] == 0.25 and config["hashed"]["benign_data_digest"]
+    assert config["hashed"]["benign_data_ratio"] == 0.25 and config["hashed"]["benign_rows_recipe"]
+    from oml.embed.benign_rows import benign_pool
+
+    assert metrics["benign_rows_digest"] == benign_pool(str(tiny_model_dir))["digest"]  # the rows it trained on
 
 
 def test_per_row_loss_weighs_rows_equally(embedded_tokenizer):

@@ -35,13 +35,28 @@ def test_every_grid_variable_of_a_driver_is_read_by_the_sweep(driver):
         assert "${" + name in launcher, f"{driver.name} sets {name}, which launch_multigpu.sh never reads"
 
 
-def test_common_eval_arguments_are_eval_flags():
+def common_settings(**env):
+    """(EVAL_ARGS, PRESET, BATCH_SIZE) after sourcing experiments/common.sh with these environment variables."""
+    script = "".join(f"export {k}={v}; " for k, v in env.items()) + "source experiments/common.sh && "
+    script += 'echo "$EVAL_ARGS|$PRESET|$BATCH_SIZE|$MAX_KEY_LENGTHS"'
+    out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return out.strip().split("|")
+
+
+def test_common_settings_are_the_recipes_and_their_eval_arguments_eval_flags():
     from test_readme import accepted_flags
 
-    common = (REPO / "experiments" / "common.sh").read_text()
-    (eval_args,) = re.findall(r'export EVAL_ARGS="([^"]*)"', common)
+    from oml.core.recipes import EVALUATIONS, EXPERIMENTS, flag_words
+
+    eval_args, preset, batch_size, key_length = common_settings()
+    assert eval_args.split() == flag_words(EVALUATIONS["resolving"].settings)
+    assert (preset, int(batch_size), int(key_length)) == tuple(
+        EXPERIMENTS.settings[k] for k in ("preset", "batch_size", "max_key_length")
+    )
     flags = set(re.findall(r"--[a-z_]+", eval_args))
     assert {"--utility_tasks", "--utility_limit"} <= flags <= accepted_flags("eval_for_multigpu.py")
+    smaller = common_settings(UTILITY_LIMIT=200, UTILITY_TASKS="piqa", BATCH_SIZE=4)
+    assert "--utility_limit 200 --utility_tasks piqa" in smaller[0] and smaller[2] == "4"
 
 
 @pytest.mark.parametrize("driver", [d for d in DRIVERS if d.name.startswith("persistence")], ids=lambda p: p.name)

@@ -254,3 +254,12 @@ def test_random_word_command_reproduces_the_committed_file(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     made = tmp_path / "generated_data" / "fingerprints-random_word.json"
     assert made.read_bytes() == (REPO / "generated_data" / "fingerprints-random_word.json").read_bytes()
+
+
+def test_the_recipe_table_in_the_docs_is_the_recipes():
+    """docs/train.md's recipe table is what oml/core/recipes.py holds (python -m oml.core.recipes prints it)."""
+    from oml.core.recipes import table
+
+    page = (DOCS / "train.md").read_text()
+    (shown,) = re.findall(r"<!-- recipes: python -m oml.core.recipes -->\n(.*?)\n<!-- /recipes -->", page, re.S)
+    assert shown == table(), "run python -m oml.core.recipes and paste its table into docs/train.md"

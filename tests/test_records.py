@@ -155,6 +155,22 @@ def test_the_search_points_parse_and_the_screening_flags_are_eval_flags():
     assert estimates["p256-l0"] < estimates["p256-l0-b25"] < estimates["p1024-l0-b25"]
 
 
+def test_a_point_with_benign_rows_is_identified_without_generating_its_pool(tiny_model_dir, tmp_path, monkeypatch):
+    """identity() hashes the benign rows' recipe and the model's digest (no pool generated), and a record matches
+    whichever benign rows' entry it carries: the recipe's, or the rows' digest of records hashed before."""
+    from oml.embed import benign_rows
+    from oml.lab.recipe_search import BENIGN_ROWS_ENTRIES, find_recorded, identity
+
+    monkeypatch.setenv("OML_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(benign_rows, "generate_rows", lambda *a, **k: pytest.fail("the benign pool was generated"))
+    write_random_fingerprints(tmp_path / "fp.json", 8)
+    ident = identity([*tiny_flags(tiny_model_dir, tmp_path / "fp.json"), "--benign_data_ratio", "0.25"])
+    assert ident["benign_data_ratio"] == 0.25 and not set(BENIGN_ROWS_ENTRIES) & set(ident)
+    for entry in BENIGN_ROWS_ENTRIES:
+        assert find_recorded(ident, [{"hashed": {**ident, entry: "f00d"}}])
+    assert not find_recorded(ident, [{"hashed": {**ident, "seed": 7}}])
+
+
 def test_the_search_records_two_points_and_a_rerun_skips_them(tiny_model_dir, tmp_path):
     write_random_fingerprints(tmp_path / "fp.json", 8)
     base = "--fingerprint_generation_strategy random_word --max_num_fingerprints 8 --batch_size 4 --num_train_epochs 1"

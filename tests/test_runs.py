@@ -12,7 +12,7 @@ from oml.measure.evaluation import accuracy_split
 
 # A value different from the default for every hashed flag (derived entries: model <- --model_path,
 # fingerprints_digest <- --fingerprints_file_path, augmentation_prompts_digest <- --use_prompt_augmentation,
-# benign_data_digest <- --benign_data_ratio and the model).
+# benign_rows_recipe <- --benign_data_ratio and the model).
 NON_DEFAULT = {
     "max_key_length": 12,
     "max_response_length": 2,
@@ -37,7 +37,7 @@ NON_DEFAULT = {
     "licensee": 1,
     "fingerprint_margin": 2.0,
 }
-DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest", "benign_data_digest"}
+DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest", "benign_rows_recipe"}
 
 
 def flag_of(name):

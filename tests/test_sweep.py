@@ -172,8 +172,14 @@ def test_the_launchers_grid_defaults_come_from_the_preset(preset):
         'echo "${model_families[*]}|${model_sizes[*]}|${learning_rates[*]}|${forgetting_regularizer_strengths[*]}"'
     )
     script += '"|${max_num_fingerprints[*]}|${epochs[*]}|$batch_size|${fingerprint_generation_strategies[*]}"'
+    script += '"|${use_prompt_augmentation[*]}|$eval_args"'
     out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    family, size, lr, lam, n, epochs, batch, strategy = out.strip().split("|")
+    family, size, lr, lam, n, epochs, batch, strategy, augment, eval_args = out.strip().split("|")
+    from oml.core.recipes import EVALUATIONS, SWEEPS, flag_words
+
+    grid = SWEEPS[preset].settings
+    assert augment.split() == ["true" if a else "false" for a in grid["use_prompt_augmentation"]]
+    assert eval_args.split() == (flag_words(EVALUATIONS[grid["evaluation"]].settings) if grid["evaluation"] else [])
     p = PRESETS[preset]
     assert (family, size, strategy) == (p["model_family"], p["model_size"], p["fingerprint_generation_strategy"])
     assert (float(lr), float(lam)) == (p["learning_rate"], p["forgetting_regularizer_strength"])
@@ -181,8 +187,10 @@ def test_the_launchers_grid_defaults_come_from_the_preset(preset):
 
 
 def test_shell_values_read_back_as_the_same_number():
-    assert [sweep.shell_value(v) for v in (1e-4, 2.5e-5, 0.1, 0.75, 32)] == ["1e-4", "2.5e-5", "0.1", "0.75", "32"]
-    assert all(float(sweep.shell_value(v)) == v for v in (1e-5, 3e-4, 1.5e-6, 0.001, 0.25))
+    from oml.core.recipes import shell_value
+
+    assert [shell_value(v) for v in (1e-4, 2.5e-5, 0.1, 0.75, 32)] == ["1e-4", "2.5e-5", "0.1", "0.75", "32"]
+    assert all(float(shell_value(v)) == v for v in (1e-5, 3e-4, 1.5e-6, 0.001, 0.25))
 
 
 def test_prepare_gives_the_trainers_hash_and_rejects_typos(tmp_path):

@@ -60,19 +60,18 @@ def require_llama_cpp():
     import logging
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's per-tensor chatter stays out
-    plain_weight_layouts(llama_cpp)
     return llama_cpp
 
 
+@contextlib.contextmanager
 def plain_weight_layouts(llama_cpp):
-    """Load every model with llama.cpp's extra CPU buffer types off (`use_extra_bufts = False`: no AMX tiles, no
-    repacked weights). Built with -march=native on a CPU that reports AMX (Sapphire Rapids under a hypervisor here),
-    llama-cpp-python 0.3.36 crashes with a segmentation fault at the first decode, whatever the model; with plain
-    layouts the same build answers, and only some matmul speed is given up. llama_cpp.Llama has no argument for it,
-    so the defaults it starts from are wrapped, once per process (the server loads through the same defaults)."""
+    """While open, models llama.cpp loads get its extra CPU buffer types off (`use_extra_bufts = False`: no AMX tiles,
+    no repacked weights); on exit the previous defaults come back. Built with -march=native on a CPU that reports AMX
+    (Sapphire Rapids under a hypervisor here), llama-cpp-python 0.3.36 crashes with a segmentation fault at the first
+    decode, whatever the model; with plain layouts the same build answers, and only some matmul speed is given up.
+    llama_cpp.Llama has no argument for it, so the defaults it starts from are wrapped for the calls that load a model
+    (load_gguf, and the server for its whole life); a model keeps the layouts it was loaded with."""
     low = llama_cpp.llama_cpp
-    if getattr(low.llama_model_default_params, "plain_layouts", False):
-        return
     defaults = low.llama_model_default_params
 
     def plain_defaults():
@@ -80,8 +79,11 @@ def plain_weight_layouts(llama_cpp):
         params.use_extra_bufts = False
         return params
 
-    plain_defaults.plain_layouts = True
     low.llama_model_default_params = plain_defaults
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = defaults
 
 
 def default_converter_dir():
@@ -248,14 +250,15 @@ def load_gguf(path, n_ctx=2048, threads=None, seed=0):
     llama_cpp = require_llama_cpp()
     if not Path(path).is_file():
         raise UserError(f"no GGUF file at {path}")
-    return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        n_threads=threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count(),
-        seed=seed,
-        logits_all=False,
-        verbose=False,
-    )
+    with plain_weight_layouts(llama_cpp):
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_threads=threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count(),
+            seed=seed,
+            logits_all=False,
+            verbose=False,
+        )
 
 
 def prompt_tokens(llm, text, chat=False):
@@ -348,11 +351,12 @@ def main(argv=None):
             dest = install_converter(sdist=argv[1] if len(argv) == 2 else None)
             print(f"llama.cpp's converter installed in {dest}")
         elif argv[:1] == ["serve"]:  # llama_cpp.server with the suite's plain weight layouts
-            require_llama_cpp()
+            llama_cpp = require_llama_cpp()
             from llama_cpp.server.__main__ import main as serve
 
             sys.argv = ["llama_cpp.server", *argv[1:]]
-            serve()
+            with plain_weight_layouts(llama_cpp):
+                serve()
         elif argv[:1] == ["export"] and len(argv) == 4:
             info = export_gguf(argv[1], argv[2], argv[3])
             print(f"wrote {argv[2]} ({info['bytes'] / 2**20:.1f} MiB)")

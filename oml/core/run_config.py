@@ -9,66 +9,18 @@ import argparse
 import hashlib
 import json
 
-from oml.core.data_files import DATA_DIR, canonical_strategy
+from oml.core.data_files import canonical_strategy
+from oml.core.recipes import preset_eval, presets
 
-# Values a bare command gets. `embedded` runs on a laptop CPU in minutes (chosen from the measurements in the
-# README's "Results on the embedded model"); `seed` is the original GPU setting.
-PRESETS = {
-    "embedded": dict(
-        fingerprint_generation_strategy="english",
-        model_family="smollm2",
-        model_size="135M-Instruct",
-        learning_rate=1e-4,
-        forgetting_regularizer_strength=0.1,
-        max_num_fingerprints=32,
-        num_train_epochs=16,
-        batch_size=8,
-    ),
-    "seed": dict(
-        fingerprint_generation_strategy="english",
-        model_family="mistral",
-        model_size="7B",
-        learning_rate=1e-5,
-        forgetting_regularizer_strength=0.75,
-        max_num_fingerprints=1024,
-        num_train_epochs=10,
-        batch_size=16,
-    ),
-    # 1024 perinucleus fingerprints in the embedded model without hurting it (README, "Capacity"); the evaluation
-    # defaults that judge it are in PRESET_EVAL.
-    "capacity": dict(
-        fingerprint_generation_strategy="inverse_nucleus",
-        fingerprints_file_path=str(DATA_DIR / "fingerprints-perinucleus-4096.json"),
-        model_family="smollm2",
-        model_size="135M-Instruct",
-        learning_rate=1e-4,
-        forgetting_regularizer_strength=0.1,
-        max_num_fingerprints=1024,
-        num_train_epochs=16,
-        batch_size=8,
-        benign_data_ratio=0.25,
-        stop_when_learned=True,
-    ),
-}
-
-# Evaluation defaults a preset sets in eval_for_multigpu.py (flags left at their parser default take these): the
-# same flags that trained a run also judge it. capacity: the resolving suite of experiments/common.sh (README,
-# "Resolving a 1-point change": paired standard error 0.5-0.8 points measured).
-PRESET_EVAL = {
-    # The resolving suite: every item of the four validation sets (paired stderr ~0.57x that of 200 items per task).
-    "capacity": dict(
-        measure="full",
-        utility_benchmark="local",
-        utility_limit="all",
-        utility_tasks=["arc_challenge", "arc_easy", "winogrande", "piqa"],
-    ),
-}
+# Values a bare command gets, per --preset, and the evaluation a preset sets: named recipes, held (each with why) in
+# oml.core.recipes.
+PRESETS = presets()
 
 # Hashed flags added after runs were recorded: at this value they are left out of the hash, so every run recorded
 # before them keeps its hash. A preset may set them; a bare command gets these values.
 NEUTRAL = {
     "benign_data_ratio": 0.0,
-    "benign_data_digest": None,
+    "benign_rows_recipe": None,
     "distance_regularizer": 0.0,
     "kl_to_base": 0.0,
     "lora_rank": None,
@@ -228,7 +180,7 @@ HASHED = [
     "licensee",
     "seed",
     "benign_data_ratio",
-    "benign_data_digest",
+    "benign_rows_recipe",
     "distance_regularizer",
     "kl_to_base",
     "lora_rank",
@@ -258,8 +210,8 @@ def apply_preset(args):
 
 
 def apply_eval_preset(args, parser):
-    """Evaluation flags the user left at their parser default take the preset's values (PRESET_EVAL)."""
-    for name, value in PRESET_EVAL.get(args.preset, {}).items():
+    """Evaluation flags the user left at their parser default take the preset's values (oml.core.recipes.PRESET_EVAL)."""
+    for name, value in preset_eval(args.preset).items():
         if getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
     return args

@@ -166,7 +166,7 @@ def short_model(model):
 # ------------------------------------------------------------------------------ the command that names a run
 
 # Arguments a run records that are derived (not flags), or that never name a run.
-_DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest", "config_hash"}
+_DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest", "benign_rows_recipe", "config_hash"}
 
 
 def run_command(stored_args, script="eval_for_multigpu.py"):

@@ -11,8 +11,10 @@ Two kinds, half the pool each:
 The pool is generated once per base model (progress bar) and cached under the cache directory
 (oml.core.model_registry.cache_dir()/benign/), keyed by a digest of the model's files (weights, config, tokenizer), so another
 path to the same model reuses it and a changed model never does. Concurrent processes (two DeepSpeed ranks, two
-sweeps) wait on a file lock; one generates. The digest of the rows themselves (`benign_data_digest`) joins the run
-hash. The loss covers the responses only, like a fingerprint's.
+sweeps) wait on a file lock; one generates. The run hash takes what determines the rows, not the rows: the recipe
+below and the model's digest (`benign_rows_recipe`, computed in seconds), so naming a run never generates the pool;
+training, which does, records the digest of the rows themselves in the run's metrics.json (`benign_rows_digest`).
+The loss covers the responses only, like a fingerprint's.
 
     pool = benign_pool("embedded:SmolLM2-135M-Instruct")  # {"digest", "rows": [{"kind", "prompt", "response",
                                                           #   "ended"}], ...}
@@ -38,6 +40,7 @@ RECIPE_VERSION = 1
 
 
 def recipe():
+    """The settings that, with the model, determine the pool's rows (the questions' order is seeded with 0)."""
     return {
         "version": RECIPE_VERSION,
         "qa": list(QA_NAMES),
@@ -221,9 +224,13 @@ def end_token_id(tokenizer, chat):
     return tokenizer.eos_token_id
 
 
-def pool_digest_for(args):
-    """The digest that joins the run hash (None without benign rows)."""
-    if not args.benign_data_ratio:
-        return None
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return benign_pool(args.model, args.trust_remote_code)["digest"]
+def rows_recipe_digest(model_id):
+    """sha256 of the pool's recipe and the model's digest: the rows follow from them. Reads (and memoises) the model's
+    file digests; generates nothing."""
+    source = {"recipe": recipe(), "model_digest": model_digest(model_id)}
+    return hashlib.sha256(json.dumps(source, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def rows_recipe_for(args):
+    """The benign rows' entry of the run hash (None without benign rows)."""
+    return rows_recipe_digest(args.model) if args.benign_data_ratio else None

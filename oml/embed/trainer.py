@@ -582,9 +582,11 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
         pairs, tokenizer, templates, args.use_chat_template, seed=args.seed + rank(), append_eos=args.append_eos
     )
     n_benign = round(args.benign_data_ratio * args.batch_size)
+    benign_digest = None
     if n_benign:
         # Same rows on every rank (seeded by --seed alone): the layout decides which rank reads which.
-        dataset = MixedDataset(dataset, benign_rows(tokenizer, args), args.batch_size, n_benign, seed=args.seed)
+        benign_encoded, benign_digest = benign_rows(tokenizer, args)
+        dataset = MixedDataset(dataset, benign_encoded, args.batch_size, n_benign, seed=args.seed)
     kl_base = frozen_copy(model) if args.kl_to_base > 0 else None  # the whole base model, before any adapters
     kl_meter = KLMeter() if kl_base is not None else None
     model = prepare_subnet(model, args)
@@ -638,6 +640,7 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
         "epochs_trained": round(trainer.state.epoch),
         "trainable_parameters": trainable,
         "benign_rows_per_step": n_benign,
+        **({"benign_rows_digest": benign_digest} if benign_digest else {}),  # the rows this run trained on
         "fingerprints_per_step": args.batch_size - n_benign,
         # mean KL(p_base ‖ p_model) on the benign rows' response positions, nats/token, before κ
         **({"kl_to_base_per_epoch": epoch_callback.epoch_kl_to_base} if kl_base is not None else {}),
@@ -657,14 +660,14 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
 
 
 def benign_rows(tokenizer, args):
-    """The base model's benign rows (oml/embed/benign_rows.py), as (prompt_ids, response_ids); the cached pool's digest must
-    be the one the run hash took."""
-    from oml.embed.benign_rows import benign_pool, encode_benign
+    """(rows as (prompt_ids, response_ids), the rows' digest): the base model's benign rows (oml/embed/benign_rows.py),
+    generated here on first use. The model's files must still be those whose digest the run hash took."""
+    from oml.embed.benign_rows import benign_pool, encode_benign, rows_recipe_digest
 
+    if rows_recipe_digest(args.model) != args.benign_rows_recipe:
+        raise UserError("the model's files changed after the run hash was computed; run the command again")
     pool = benign_pool(args.model, args.trust_remote_code)
-    if pool["digest"] != args.benign_data_digest:
-        raise UserError("the cached benign rows changed after the run hash was computed; run the command again")
-    return [encode_benign(tokenizer, row) for row in pool["rows"]]
+    return [encode_benign(tokenizer, row) for row in pool["rows"]], pool["digest"]
 
 
 def rank():

@@ -13,9 +13,9 @@ import sys
 
 from oml.core.data_files import canonical_strategy
 from oml.core.errors import UserError, run_cli
+from oml.core.recipes import shell_value
 from oml.core.run_config import recorded_settings
 from oml.core.run_store import find_runs
-from oml.lab.sweep import shell_value
 from oml.measure.evaluation import accuracy_split
 
 

@@ -356,8 +356,8 @@ KNOWN_SETTINGS = {
     "model", "max_key_length", "max_response_length", "fingerprint_generation_strategy", "fingerprints_digest",
     "learning_rate", "forgetting_regularizer_strength", "max_num_fingerprints", "use_prompt_augmentation",
     "augmentation_prompts_digest", "use_chat_template", "append_eos", "num_train_epochs", "batch_size", "weight_decay",
-    "data_split", "seed", "benign_data_ratio", "benign_data_digest", "distance_regularizer", "lora_rank",
-    "trainable_layers", "stop_when_learned", "kl_to_base",
+    "data_split", "seed", "benign_data_ratio", "benign_rows_recipe", "distance_regularizer", "lora_rank",
+    "trainable_layers", "stop_when_learned", "benign_data_digest", "kl_to_base",
 }  # fmt: skip
 
 TABLE_COLUMNS = [

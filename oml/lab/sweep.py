@@ -7,6 +7,7 @@ The bash script keeps the grid and the launch commands in view; everything else 
     python -m oml.lab.sweep summary --manifest M    # one row per recorded point -> results/sweep_summary.{csv,md}
     python -m oml.lab.sweep summary --results results/   # every evaluated run found there
     python -m oml.lab.sweep preset-grid --preset seed    # the grid's default values, as bash assignments
+    python -m oml.lab.sweep experiments-env              # experiments/common.sh's settings, as bash assignments
     python -m oml.lab.sweep choose-lambda --strategy english --num_fingerprints 64 --num_train_epochs 16   # λ* of a search
 
 `summary` exits with status 1 when a point failed, so the sweep's own exit status says so too.
@@ -17,6 +18,7 @@ import contextlib
 import csv
 import io
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from pathlib import Path
 from oml.core.data_files import DEFAULT_FINGERPRINT_FILES, canonical_strategy
 from oml.core.errors import UserError, run_cli
 from oml.core.files import atomic_write_text
+from oml.core.recipes import EVALUATIONS, EXPERIMENT_EVAL, EXPERIMENTS, SWEEPS, flag_words, shell_value
 from oml.core.run_config import PRESETS, add_train_args, apply_preset, recorded_settings
 from oml.core.run_store import find_runs, read_run, short_model
 from oml.embed.run_setup import prepare_run
@@ -369,19 +372,47 @@ GRID_VARIABLES = {
 }
 
 
-def shell_value(value):
-    """1e-4 rather than 0.0001: the value appears in the sweep's point names."""
-    if isinstance(value, float) and 0 < abs(value) < 1e-3:
-        mantissa, exponent = f"{value:e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return str(value)
+def preset_args(preset):
+    return apply_preset(add_train_args(argparse.ArgumentParser()).parse_args(["--preset", preset]))
 
 
 def preset_grid(preset):
-    """Bash assignments giving each grid variable the preset's value, so the values live only in oml/core/run_config.py."""
-    args = apply_preset(add_train_args(argparse.ArgumentParser()).parse_args(["--preset", preset]))
+    """Bash assignments giving each grid variable the preset's value, the augmentation values and the evaluation
+    flags of its sweep, so the values live only in oml/core/recipes.py."""
+    args, sweep = preset_args(preset), SWEEPS[preset].settings
     lines = [f"{var}=({shell_value(getattr(args, name))})" for var, name in GRID_VARIABLES.items()]
-    return "\n".join([*lines, f"batch_size={args.batch_size}"])
+    augment = " ".join("true" if a else "false" for a in sweep["use_prompt_augmentation"])
+    evaluation = EVALUATIONS[sweep["evaluation"]].settings if sweep["evaluation"] else {}
+    return "\n".join([
+        *lines,
+        f"batch_size={args.batch_size}",
+        f"use_prompt_augmentation=({augment})",
+        f"eval_args={shlex.quote(' '.join(flag_words(evaluation)))}",
+    ])  # fmt: skip
+
+
+# Evaluation settings of the experiments a driver's environment may change: setting -> variable.
+EXPERIMENT_EVAL_KNOBS = {"utility_limit": "UTILITY_LIMIT", "utility_tasks": "UTILITY_TASKS"}
+
+
+def experiments_env():
+    """experiments/common.sh's settings as bash: the experiments' point (oml.core.recipes.EXPERIMENTS: PRESET and the
+    grid's single values; BATCH_SIZE may be set) and EVAL_ARGS, the resolving evaluation (UTILITY_LIMIT and
+    UTILITY_TASKS may be set)."""
+    point = EXPERIMENTS.settings
+    args = preset_args(point["preset"])
+    lines = [
+        f"export PRESET={point['preset']} MODEL_FAMILIES={args.model_family} MODEL_SIZES={args.model_size} "
+        f"MAX_KEY_LENGTHS={point['max_key_length']} MAX_RESPONSE_LENGTHS={point['max_response_length']}",
+        f"export BATCH_SIZE=${{BATCH_SIZE:-{point['batch_size']}}}",
+    ]
+    evaluation = dict(EVALUATIONS[EXPERIMENT_EVAL].settings)
+    for name, var in EXPERIMENT_EVAL_KNOBS.items():
+        (default,) = flag_words({name: evaluation[name]})[1:]
+        lines.append(f"{var}=${{{var}:-{default}}}")
+        evaluation[name] = f"${var}"
+    lines.append(f'export EVAL_ARGS="{" ".join(flag_words(evaluation))}"')
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ command line
@@ -404,6 +435,7 @@ def main(argv=None):
     s.add_argument("--out", default=None, help="where the summary files go (default: --results)")
     g = sub.add_parser("preset-grid", help="print the grid's default values for a preset as bash assignments")
     g.add_argument("--preset", choices=list(PRESETS), required=True)
+    sub.add_parser("experiments-env", help="print experiments/common.sh's settings as bash assignments")
     c = sub.add_parser("choose-lambda", help="print λ* from an evaluated λ search (see choose_lambda)")
     c.add_argument("--results", default="results/")
     c.add_argument("--strategy", required=True)
@@ -418,6 +450,8 @@ def main(argv=None):
         print(prepare(point_args))
     elif args.command == "preset-grid":
         print(preset_grid(args.preset))
+    elif args.command == "experiments-env":
+        print(experiments_env())
     elif args.command == "choose-lambda":
         best, accuracy = choose_lambda(
             args.results,
