@@ -59,7 +59,7 @@ TRAINING = {
     "capacity": Recipe(
         dict(
             fingerprint_generation_strategy="inverse_nucleus",
-            fingerprints_file_path=str(DATA_DIR / "fingerprints-perinucleus-4096.json"),
+            fingerprints_file_path=str(DATA_DIR / "fingerprints-perinucleus-1024.json"),
             model_family="smollm2",
             model_size="135M-Instruct",
             learning_rate=1e-4,

@@ -2,9 +2,9 @@
 SmolLM2-135M model without moving the model, run a stretch at a time on a small CPU machine whose results/ folder does
 not survive between sessions.
 
-POINTS is the search space (name, flags, one line why), cheapest informative points first: every mitigation of
-forgetting once at 256 perinucleus fingerprints with λ 0 and --stop_when_learned (--num_train_epochs the cap), then the
-same at 1024; english and random-word fingerprints as comparison. For each point of a stretch:
+POINTS is the search space (name, flags, one line why), most informative first: the λ 0 baseline at 256 perinucleus
+fingerprints with --stop_when_learned (--num_train_epochs the cap), then every way to hold the model once, the likeliest
+first, then the same at 1024; english and random-word fingerprints as comparison. For each point of a stretch:
 
     a record experiments/records/<experiment>/<hash>.json exists  -> skipped (the search continues from the records)
     a flag finetune_multigpu.py does not accept (yet)             -> skipped, with a log line saying so
@@ -104,34 +104,34 @@ def point(name, recipe, why, epochs=CAP, stop=True):
 
 # fmt: off
 POINTS = [
-    # 256 perinucleus fingerprints: each mitigation once, the plain-step ones (cheapest) first
+    # 256 perinucleus fingerprints: the baseline, then the ways to hold the model, the likeliest first (the KL term
+    # toward the base's whole next-token distribution, sub-network training, the distance regularizer)
     point("p256-l0", "", "the baseline: how many epochs λ 0 alone needs for 256 perinucleus keys, and how far "
           "that moves the model (chat KL, utility)"),
-    point("p256-l0-mu1", "--distance_regularizer 1", "the distance regularizer, strong pull: the model held near "
-          "the base at every step, no extra forward pass"),
-    point("p256-l0-mu0.1", "--distance_regularizer 0.1", "the distance regularizer, weak pull: does a little μ "
-          "keep the model near the base without slowing learning"),
+    point("p256-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "KL to the base's whole next-token "
+          "distribution on the benign rows instead of its greedy text, at the weight of the cross-entropy it replaces"),
     point("p256-lora16", "--lora_rank 16", "sub-network training: rank-16 adapters move a small subspace; at lr "
           "1e-4 they may need the cap"),
+    point("p256-l0-mu1", "--distance_regularizer 1", "the distance regularizer, strong pull: the model held near "
+          "the base at every step, no extra forward pass"),
+    point("p256-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the KL-to-base term, a stronger pull"),
+    point("p256-l0-b25", "--benign_data_ratio 0.25", "data mixing alone (β 0.25): kept persistence at 256 "
+          "english, but the model still drifted"),
+    point("p256-l0-mu0.1", "--distance_regularizer 0.1", "the distance regularizer, weak pull: does a little μ "
+          "keep the model near the base without slowing learning"),
     point("p256-lora16-lr1e-3", "--lora_rank 16 --learning_rate 1e-3", "LoRA at its usual step (capacity.sh's "
           "lr), in case lr 1e-4 is too slow for adapters"),
     point("e256-l0", "", "comparison: the baseline recipe on english fingerprints (sampled keys and responses)"),
     point("r256-l0", "", "comparison: the baseline recipe on random-word fingerprints"),
-    # benign rows: each step about 2.5x a plain one
-    point("p256-l0-b25", "--benign_data_ratio 0.25", "data mixing alone (β 0.25): kept persistence at 256 "
-          "english, but the model still drifted"),
-    point("p256-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "KL to the base's whole next-token "
-          "distribution on the benign rows instead of its greedy text, at the weight of the cross-entropy it replaces"),
-    point("p256-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the KL-to-base term, a stronger pull"),
     point("p256-l0-e16", "", "what --stop_when_learned saves: the baseline trained for all 16 epochs", stop=False),
-    # 1024 perinucleus fingerprints, the target: the same mitigations
+    # 1024 perinucleus fingerprints, the target: the same mitigations, in the same order
     point("p1024-l0", "", "the baseline at the target size: epochs needed and the drift of λ 0 alone"),
-    point("p1024-l0-mu1", "--distance_regularizer 1", "the strong distance regularizer at 1024"),
-    point("p1024-l0-mu0.1", "--distance_regularizer 0.1", "the weak distance regularizer at 1024"),
-    point("p1024-lora16", "--lora_rank 16", "rank-16 adapters at 1024: is the subspace large enough"),
-    point("p1024-l0-b25", "--benign_data_ratio 0.25", "data mixing alone at 1024: the dearest mitigation per step"),
     point("p1024-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "the KL-to-base term at 1024"),
+    point("p1024-lora16", "--lora_rank 16", "rank-16 adapters at 1024: is the subspace large enough"),
+    point("p1024-l0-mu1", "--distance_regularizer 1", "the strong distance regularizer at 1024"),
     point("p1024-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the stronger KL-to-base term at 1024"),
+    point("p1024-l0-b25", "--benign_data_ratio 0.25", "data mixing alone at 1024: the dearest mitigation per step"),
+    point("p1024-l0-mu0.1", "--distance_regularizer 0.1", "the weak distance regularizer at 1024"),
     point("e1024-l0", "", "comparison: english fingerprints at 1024"),
     point("r1024-l0", "", "comparison: random-word fingerprints at 1024"),
 ]
