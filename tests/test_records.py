@@ -227,3 +227,29 @@ def test_the_search_records_two_points_and_a_rerun_skips_them(tiny_model_dir, tm
         "tiny-later": "pending",
     }
     assert len(records.read_records("tiny", tmp_path / "records")) == 2
+
+
+def test_the_frontier_figure_draws_a_line_per_recipe_from_the_records(tmp_path):
+    from oml.lab.figures import frontier_lines, make_frontier
+
+    def record(n, kappa, plain, kl, status="ok"):
+        hashed = {"max_num_fingerprints": n, "fingerprint_generation_strategy": "inverse_nucleus",
+                  "learning_rate": 1e-4, "forgetting_regularizer_strength": 0.0, "num_train_epochs": 16,
+                  **({"benign_data_ratio": 0.25, "kl_to_base": kappa} if kappa else {})}  # fmt: skip
+        metrics = {"fingerprints": {"plain": {"value": plain}}, "chat_drift": {"kl": kl, "kl_stderr": 0.01},
+                   "utility": {"delta": -0.004, "delta_stderr": 0.003}}  # fmt: skip
+        return {"format": 1, "experiment": "demo", "hash": f"{n}-{kappa}", "status": status, "hashed": hashed,
+                "args": {}, "metrics": metrics}  # fmt: skip
+
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    points = [record(256, 0, 1.0, 0.9), record(1024, 0, 1.0, 1.2), record(256, 1, 0.99, 0.08),
+              record(1024, 1, 0.9, 0.09), record(4096, 1, None, None, status="failed (train)")]  # fmt: skip
+    for r in points:
+        (folder / f"{r['hash']}.json").write_text(json.dumps(r))
+    lines = frontier_lines([json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))])
+    assert len(lines) == 2  # a line per recipe; the failed point is not drawn
+    kl_line = next(points for (strategy, recipe), points in lines.items() if "KL κ 1" in recipe)
+    assert [(p["n"], p["plain"], p["kl"][0]) for p in kl_line] == [(256, 0.99, 0.08), (1024, 0.9, 0.09)]
+    path = make_frontier("demo", tmp_path / "fig", records_dir=tmp_path)
+    assert path.name == "frontier.png" and path.stat().st_size > 10_000

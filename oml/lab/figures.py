@@ -1,8 +1,11 @@
 """Figures from evaluated runs: scalability (accuracy and utility against the number of fingerprints) and
-robustness (accuracy under each unseen system prompt, with and without prompt augmentation).
+robustness (accuracy under each unseen system prompt, with and without prompt augmentation); and from an experiment's
+committed records (oml.lab.records), the frontier: chat KL and paired utility Δ against the number of fingerprints, a
+line per recipe, filled where the plain key answers ≥ 95% and hollow where it does not.
 
     python -m oml.lab.figures                                  # results/ -> fig/scalability.png, fig/robustness.png
     python -m oml.lab.figures --results /scratch/results --out /tmp/fig
+    python -m oml.lab.figures --records recipe_search          # experiments/records/recipe_search -> fig/frontier.png
 
 Runs are read from <results>/*/eval_results.json and fingerprinting_config.json. A "setting" is everything
 that defines a run except the number of fingerprints; each setting is one line in the scalability figure.
@@ -268,12 +271,89 @@ def make_figures(result_path, out_dir):
     return paths
 
 
+FRONTIER_ACCURACY = 0.95  # a point counts on the frontier where the plain key answers at least this share
+
+
+def frontier_lines(records):
+    """{(strategy, recipe label): [{"n", "plain", "kl": (value, stderr), "delta": (value, stderr)}, ...] by N} from
+    the ok records; a measure a point lacks is (None, None)."""
+    from oml.lab.records import recipe_label
+
+    lines = {}
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        metrics = r.get("metrics") or {}
+        drift, utility = metrics.get("chat_drift") or {}, metrics.get("utility") or {}
+        key = (r["hashed"].get("fingerprint_generation_strategy"), recipe_label(r["hashed"]))
+        lines.setdefault(key, []).append({
+            "n": r["hashed"]["max_num_fingerprints"],
+            "plain": ((metrics.get("fingerprints") or {}).get("plain") or {}).get("value"),
+            "kl": (drift.get("kl"), drift.get("kl_stderr")),
+            "delta": (utility.get("delta"), utility.get("delta_stderr")),
+        })  # fmt: skip
+    return {key: sorted(points, key=lambda p: p["n"]) for key, points in sorted(lines.items())}
+
+
+def plot_frontier(records, path, title):
+    import matplotlib.pyplot as plt
+
+    lines = frontier_lines(records)
+    if not lines:
+        raise UserError("no finished (status ok) records to draw")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for i, ((strategy, recipe), points) in enumerate(lines.items()):
+        color = f"C{i % 10}"
+        for ax, measure in zip(axes, ("kl", "delta"), strict=True):
+            shown = [p for p in points if p[measure][0] is not None]
+            if not shown:
+                continue
+            ax.errorbar([p["n"] for p in shown], [p[measure][0] for p in shown],
+                        yerr=[p[measure][1] or 0 for p in shown], color=color, lw=1, capsize=3,
+                        label=f"{strategy}: {recipe}" if measure == "kl" else None)  # fmt: skip
+            for p in shown:
+                met = p["plain"] is not None and p["plain"] >= FRONTIER_ACCURACY
+                ax.plot([p["n"]], [p[measure][0]], "o", color=color, mfc=color if met else "white", ms=7)
+    for ax, ylabel in zip(axes, ("chat KL to the base (nats/token)", "paired utility Δ (points, 0-1 scale)"),
+                          strict=True):  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("fingerprints N")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0.10, color="grey", ls="--", lw=0.8)  # issue 28's health limit
+    axes[1].axhline(-0.01, color="grey", ls="--", lw=0.8)
+    fig.suptitle(f"{title}: filled = plain key ≥ {FRONTIER_ACCURACY:.0%}, hollow = below; dashed = health limits")
+    fig.legend(loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.12 + 0.02 * (len(lines) // 2), 1, 0.95))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def make_frontier(experiment, out_dir, records_dir=None):
+    """fig/frontier.png from experiments/records/<experiment>; returns its path."""
+    import matplotlib
+
+    from oml.lab.records import RECORDS_DIR, read_records
+
+    matplotlib.use("Agg")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "frontier.png"
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    plot_frontier(read_records(experiment, records_dir or RECORDS_DIR), tmp, experiment)
+    tmp.replace(path)
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results/", help="folder holding the runs (<hash>/eval_results.json)")
+    parser.add_argument("--records", default=None, metavar="EXPERIMENT",
+                        help="draw fig/frontier.png from experiments/records/EXPERIMENT instead")  # fmt: skip
     parser.add_argument("--out", default="fig/", help="where the PNG files go")
     args = parser.parse_args(argv)
-    for path in make_figures(args.results, args.out):
+    paths = [make_frontier(args.records, args.out)] if args.records else make_figures(args.results, args.out)
+    for path in paths:
         print(f"wrote {path}")
 
 
