@@ -10,6 +10,7 @@ from pathlib import Path
 
 from oml.core.data_files import CHAT_SYSTEM_TEST_FILE, TEST_PROMPTS_FILE
 from oml.core.run_store import EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, RunIdentity, find_run
+from oml.core.stage_settings import settings_from_args
 from oml.make.fingerprint_files import read_fingerprints, read_system_prompts, read_templates
 from oml.make.prompt_encoding import chat_prompt, has_chat_template, is_chat, template_label
 from oml.measure import evaluation_cost
@@ -184,31 +185,15 @@ class EvalSettings:
             except ValueError:
                 raise UserError(f"--match_temperatures takes numbers, got {temperatures!r}") from None
             temperatures = check_temperatures(temperatures)
-        return cls(
+        return settings_from_args(
+            cls,
+            args,
             run=RunIdentity.from_args(args),
             base_model=args.model,
-            trust_remote_code=args.trust_remote_code,
-            measure=args.measure,
-            check_model=args.check_model,
-            fingerprints_file_path=args.fingerprints_file_path,
-            output_file=args.output_file,
-            test_prompts_file=args.test_prompts_file,
-            chat_system_prompts_file=args.chat_system_prompts_file,
-            eval_templates=args.eval_templates,
-            use_chat_template=args.use_chat_template,
-            verify_with_generate=args.verify_with_generate,
-            temperature=args.temperature,
-            seed=args.seed,
-            screen_bf16=args.screen_bf16,
-            eval_batch_size=args.eval_batch_size,
             match_temperatures=tuple(temperatures),
-            skip_base_model=args.skip_base_model,
-            utility_benchmark=args.utility_benchmark,
             utility_limit=utility_limit,
             utility_tasks=chosen("utility_tasks"),
-            num_fewshot=args.num_fewshot,
             generation_benchmark=generation_benchmark,
-            generation_limit=args.generation_limit,
             chat_drift_limit=drift,
         )
 
