@@ -377,11 +377,26 @@ def open_client(settings):
     )
 
 
+@dataclass(frozen=True)
+class CheckPlan:
+    """One run's check before its first request (plan_check): the run, its keys, p0 and its measurement, the ledger,
+    the key budget, the per-look level that keeps the check at alpha, and its claim (or None)."""
+
+    run: Path
+    run_args: dict
+    pairs: list
+    measurement: dict
+    p0: float
+    ledger: object  # oml.verify.key_ledger.Ledger
+    budget: int
+    level: float
+    alpha: float
+    claim: object  # oml.verify.claims.ClaimWriter, or None
+
+
 def plan_check(settings, run, alpha, claim_file=None, log=print, family=None):
     """Everything one run's check needs before its first request, every input checked (nothing is sent when one
     fails): its keys, p0, ledger, key budget, the per-look level that keeps the check at `alpha`, its claim."""
-    from argparse import Namespace
-
     from oml.verify.claims import open_claim
     from oml.verify.key_ledger import LOW_FRACTION, Ledger
     from oml.verify.sequential_test import decide, look_alpha
@@ -406,7 +421,7 @@ def plan_check(settings, run, alpha, claim_file=None, log=print, family=None):
         )
     # --claim_file: the commitment is checked now, before any key goes out
     claim = open_claim(claim_file, settings, run, pairs, measurement, level, budget, alpha, family)
-    return Namespace(run=run, run_args=run_args, pairs=pairs, measurement=measurement, p0=p0, ledger=ledger,
+    return CheckPlan(run=run, run_args=run_args, pairs=pairs, measurement=measurement, p0=p0, ledger=ledger,
                      budget=budget, level=level, alpha=alpha, claim=claim)  # fmt: skip
 
 
