@@ -23,7 +23,8 @@ Layers, lowest first: core, make, measure, embed, attack, verify, lab, commands.
 layer or lower ones (tests/test_layout.py checks it). measure sits below embed because training measures its own
 fingerprints (--stop_when_learned) with measure's check and draws benign rows from measure's offline questions.
 
-Below the commands, the measure, attack and verify stages take the settings they use, not the parsed Namespace: a
-frozen dataclass per stage (measure.evaluation.EvalSettings, attack.attack_runner.AttackSettings, verify.suspect_check.CheckSettings; the run
-they name is a core.run_store.RunIdentity), built once in the command's main by its from_args.
+Below the commands, the measure, attack and verify stages take the settings they use, not the parsed Namespace:
+a frozen dataclass per stage (measure.evaluation.EvalSettings, attack.attack_runner.AttackSettings,
+verify.suspect_check.CheckSettings; the run they name is a core.run_store.RunIdentity), built once in the
+command's main by its from_args.
 """
