@@ -1,6 +1,8 @@
 """check_fingerprints.py: the match rule, the statistics, the ledger, and the API client against real HTTP servers
 on 127.0.0.1 (a fault-injecting one of our own; `transformers serve` and llama.cpp's server in the slow tests)."""
 
+import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -12,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from argparse import Namespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,7 +34,15 @@ from oml.verify.sequential_test import (
     run_sequential,
     simulate,
 )
-from oml.verify.suspect_check import RESULT_FIELDS, check, held_out_pairs, measure_p0, run_tokenizer
+from oml.verify.suspect_check import (
+    RESULT_FIELDS,
+    CheckSettings,
+    add_check_args,
+    check,
+    held_out_pairs,
+    measure_p0,
+    run_tokenizer,
+)
 
 # ------------------------------------------------------------------------------------------ the match rule
 
@@ -299,7 +308,16 @@ def fake_run(tmp_path, tiny_model_dir):
     return run, pairs
 
 
+def check_settings(**fields):
+    """CheckSettings of these fields, the others at the parser's defaults (CHECK_ARGS), with no run named by training
+    flags (the tests name theirs with --run)."""
+    names = {f.name for f in dataclasses.fields(CheckSettings)}
+    defaults = {k: v for k, v in vars(add_check_args(argparse.ArgumentParser()).parse_args([])).items() if k in names}
+    return CheckSettings(**{**defaults, "named_run": None, "trust_remote_code": False, **fields})
+
+
 def check_args(run, **kw):
+    """The CheckSettings of a check of `run` against the suspect at api_base (kw: other settings)."""
     args = dict(
         run=run.name,
         result_path=str(run.parent),
@@ -321,7 +339,7 @@ def check_args(run, **kw):
         trust_remote_code=False,
     )
     args.update(kw)
-    return Namespace(**args)
+    return check_settings(**args)
 
 
 def answers_from(pairs, right=True):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, write_random_fingerprints
 
 from oml.cli import VERBS
 
@@ -98,3 +98,38 @@ def test_argparse_errors_name_the_verb():
     assert out.returncode == 2
     assert out.stderr.startswith("usage: oml train ")
     assert out.stderr.splitlines()[-1] == "oml train: error: unrecognized arguments: --no_such_flag"
+
+
+def test_each_stage_gets_its_settings_built_once_from_the_flags(tiny_model_dir, tmp_path):
+    """Below the commands, a stage takes its frozen settings (EvalSettings, AttackSettings, CheckSettings): from_args
+    reads the prepared flags without changing them (the --measure profile fills the settings, not the Namespace),
+    and the run they name is one RunIdentity."""
+    import dataclasses
+
+    from oml.attack.attack_runner import AttackSettings
+    from oml.commands.attack import make_parser as attack_parser
+    from oml.commands.check import make_parser as check_parser
+    from oml.embed.run_setup import prepare_run
+    from oml.measure.generation_measures import GENERATION_DEFAULTS
+    from oml.verify.suspect_check import CheckSettings
+
+    write_random_fingerprints(tmp_path / "fp.json", 8)
+    argv = ["--model_path", str(tiny_model_dir), "--fingerprints_file_path", str(tmp_path / "fp.json"),
+            "--fingerprint_generation_strategy", "random_word", "--max_num_fingerprints", "8",
+            "--result_path", str(tmp_path / "results")]  # fmt: skip
+    args = prepare_run(attack_parser().parse_args([*argv, "--attack", "host_confidence", "--measure", "full"]))
+    flags = dict(vars(args))
+    settings = AttackSettings.from_args(args)
+    assert vars(args) == flags  # nothing written into the flags
+    assert (
+        args.generation_benchmark is None
+        and settings.evaluation.generation_benchmark == GENERATION_DEFAULTS["benchmark"]
+    )
+    assert settings.host.filter.name == "confidence" and settings.training.learning_rate == args.attack_lr
+    assert (
+        settings.run.config_hash == args.config_hash and settings.run.folder == tmp_path / "results" / args.config_hash
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.evaluation.utility_limit = 3
+    check = CheckSettings.from_args(prepare_run(check_parser().parse_args(argv)))
+    assert check.named_run == settings.run and check.run is None

@@ -59,30 +59,30 @@ def test_the_base_check_is_computed_once_per_fingerprints_and_settings(tiny_run,
     import oml.core.model_registry
     from oml.core.run_config import add_train_args
     from oml.embed.run_setup import prepare_run
-    from oml.measure.evaluation import add_eval_args, evaluate
+    from oml.measure.evaluation import EvalSettings, add_eval_args, evaluate
 
     argv, results, _ = tiny_run
     for old in (results / "base_utility").glob("fingerprints-*.json"):
         old.unlink()
     parser = add_eval_args(add_train_args(argparse.ArgumentParser()))
 
-    def args(*extra):
+    def settings(*extra):
         flags = [*argv, "--utility_benchmark", "none", "--match_temperatures", "0.7,1.0", "--output_file",
                  tmp_path / "e.json", *extra]  # fmt: skip
-        return prepare_run(parser.parse_args([str(a) for a in flags]))
+        return EvalSettings.from_args(prepare_run(parser.parse_args([str(a) for a in flags])))
 
     loads, real = [], oml.core.model_registry.load_model_and_tokenizer
     monkeypatch.setattr(
         oml.core.model_registry, "load_model_and_tokenizer", lambda m, **kw: loads.append(str(m)) or real(m, **kw)
     )
-    base = str(args().model)
-    first, _ = evaluate(args())
-    second, _ = evaluate(args())
+    base = str(settings().base_model)
+    first, _ = evaluate(settings())
+    second, _ = evaluate(settings())
     assert loads.count(base) == 1 and len(loads) == 3  # the run's model twice, the base once
     for key in ("base_false_positive_rate", "base_match_probability"):
         assert first["fingerprint_accuracy"][key] == second["fingerprint_accuracy"][key]
     assert first["chat"]["base_answers"] == second["chat"]["base_answers"] and len(first["chat"]["base_answers"]) == 8
-    evaluate(args("--match_temperatures", "0.5"))  # other settings: checked again, cached apart
+    evaluate(settings("--match_temperatures", "0.5"))  # other settings: checked again, cached apart
     assert loads.count(base) == 2 and len(list((results / "base_utility").glob("fingerprints-*.json"))) == 2
 
 
@@ -243,7 +243,7 @@ def test_the_default_evaluation_stays_a_first_look(tiny_model_dir, tmp_path, mon
     import oml.measure.generation_measures
     from oml.core.run_config import add_train_args
     from oml.embed.run_setup import prepare_run
-    from oml.measure.evaluation import add_eval_args, evaluate
+    from oml.measure.evaluation import EvalSettings, add_eval_args, evaluate
 
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 16)
@@ -269,7 +269,7 @@ def test_the_default_evaluation_stays_a_first_look(tiny_model_dir, tmp_path, mon
 
     def evaluation(*extra):
         args = prepare_run(parser.parse_args([str(a) for a in [*argv, "--eval_batch_size", 8, *extra]]))
-        return evaluate(args)[0]
+        return evaluate(EvalSettings.from_args(args))[0]
 
     quick = evaluation()
     assert counts == {"generate_until": 0, "chat_reference": 0}

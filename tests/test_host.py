@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 
 import httpx
 import pytest
@@ -274,11 +273,13 @@ def free_port():
 
 
 def check_args(run, api_base, **kw):
+    from test_check import check_settings
+
     args = dict(run=run.name, result_path=str(run.parent), api_base=api_base, api_model="host",
                 api_key_env="OML_TEST_API_KEY", endpoint="completions", system_prompt=None, alpha=1e-3, max_keys=6,
                 concurrency=2, api_timeout=20.0, api_retries=1, extra_tokens=0, allow_revealed=True,
                 trust_remote_code=False)  # fmt: skip
-    return Namespace(**{**args, **kw})
+    return check_settings(**{**args, **kw})
 
 
 def test_the_filtering_server_hides_the_keys_from_check_fingerprints(host_run, embedded_tokenizer, one_thread):
@@ -357,7 +358,7 @@ def test_sampled_verification_rule_keeps_p0_per_rule(host_run, one_thread):
         (dict(samples=3, api_temperature=0.7, min_matches=4), "--min_matches must be within 1..3"),
     ]:
         with pytest.raises(UserError, match=message):
-            check_sampling(Namespace(**{"min_matches": None, "claim_file": None, **bad}))  # fmt: skip
+            check_sampling(**{"min_matches": None, "claim_file": None, **bad})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ host attacks

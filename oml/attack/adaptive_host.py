@@ -49,9 +49,11 @@ import json
 import math
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from oml.core.errors import UserError, run_cli
+from oml.core.stage_settings import settings_from_args
 from oml.make.key_perplexity import log_perplexity, real_prompts
 
 FILTERS = ("none", "confidence", "input_filter", "base_detect")
@@ -110,25 +112,41 @@ def add_arguments(parser, spec):
     return add(parser, spec)
 
 
-def check_filter_args(args, filter_name=None):
-    """Every check on the filter settings that needs no model."""
-    name = filter_name if filter_name is not None else args.filter
-    if name not in FILTERS:
-        raise UserError(f"unknown filter {name!r}; choose from {', '.join(FILTERS)}")
-    if not (isinstance(args.tau, float) and 0.0 < args.tau < 1.0):
-        raise UserError(f"--tau must be within (0, 1), got {args.tau}")
-    if args.entropy is not None and not (math.isfinite(args.entropy) and args.entropy > 0):
-        raise UserError(f"--entropy must be a positive number of nats, got {args.entropy}")
-    if args.base_score not in BASE_SCORES:
-        raise UserError(f"unknown --base_score {args.base_score!r}; choose from {', '.join(BASE_SCORES)}")
-    if args.threshold is not None and math.isnan(args.threshold):
+@dataclass(frozen=True)
+class FilterSettings:
+    """One serving-time filter and its settings (FILTER_ARGS), as `serve`, `roc` and the host attacks take them."""
+
+    name: str  # one of FILTERS
+    tau: float
+    entropy: float | None
+    first_token_only: bool
+    threshold: float | None
+    filter_model: str | None
+    base_score: str  # one of BASE_SCORES
+
+    @classmethod
+    def from_args(cls, args, name=None):
+        """The filter flags of parsed arguments; name: the filter (default --filter)."""
+        return settings_from_args(cls, args, name=name if name is not None else args.filter)
+
+
+def check_filter(settings):
+    """Every check on a filter's settings that needs no model."""
+    if settings.name not in FILTERS:
+        raise UserError(f"unknown filter {settings.name!r}; choose from {', '.join(FILTERS)}")
+    if not (isinstance(settings.tau, float) and 0.0 < settings.tau < 1.0):
+        raise UserError(f"--tau must be within (0, 1), got {settings.tau}")
+    if settings.entropy is not None and not (math.isfinite(settings.entropy) and settings.entropy > 0):
+        raise UserError(f"--entropy must be a positive number of nats, got {settings.entropy}")
+    if settings.base_score not in BASE_SCORES:
+        raise UserError(f"unknown --base_score {settings.base_score!r}; choose from {', '.join(BASE_SCORES)}")
+    if settings.threshold is not None and math.isnan(settings.threshold):
         raise UserError("--threshold must be a number")
-    spec = args.filter_model
+    spec = settings.filter_model
     # a hub id ("org/name") is tried at load time; a path that is not there is refused at once
     looks_like_path = spec is not None and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1)
-    if name == "input_filter" and looks_like_path and not Path(spec).exists():
+    if settings.name == "input_filter" and looks_like_path and not Path(spec).exists():
         raise UserError(f"--filter_model {spec}: no such model folder")
-    return args
 
 
 # ------------------------------------------------------------------------------------------ the confidence filter
@@ -301,30 +319,31 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=0.0, top_
     return out[0, x.shape[1] :].tolist()
 
 
-def load_host(args):
-    """A Host from `serve`'s (or an attack's) arguments: the served model, and the filter's models."""
+def load_host(model_id, settings, base_id=None, trust_remote_code=False):
+    """A Host for `serve`: the served model (model_id) behind the filter of FilterSettings, with its models."""
     from oml.core.model_registry import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(args.model, device="cpu" if not _cuda() else None,
-                                                trust_remote_code=args.trust_remote_code)  # fmt: skip
-    return host_for(args, model, tokenizer, base_id=args.base)
+    model, tokenizer = load_model_and_tokenizer(model_id, device="cpu" if not _cuda() else None,
+                                                trust_remote_code=trust_remote_code)  # fmt: skip
+    return host_for(settings, model, tokenizer, base_id, trust_remote_code)
 
 
-def host_for(args, model, tokenizer, base_id=None, threshold=None, filter_name=None):
-    """A Host for a loaded model, loading what the filter needs (the filter model, the base)."""
+def host_for(settings, model, tokenizer, base_id=None, trust_remote_code=False, threshold=None):
+    """A Host for a loaded model behind the filter of FilterSettings, loading what the filter needs (the filter
+    model, the base); threshold: in place of the settings' own."""
     from oml.core.model_registry import load_model_and_tokenizer
 
-    name = filter_name or args.filter
+    name = settings.name
     filter_model = base = None
-    if name == "input_filter" and args.filter_model:
-        filter_model = load_filter_model(args.filter_model, model.device, args.trust_remote_code)
+    if name == "input_filter" and settings.filter_model:
+        filter_model = load_filter_model(settings.filter_model, model.device, trust_remote_code)
     if name == "base_detect":
         if not base_id:
             raise UserError("--filter base_detect needs --base, the public base model")
         base = load_model_and_tokenizer(base_id, device=model.device, dtype=model.dtype,
-                                        trust_remote_code=args.trust_remote_code)[0].eval()  # fmt: skip
-    return Host(model.eval(), tokenizer, name, args.tau, args.entropy, args.first_token_only,
-                args.threshold if threshold is None else threshold, filter_model, base, args.base_score)  # fmt: skip
+                                        trust_remote_code=trust_remote_code)[0].eval()  # fmt: skip
+    return Host(model.eval(), tokenizer, name, settings.tau, settings.entropy, settings.first_token_only,
+                settings.threshold if threshold is None else threshold, filter_model, base, settings.base_score)  # fmt: skip
 
 
 def load_filter_model(spec, device=None, trust_remote_code=False):
@@ -605,7 +624,7 @@ def roc_main(args):
     run = Path(args.result_path) / args.run
     if not (run / "fingerprints.json").is_file():
         raise UserError(f"no run {args.run!r} in {args.result_path}")
-    check_filter_args(args)
+    check_filter(FilterSettings.from_args(args))
     run_args, pairs = recorded_args(run), run_fingerprints(run)
     keys = [p["key"] for p in pairs]
     questions = real_prompts(args.real_prompts, args.seed)
@@ -695,43 +714,61 @@ COST_NOTE = {
 }
 
 
-def check_host_attack_args(args):
-    check_filter_args(args, ATTACK_FILTERS[args.attack])
-    if not 0 < args.host_fpr < 1:
-        raise UserError(f"--host_fpr must be within (0, 1), got {args.host_fpr}")
-    if args.host_questions <= 0 or args.host_answer_tokens <= 0:
+@dataclass(frozen=True)
+class HostAttackSettings:
+    """A host attack (attack_fingerprints.py --attack host_*): its filter, how the filter's threshold is calibrated
+    when not given, and how its cost is measured (HOST_ATTACK_ARGS)."""
+
+    attack: str  # one of ATTACK_FILTERS
+    filter: FilterSettings
+    host_fpr: float  # the share of real prompts a calibrated threshold flags
+    host_questions: int
+    host_answer_tokens: int
+
+    @classmethod
+    def from_args(cls, args):
+        return settings_from_args(cls, args, filter=FilterSettings.from_args(args, ATTACK_FILTERS[args.attack]))
+
+
+def check_host_attack(settings):
+    """Every check on a HostAttackSettings that needs no model."""
+    check_filter(settings.filter)
+    if not 0 < settings.host_fpr < 1:
+        raise UserError(f"--host_fpr must be within (0, 1), got {settings.host_fpr}")
+    if settings.host_questions <= 0 or settings.host_answer_tokens <= 0:
         raise UserError("--host_questions and --host_answer_tokens must be positive")
 
 
-def host_attack_id(args, model_name):
-    """The folder name of a host attack: its filter's settings."""
-    name = ATTACK_FILTERS[args.attack]
-    if name == "confidence":
-        tag = f"ent{args.entropy:g}" if args.entropy is not None else f"tau{args.tau:g}"
-        tag += "-first" if args.first_token_only else ""
+def host_attack_id(settings, model_name):
+    """The folder name of a host attack (HostAttackSettings): its filter's settings."""
+    f = settings.filter
+    if f.name == "confidence":
+        tag = f"ent{f.entropy:g}" if f.entropy is not None else f"tau{f.tau:g}"
+        tag += "-first" if f.first_token_only else ""
     else:
-        tag = f"thr{args.threshold:g}" if args.threshold is not None else f"fpr{args.host_fpr:g}"
-        if name == "input_filter":
-            tag = (model_name(args.filter_model) if args.filter_model else "self") + "-" + tag
+        tag = f"thr{f.threshold:g}" if f.threshold is not None else f"fpr{settings.host_fpr:g}"
+        if f.name == "input_filter":
+            tag = (model_name(f.filter_model) if f.filter_model else "self") + "-" + tag
         else:
-            tag = f"{args.base_score}-{tag}"
-    if args.host_questions != 100:
-        tag += f"-q{args.host_questions}"
-    return f"{args.attack}-{tag}"
+            tag = f"{f.base_score}-{tag}"
+    if settings.host_questions != 100:
+        tag += f"-q{settings.host_questions}"
+    return f"{settings.attack}-{tag}"
 
 
-def host_attack_settings(args):
-    name = ATTACK_FILTERS[args.attack]
-    settings = {"filter": name, "questions": args.host_questions, "answer_tokens": args.host_answer_tokens}
-    if name == "confidence":
-        settings.update(tau=args.tau, entropy=args.entropy, first_token_only=args.first_token_only)
+def host_settings_record(settings, base_model):
+    """attack.json's settings of a host attack (HostAttackSettings; base_model: the run's, base_detect's base)."""
+    f = settings.filter
+    record = {"filter": f.name, "questions": settings.host_questions, "answer_tokens": settings.host_answer_tokens}
+    if f.name == "confidence":
+        record.update(tau=f.tau, entropy=f.entropy, first_token_only=f.first_token_only)
     else:
-        settings.update(threshold=args.threshold, calibrated_fpr=None if args.threshold is not None else args.host_fpr)
-        if name == "input_filter":
-            settings["filter_model"] = args.filter_model
+        record.update(threshold=f.threshold, calibrated_fpr=None if f.threshold is not None else settings.host_fpr)
+        if f.name == "input_filter":
+            record["filter_model"] = f.filter_model
         else:
-            settings.update(base=args.model, base_score=args.base_score)
-    return settings
+            record.update(base=base_model, base_score=f.base_score)
+    return record
 
 
 def question_sets(n, seed):
@@ -767,40 +804,43 @@ def calibrate(host, tokenizer, questions, templates, use_chat_template, fpr):
     return out
 
 
-def host_loaded(args, run, threshold=None):
-    """The run's final model behind the attack's filter."""
+def host_loaded(settings, run):
+    """The run's final model behind the attack's filter (settings: an oml.attack.attack_runner.AttackSettings)."""
     from oml.core.model_registry import load_model_and_tokenizer
     from oml.core.run_store import FINAL_MODEL
 
-    model, tokenizer = load_model_and_tokenizer(str(Path(run) / FINAL_MODEL), trust_remote_code=args.trust_remote_code)
-    name = ATTACK_FILTERS[args.attack]
-    placeholder = math.inf if name in ("input_filter", "base_detect") else None
-    return host_for(args, model, tokenizer, args.model, threshold or placeholder, name), tokenizer
+    trust = settings.trust_remote_code
+    model, tokenizer = load_model_and_tokenizer(str(Path(run) / FINAL_MODEL), trust_remote_code=trust)
+    placeholder = math.inf if settings.host.filter.name in ("input_filter", "base_detect") else None
+    return host_for(settings.host.filter, model, tokenizer, settings.base_model, trust, placeholder), tokenizer
 
 
-def make_host_attack(args, run, log_fn=print):
-    """attack.json's measurements of a host attack: for input_filter / base_detect without --threshold, the
-    per-template thresholds calibrated on real prompts. Nothing is written: the weights are the run's."""
-    name = ATTACK_FILTERS[args.attack]
+def make_host_attack(settings, run, log_fn=print):
+    """attack.json's measurements of a host attack (settings: an AttackSettings): for input_filter / base_detect
+    without --threshold, the per-template thresholds calibrated on real prompts. Nothing is written: the weights are
+    the run's."""
+    host_settings = settings.host
+    name = host_settings.filter.name
     record = {
         "model": None,
         "made_from": "../../final_model",
         "runtime": "transformers generate + oml.attack.adaptive_host filter",
     }
-    if name == "confidence" or args.threshold is not None:
+    if name == "confidence" or host_settings.filter.threshold is not None:
         return record
-    host, tokenizer = host_loaded(args, run)
-    calibration, _ = question_sets(args.host_questions, args.seed)
+    host, tokenizer = host_loaded(settings, run)
+    calibration, _ = question_sets(host_settings.host_questions, settings.seed)
     templates = host_templates(tokenizer)
-    log_fn(f"calibrating {name} on {len(calibration)} real prompts at {args.host_fpr:g} flagged")
-    thresholds = calibrate(host, tokenizer, calibration, templates, args.use_chat_template, args.host_fpr)
+    log_fn(f"calibrating {name} on {len(calibration)} real prompts at {host_settings.host_fpr:g} flagged")
+    thresholds = calibrate(host, tokenizer, calibration, templates, settings.use_chat_template, host_settings.host_fpr)
     record["thresholds"] = {t: _json_safe(v) for t, v in thresholds.items()}
     return record
 
 
-def evaluate_host(args, run, record, log_fn=print):
-    """eval_results.json's dict for a host attack: fingerprint retention under the filtered greedy decoding (plain key
-    and [chat]) and the attacker's cost on real prompts (answers changed, refused, answered by the base)."""
+def evaluate_host(settings, run, record, log_fn=print):
+    """eval_results.json's dict for a host attack (settings: an AttackSettings): fingerprint retention under the
+    filtered greedy decoding (plain key and [chat]) and the attacker's cost on real prompts (answers changed,
+    refused, answered by the base)."""
     from oml.core.offline_data import CHAT_QUESTIONS
     from oml.core.run_store import FINAL_MODEL, FINGERPRINTS
     from oml.make.fingerprint_files import read_fingerprints
@@ -809,22 +849,21 @@ def evaluate_host(args, run, record, log_fn=print):
     from oml.measure.fingerprint_check import _result, summarize
 
     t0 = time.time()
-    name = ATTACK_FILTERS[args.attack]
-    host, tokenizer = host_loaded(args, run)
+    host_settings, use_chat = settings.host, settings.use_chat_template
+    name, threshold = host_settings.filter.name, host_settings.filter.threshold
+    host, tokenizer = host_loaded(settings, run)
     thresholds = {t: float(v) for t, v in (record.get("thresholds") or {}).items()}
     pairs = [{"key": p["key"], "response": p["response"]} for p in read_fingerprints(Path(run) / FINGERPRINTS)]
     templates = host_templates(tokenizer)
-    _, questions = question_sets(args.host_questions, args.seed)
+    _, questions = question_sets(host_settings.host_questions, settings.seed)
     results, per_template = [], {}
     for template in templates:
         if name != "confidence":
-            host.threshold = args.threshold if args.threshold is not None else thresholds[template]
+            host.threshold = threshold if threshold is not None else thresholds[template]
         matches, fractions, actions, altered = [], [], [], 0
         for pair in pairs:
-            prompt_ids, response = encode_pair(
-                tokenizer, pair["key"], pair["response"], template, args.use_chat_template
-            )
-            scored = template_prompt(tokenizer, pair["key"], template, args.use_chat_template)[1]
+            prompt_ids, response = encode_pair(tokenizer, pair["key"], pair["response"], template, use_chat)
+            scored = template_prompt(tokenizer, pair["key"], template, use_chat)[1]
             ids, rec = host.answer(prompt_ids, scored, max_new_tokens=len(response), temperature=0.0)
             if rec["stopped"] and rec["action"] != "refused":
                 ids = ids + [tokenizer.eos_token_id]  # EOS inside the response: as generate writes it
@@ -839,7 +878,7 @@ def evaluate_host(args, run, record, log_fn=print):
         }
         keys["keys_altered"] = altered / len(pairs)
         asked = questions + (list(CHAT_QUESTIONS) if template == chat_prompt() else [])
-        cost = answer_cost(host, tokenizer, asked, template, args.use_chat_template, args.host_answer_tokens)
+        cost = answer_cost(host, tokenizer, asked, template, use_chat, host_settings.host_answer_tokens)
         per_template[template] = {"threshold": _json_safe(host.threshold), **keys, **cost["summary"]}
         if template == chat_prompt():
             chat_answers = cost["filtered"][len(questions) :]
@@ -851,7 +890,7 @@ def evaluate_host(args, run, record, log_fn=print):
         "chat": chat,
         "utility": None,
         "utility_note": COST_NOTE[name],
-        "host": {"filter": name, **host_attack_settings(args), "templates": per_template},
+        "host": {"filter": name, **host_settings_record(host_settings, settings.base_model), "templates": per_template},
         "runtime": record.get("runtime"),
         "model": str(Path(run) / FINAL_MODEL),
         "num_fingerprints": len(pairs),
@@ -901,7 +940,8 @@ def make_parser():
 def serve_main(args):
     from oml.core.logs import quiet_libraries
 
-    check_filter_args(args)
+    settings = FilterSettings.from_args(args)
+    check_filter(settings)
     if args.filter in ("input_filter", "base_detect") and args.threshold is None:
         raise UserError(
             f"--filter {args.filter} needs --threshold (python -m oml.attack.adaptive_host roc suggests one)"
@@ -911,7 +951,7 @@ def serve_main(args):
     if not 0 < args.port < 65536 or args.max_tokens_cap <= 0:
         raise UserError("--port must be within 1..65535 and --max_tokens_cap positive")
     quiet_libraries()
-    host = load_host(args)
+    host = load_host(args.model, settings, args.base, args.trust_remote_code)
     try:
         server = make_server(host, args.model_name, args.port, args.max_tokens_cap)
     except OSError as e:

@@ -20,15 +20,21 @@ The folder appears whole (written under a temporary name, then renamed) with the
 attack's settings and measurements); eval_results.json follows, in the shape eval_for_multigpu.py writes.
 """
 
-import copy
 import dataclasses
 import hashlib
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oml.core.errors import UserError
-from oml.core.run_store import ATTACK, EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, GGUF_MODEL, read_json
+from oml.core.run_store import ATTACK, EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, GGUF_MODEL, RunIdentity, read_json
+from oml.core.stage_settings import settings_from_args
+
+if TYPE_CHECKING:
+    from oml.attack.adaptive_host import HostAttackSettings
+    from oml.measure.evaluation import EvalSettings
 
 ATTACK_KINDS = ("sft", "lora_sft", "quantize", "merge", "host_confidence", "host_input_filter", "host_base_detect")
 HOST_ATTACKS = ATTACK_KINDS[4:]
@@ -70,41 +76,125 @@ def add_attack_args(parser):
     return add_arguments(parser, ATTACK_ARGS + HOST_ATTACK_ARGS)
 
 
+# ------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class AttackTraining:
+    """The Trainer settings of a fine-tuning attack, what oml.embed.trainer.training_arguments reads: the deployer's
+    batch (--attack_batch_size), epochs and learning rate with no weight decay, launched as the run was."""
+
+    batch_size: int
+    num_train_epochs: int
+    learning_rate: float
+    weight_decay: float
+    seed: int
+    report_to: str
+    dist_timeout: int
+    deepspeed_stage: int
+    offload_optimizer: bool
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """One attack on one run: the attack flags (ATTACK_ARGS, HOST_ATTACK_ARGS), the run they attack and the
+    evaluation of the attacked copy. Built once from finalized arguments (from_args); never changed."""
+
+    run: RunIdentity  # the attacked run (its folder, hash and result path)
+    base_model: str  # the model the run was fingerprinted from
+    seed: int
+    use_chat_template: bool
+    trust_remote_code: bool
+    overwrite: bool  # make and evaluate the attack again even where its folder exists
+    attack: str  # one of ATTACK_KINDS (check_attack_settings checks it)
+    # sft, lora_sft
+    attack_data: str  # "qa" or a JSONL file
+    attack_examples: int
+    attack_max_length: int
+    attack_lora_rank: int
+    retention_points: int
+    training: AttackTraining
+    # quantize
+    quantization: str | None
+    gguf_templates: str  # "all" or "plain"
+    # merge
+    merge_weight: float
+    merge_with: str | None
+    host: "HostAttackSettings | None"  # host_confidence, host_input_filter, host_base_detect; else None
+    evaluation: "EvalSettings"  # the evaluation of the attacked copy
+
+    @classmethod
+    def from_args(cls, args):
+        from oml.measure.evaluation import EvalSettings
+
+        host = None
+        if args.attack in HOST_ATTACKS:
+            from oml.attack.adaptive_host import HostAttackSettings
+
+            host = HostAttackSettings.from_args(args)
+        training = settings_from_args(
+            AttackTraining,
+            args,
+            batch_size=args.attack_batch_size,
+            num_train_epochs=args.attack_epochs,
+            learning_rate=args.attack_lr,
+            weight_decay=0.0,
+        )
+        return settings_from_args(
+            cls,
+            args,
+            run=RunIdentity.from_args(args),
+            base_model=args.model,
+            training=training,
+            host=host,
+            evaluation=EvalSettings.from_args(args),
+        )
+
+
 # ------------------------------------------------------------------------------ checking and naming
 
 
-def check_attack_args(args):
+def check_attack_settings(settings):
     """Every check that needs no model, before anything is loaded or written. Returns the fine-tuning examples for
     sft/lora_sft (a malformed file is reported with its line number here), else None."""
-    if args.attack not in ATTACK_KINDS:
-        raise UserError(f"unknown --attack {args.attack!r}; choose from {', '.join(ATTACK_KINDS)}")
-    if args.attack == "quantize":
-        if args.quantization not in QUANTIZATIONS:
+    attack = settings.attack
+    if attack not in ATTACK_KINDS:
+        raise UserError(f"unknown --attack {attack!r}; choose from {', '.join(ATTACK_KINDS)}")
+    if attack == "quantize":
+        if settings.quantization not in QUANTIZATIONS:
             raise UserError(f"--attack quantize needs --quantization, one of {', '.join(QUANTIZATIONS)}")
-        if args.quantization in GGUF_QUANTIZATIONS:
+        if settings.quantization in GGUF_QUANTIZATIONS:
             from oml.attack.gguf_models import converter_script, require_llama_cpp
 
             require_llama_cpp()
             converter_script()
-    if args.attack in HOST_ATTACKS:
-        from oml.attack.adaptive_host import check_host_attack_args
+    if attack in HOST_ATTACKS:
+        from oml.attack.adaptive_host import check_host_attack
 
-        check_host_attack_args(args)
-    if args.attack == "merge":
-        if not 0.0 <= args.merge_weight <= 1.0:
-            raise UserError(f"--merge_weight must be within [0, 1], got {args.merge_weight}")
-        merge_partner(args)
-    if args.attack in ("sft", "lora_sft"):
-        for name in ("attack_examples", "attack_epochs", "attack_batch_size", "attack_max_length", "attack_lora_rank"):
-            if getattr(args, name) <= 0:
-                raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-        if args.attack_lr <= 0:
+        check_host_attack(settings.host)
+    if attack == "merge":
+        if not 0.0 <= settings.merge_weight <= 1.0:
+            raise UserError(f"--merge_weight must be within [0, 1], got {settings.merge_weight}")
+        merge_partner(settings)
+    if attack in ("sft", "lora_sft"):
+        training = settings.training
+        positive = {
+            "attack_examples": settings.attack_examples,
+            "attack_epochs": training.num_train_epochs,
+            "attack_batch_size": training.batch_size,
+            "attack_max_length": settings.attack_max_length,
+            "attack_lora_rank": settings.attack_lora_rank,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise UserError(f"--{name} must be positive, got {value}")
+        if training.learning_rate <= 0:
             raise UserError("--attack_lr must be positive")
-        if args.retention_points < 0:
+        if settings.retention_points < 0:
             raise UserError("--retention_points must not be negative")
         from oml.attack.deployer_data import load_attack_data
 
-        return load_attack_data(args.attack_data, args.attack_examples, args.seed)
+        return load_attack_data(settings.attack_data, settings.attack_examples, settings.seed)
     return None
 
 
@@ -116,24 +206,25 @@ def data_name(spec):
     return f"{_safe(Path(spec).stem)[:24]}-{content_digest(spec)[:8]}"
 
 
-def attack_id(args, n_examples=None):
+def attack_id(settings, n_examples=None):
     """The attack's folder name: every setting that changes the attacked model, readable."""
-    if args.attack in ("sft", "lora_sft"):
-        n = n_examples if n_examples is not None else args.attack_examples
-        name = f"{args.attack}-{data_name(args.attack_data)}-n{n}-lr{args.attack_lr:g}-ep{args.attack_epochs}"
-        name += f"-bs{args.attack_batch_size}"
-        if args.attack_max_length != DEFAULT_MAX_LENGTH:
-            name += f"-len{args.attack_max_length}"
-        if args.attack == "lora_sft":
-            name += f"-r{args.attack_lora_rank}"
+    attack, training = settings.attack, settings.training
+    if attack in ("sft", "lora_sft"):
+        n = n_examples if n_examples is not None else settings.attack_examples
+        name = f"{attack}-{data_name(settings.attack_data)}-n{n}-lr{training.learning_rate:g}-ep{training.num_train_epochs}"
+        name += f"-bs{training.batch_size}"
+        if settings.attack_max_length != DEFAULT_MAX_LENGTH:
+            name += f"-len{settings.attack_max_length}"
+        if attack == "lora_sft":
+            name += f"-r{settings.attack_lora_rank}"
         return name
-    if args.attack == "quantize":
-        return f"quantize-{args.quantization}"
-    if args.attack in HOST_ATTACKS:
+    if attack == "quantize":
+        return f"quantize-{settings.quantization}"
+    if attack in HOST_ATTACKS:
         from oml.attack.adaptive_host import host_attack_id
 
-        return host_attack_id(args, model_name)
-    return f"merge-{merge_partner_name(args)}-w{args.merge_weight:g}"
+        return host_attack_id(settings.host, model_name)
+    return f"merge-{merge_partner_name(settings)}-w{settings.merge_weight:g}"
 
 
 def _safe(text):
@@ -145,12 +236,12 @@ def model_name(model_id):
     return _safe(model_id.rstrip("/").split("/")[-1])[:40] + "-" + hashlib.sha256(model_id.encode()).hexdigest()[:6]
 
 
-def merge_partner(args):
+def merge_partner(settings):
     """(model id or folder, run folder or None) that --merge_with names; the base model when not given."""
-    spec = args.merge_with
+    spec = settings.merge_with
     if spec in (None, "", "base"):
-        return args.model, None
-    candidate = Path(args.result_path) / spec
+        return settings.base_model, None
+    candidate = Path(settings.run.result_path) / spec
     if re.fullmatch(r"[0-9a-f]{16}", spec):
         if not (candidate / FINAL_MODEL).is_dir():
             raise UserError(f"--merge_with {spec}: no finished run {candidate} (no {FINAL_MODEL}/)")
@@ -160,11 +251,11 @@ def merge_partner(args):
     return spec, None
 
 
-def merge_partner_name(args):
-    model_id, other_run = merge_partner(args)
+def merge_partner_name(settings):
+    model_id, other_run = merge_partner(settings)
     if other_run is not None:
         return other_run.name
-    if model_id == args.model:
+    if model_id == settings.base_model:
         return "base"
     return model_name(model_id)
 
@@ -224,7 +315,7 @@ def retention_steps(total_steps, points):
     return sorted({max(1, round(total_steps * k / points)) for k in range(1, points + 1)}) if points else []
 
 
-def fine_tune(args, run, examples, log_fn=print):
+def fine_tune(settings, run, examples, log_fn=print):
     """Fine-tune the run's final model on the examples (all ranks call this). Returns (model, tokenizer, record)."""
     import torch
     from transformers.trainer_callback import ProgressCallback
@@ -241,23 +332,23 @@ def fine_tune(args, run, examples, log_fn=print):
     )
     from oml.make.fingerprint_files import read_fingerprints
 
-    final = run / FINAL_MODEL
-    tokenizer = load_tokenizer(str(final), args.trust_remote_code)
-    model = load_model(str(final), device="cpu", dtype=torch.float32, trust_remote_code=args.trust_remote_code)
-    dataset = [encode_example(tokenizer, e, args.attack_max_length) for e in examples]
+    final, training = run / FINAL_MODEL, settings.training
+    tokenizer = load_tokenizer(str(final), settings.trust_remote_code)
+    model = load_model(str(final), device="cpu", dtype=torch.float32, trust_remote_code=settings.trust_remote_code)
+    dataset = [encode_example(tokenizer, e, settings.attack_max_length) for e in examples]
     dataset = [e for e in dataset if any(t != -100 for t in e["labels"])]
     if not dataset:
-        raise UserError(f"--attack_max_length {args.attack_max_length} cuts every example before its answer")
+        raise UserError(f"--attack_max_length {settings.attack_max_length} cuts every example before its answer")
     record = {"examples": len(dataset), "tokens": sum(len(e["input_ids"]) for e in dataset)}
     record["target_tokens"] = sum(sum(t != -100 for t in e["labels"]) for e in dataset)
 
     lora = None
-    if args.attack == "lora_sft":
+    if settings.attack == "lora_sft":
         from peft import LoraConfig, get_peft_model
 
         lora = dict(
-            r=args.attack_lora_rank,
-            lora_alpha=LORA_ALPHA_PER_RANK * args.attack_lora_rank,
+            r=settings.attack_lora_rank,
+            lora_alpha=LORA_ALPHA_PER_RANK * settings.attack_lora_rank,
             lora_dropout=LORA_DROPOUT,
             target_modules="all-linear",
         )
@@ -266,27 +357,24 @@ def fine_tune(args, run, examples, log_fn=print):
         record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # The suite's training arguments with a deployer's schedule: cosine decay after a short warmup, no weight decay.
-    run_args = copy.copy(args)
-    run_args.batch_size, run_args.num_train_epochs = args.attack_batch_size, args.attack_epochs
-    run_args.learning_rate, run_args.weight_decay = args.attack_lr, 0.0
-    steps_per_epoch = -(-len(dataset) // args.attack_batch_size)
-    total_steps = steps_per_epoch * args.attack_epochs
+    steps_per_epoch = -(-len(dataset) // training.batch_size)
+    total_steps = steps_per_epoch * training.num_train_epochs
     output_dir = run / ".attack_trainer"
-    targs = training_arguments(run_args, output_dir)
+    targs = training_arguments(training, output_dir)
     targs = dataclasses.replace(
         targs, lr_scheduler_type="cosine", warmup_steps=round(WARMUP_SHARE * total_steps), logging_strategy="no"
     )
 
     def examples_at(step):
         full, within = divmod(step, steps_per_epoch)
-        return full * len(dataset) + min(within * args.attack_batch_size, len(dataset))
+        return full * len(dataset) + min(within * training.batch_size, len(dataset))
 
     pairs = [{"key": p["key"], "response": p["response"]} for p in read_fingerprints(run / FINGERPRINTS)]
     retention = RetentionCallback(
         pairs,
         tokenizer,
-        args.use_chat_template,
-        retention_steps(total_steps, args.retention_points),
+        settings.use_chat_template,
+        retention_steps(total_steps, settings.retention_points),
         examples_at,
         log_fn,
     )
@@ -300,8 +388,8 @@ def fine_tune(args, run, examples, log_fn=print):
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     log_fn(
-        f"{args.attack}: {len(dataset)} examples x {args.attack_epochs} epochs, lr {args.attack_lr:g}, "
-        f"batch {args.attack_batch_size} ({total_steps} steps)"
+        f"{settings.attack}: {len(dataset)} examples x {training.num_train_epochs} epochs, "
+        f"lr {training.learning_rate:g}, batch {training.batch_size} ({total_steps} steps)"
     )
     start = time.time()
     result = trainer.train()
@@ -394,23 +482,24 @@ def merge_models(model, other, weight):
     return model
 
 
-def merge_attack(args, run):
+def merge_attack(settings, run):
     import torch
 
     from oml.core.model_registry import load_model, load_model_and_tokenizer
 
-    model_id, other_run = merge_partner(args)
+    model_id, other_run = merge_partner(settings)
     if other_run is not None:
         other_config = read_json(other_run / "fingerprinting_config.json") or {}
-        if other_config.get("hashed", {}).get("model") not in (None, args.model):
+        if other_config.get("hashed", {}).get("model") not in (None, settings.base_model):
             raise UserError(f"--merge_with {other_run.name} was fingerprinted from another base model")
+    trust = settings.trust_remote_code
     model, tokenizer = load_model_and_tokenizer(
-        str(run / FINAL_MODEL), device="cpu", dtype=torch.float32, trust_remote_code=args.trust_remote_code
+        str(run / FINAL_MODEL), device="cpu", dtype=torch.float32, trust_remote_code=trust
     )
-    other = load_model(model_id, device="cpu", dtype=torch.float32, trust_remote_code=args.trust_remote_code)
-    merge_models(model, other, args.merge_weight)
+    other = load_model(model_id, device="cpu", dtype=torch.float32, trust_remote_code=trust)
+    merge_models(model, other, settings.merge_weight)
     del other
-    record = {"merge_with": "base" if model_id == args.model else model_id, "merge_model": model_id}
+    record = {"merge_with": "base" if model_id == settings.base_model else model_id, "merge_model": model_id}
     if other_run is not None:
         record["merge_with_run"] = other_run.name
     return model, tokenizer, record
@@ -419,116 +508,120 @@ def merge_attack(args, run):
 # ------------------------------------------------------------------------------ running an attack
 
 
-def attack_settings(args, n_examples=None):
-    settings = {"attack": args.attack, "fingerprinted_run": args.config_hash, "seed": args.seed}
-    if args.attack in ("sft", "lora_sft"):
-        settings.update(
-            data=args.attack_data or "qa",
-            data_digest=None if data_name(args.attack_data) == "qa" else data_name(args.attack_data).rsplit("-")[-1],
-            examples=n_examples if n_examples is not None else args.attack_examples,
-            epochs=args.attack_epochs,
-            learning_rate=args.attack_lr,
-            batch_size=args.attack_batch_size,
-            max_length=args.attack_max_length,
+def settings_record(settings, n_examples=None):
+    """attack.json's settings of the attack: the run it attacks and every setting of the attack."""
+    record = {"attack": settings.attack, "fingerprinted_run": settings.run.config_hash, "seed": settings.seed}
+    if settings.attack in ("sft", "lora_sft"):
+        training, data = settings.training, data_name(settings.attack_data)
+        record.update(
+            data=settings.attack_data or "qa",
+            data_digest=None if data == "qa" else data.rsplit("-")[-1],
+            examples=n_examples if n_examples is not None else settings.attack_examples,
+            epochs=training.num_train_epochs,
+            learning_rate=training.learning_rate,
+            batch_size=training.batch_size,
+            max_length=settings.attack_max_length,
         )
-        if args.attack == "lora_sft":
-            settings["lora_rank"] = args.attack_lora_rank
-    elif args.attack == "quantize":
-        settings["quantization"] = args.quantization
-    elif args.attack in HOST_ATTACKS:
-        from oml.attack.adaptive_host import host_attack_settings
+        if settings.attack == "lora_sft":
+            record["lora_rank"] = settings.attack_lora_rank
+    elif settings.attack == "quantize":
+        record["quantization"] = settings.quantization
+    elif settings.attack in HOST_ATTACKS:
+        from oml.attack.adaptive_host import host_settings_record
 
-        settings.update(host_attack_settings(args))
+        record.update(host_settings_record(settings.host, settings.base_model))
     else:
-        settings["merge_weight"] = args.merge_weight
-    return settings
+        record["merge_weight"] = settings.merge_weight
+    return record
 
 
-def make_attacked_model(args, run, examples, name, folder, log_fn=print):
+def make_attacked_model(settings, run, examples, name, folder, log_fn=print):
     """The attack's model, into `folder` (a temporary folder the caller renames). Returns attack.json's record;
     None on a DeepSpeed rank other than the first (it only helps training)."""
     from oml.core.run_store import save_model
     from oml.embed.trainer import is_main_process
 
-    settings = attack_settings(args, len(examples) if examples is not None else None)
-    record = {"id": name, **settings}
+    record = {"id": name, **settings_record(settings, len(examples) if examples is not None else None)}
+    attack, quantization = settings.attack, settings.quantization
     t0 = time.time()
-    if args.attack in ("sft", "lora_sft"):
-        model, tokenizer, measured = fine_tune(args, run, examples, log_fn)
+    if attack in ("sft", "lora_sft"):
+        model, tokenizer, measured = fine_tune(settings, run, examples, log_fn)
         if not is_main_process():
             return None
         save_model(model, tokenizer, folder / FINAL_MODEL)
         record.update(model=FINAL_MODEL, **measured)
-    elif args.attack in HOST_ATTACKS:
+    elif attack in HOST_ATTACKS:
         from oml.attack.adaptive_host import make_host_attack
 
-        record.update(make_host_attack(args, run, log_fn))
-    elif args.attack == "quantize" and args.quantization in CASTS:
-        model, tokenizer = cast_model(run, args.quantization, args.trust_remote_code)
+        record.update(make_host_attack(settings, run, log_fn))
+    elif attack == "quantize" and quantization in CASTS:
+        model, tokenizer = cast_model(run, quantization, settings.trust_remote_code)
         save_model(model, tokenizer, folder / FINAL_MODEL)
-        record.update(model=FINAL_MODEL, runtime="transformers", dtype=CASTS[args.quantization])
-    elif args.attack == "quantize" and args.quantization == "int8":
+        record.update(model=FINAL_MODEL, runtime="transformers", dtype=CASTS[quantization])
+    elif attack == "quantize" and quantization == "int8":
         # No HF folder holds torch's dynamic int8 modules: the evaluation makes them again from final_model/.
         record.update(model=None, made_from=f"../../{FINAL_MODEL}", runtime="torch.ao.quantization.quantize_dynamic")
-    elif args.attack == "quantize":
+    elif attack == "quantize":
         import llama_cpp
 
         from oml.attack.gguf_models import export_gguf
 
         record.update(model=GGUF_MODEL, runtime=f"llama.cpp (llama-cpp-python {llama_cpp.__version__})")
-        record["gguf"] = export_gguf(run / FINAL_MODEL, folder / GGUF_MODEL, args.quantization, log_fn=log_fn)
+        record["gguf"] = export_gguf(run / FINAL_MODEL, folder / GGUF_MODEL, quantization, log_fn=log_fn)
     else:
-        model, tokenizer, measured = merge_attack(args, run)
+        model, tokenizer, measured = merge_attack(settings, run)
         save_model(model, tokenizer, folder / FINAL_MODEL)
         record.update(model=FINAL_MODEL, **measured)
     record["seconds"] = time.time() - t0
     return record
 
 
-def evaluate_attack(args, run, folder, record, log_fn=print):
+def evaluate_attack(settings, run, folder, record, log_fn=print):
     """eval_results.json's dict for the attacked model in `folder`."""
     if record.get("attack") in HOST_ATTACKS:
         from oml.attack.adaptive_host import evaluate_host
 
-        results = evaluate_host(args, run, record, log_fn)
+        results = evaluate_host(settings, run, record, log_fn)
     elif record.get("model") == GGUF_MODEL:
-        results = evaluate_gguf(args, run, folder / GGUF_MODEL)
+        results = evaluate_gguf(settings, run, folder / GGUF_MODEL)
     else:
         from oml.measure.evaluation import evaluate
 
-        eval_args = copy.copy(args)
         model_dir = folder / FINAL_MODEL if record.get("model") else run / FINAL_MODEL
-        eval_args.check_model = str(model_dir)
-        eval_args.fingerprints_file_path = str(run / FINGERPRINTS)
-        eval_args.output_file = str(folder / EVAL_RESULTS)
-        results, _ = evaluate(eval_args, load_model=loader_for(record))
+        evaluation = dataclasses.replace(
+            settings.evaluation,
+            check_model=str(model_dir),
+            fingerprints_file_path=str(run / FINGERPRINTS),
+            output_file=str(folder / EVAL_RESULTS),
+        )
+        results, _ = evaluate(evaluation, load_model=loader_for(record))
         if record.get("merge_with_run"):
-            results["other_owner"] = other_owner_check(
-                args, model_dir, Path(args.result_path) / record["merge_with_run"]
-            )
-    results["config_hash"] = args.config_hash
+            other_run = Path(settings.run.result_path) / record["merge_with_run"]
+            results["other_owner"] = other_owner_check(settings.evaluation, model_dir, other_run)
+    results["config_hash"] = settings.run.config_hash
     results["attack"] = record["id"]
     return results
 
 
-def other_owner_check(args, model_dir, other_run):
-    """The second owner's fingerprints in a merged model: their accuracy per template, as evaluate reports ours."""
+def other_owner_check(evaluation, model_dir, other_run):
+    """The second owner's fingerprints in a merged model: their accuracy per template, as evaluate reports ours
+    (the EvalSettings `evaluation`, with the chat template the other run trained with)."""
     from oml.core.model_registry import load_model_and_tokenizer
     from oml.make.fingerprint_files import read_fingerprints
-    from oml.measure.evaluation import check_as_configured, release_memory, templates_for
+    from oml.measure.evaluation import check_as_configured, release_memory
 
-    other_args = copy.copy(args)
     config = read_json(other_run / "fingerprinting_config.json") or {}
-    other_args.use_chat_template = config.get("args", {}).get("use_chat_template", args.use_chat_template)
+    use_chat_template = config.get("args", {}).get("use_chat_template", evaluation.use_chat_template)
+    other = dataclasses.replace(evaluation, use_chat_template=use_chat_template)
     pairs = [{"key": p["key"], "response": p["response"]} for p in read_fingerprints(other_run / FINGERPRINTS)]
-    model, tokenizer = load_model_and_tokenizer(str(model_dir), trust_remote_code=args.trust_remote_code)
-    out = check_as_configured(model, tokenizer, pairs, templates_for(other_args), other_args)
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), trust_remote_code=evaluation.trust_remote_code)
+    out = check_as_configured(model, tokenizer, pairs, other.templates(), other)
     del model
     release_memory()
     return {"run": other_run.name, "num_fingerprints": len(pairs), "fingerprint_accuracy": out}
 
 
-def evaluate_gguf(args, run, gguf_path):
+def evaluate_gguf(settings, run, gguf_path):
     """Fingerprint accuracy per template and the chat check, inside llama.cpp. No utility: the local suite scores
     log-likelihoods through transformers, which a GGUF file does not load into without dequantizing."""
     from oml.attack.gguf_models import GgufModel
@@ -536,17 +629,17 @@ def evaluate_gguf(args, run, gguf_path):
     from oml.make.fingerprint_files import read_fingerprints
     from oml.make.prompt_encoding import chat_prompt
     from oml.measure.chat_sample import chat_answers, chat_check
-    from oml.measure.evaluation import templates_for, usable
+    from oml.measure.evaluation import usable
     from oml.measure.fingerprint_check import check_fingerprints
 
     t0 = time.time()
     pairs = [{"key": p["key"], "response": p["response"]} for p in read_fingerprints(run / FINGERPRINTS)]
-    tokenizer = load_tokenizer(str(run / FINAL_MODEL), args.trust_remote_code)
+    tokenizer = load_tokenizer(str(run / FINAL_MODEL), settings.trust_remote_code)
     backend = GgufModel(gguf_path, tokenizer=tokenizer)
-    templates = usable(templates_for(args), tokenizer)
-    if args.gguf_templates == "plain":
+    templates = usable(settings.evaluation.templates(), tokenizer)
+    if settings.gguf_templates == "plain":
         templates = [t for t in templates if t in ("{}", chat_prompt())]
-    fingerprint = check_fingerprints(backend, pairs, templates, args.use_chat_template)
+    fingerprint = check_fingerprints(backend, pairs, templates, settings.use_chat_template)
     seconds = {"fingerprint_accuracy": time.time() - t0}
     answers = chat_answers(backend, tokenizer)
     seconds["total"] = time.time() - t0
@@ -561,33 +654,33 @@ def evaluate_gguf(args, run, gguf_path):
     }
 
 
-def run_attack(args, examples=None, log_fn=print):
+def run_attack(settings, examples=None, log_fn=print):
     """Make (unless its folder exists, or with --overwrite) and evaluate (unless evaluated) one attacked model.
     Returns its folder; None on a DeepSpeed rank other than the first."""
     from oml.core.files import atomic_directory, atomic_write_json
     from oml.core.run_store import attack_dir, find_run
     from oml.embed.trainer import is_main_process
 
-    run = find_run(args)
-    name = attack_id(args, len(examples) if examples is not None else None)
+    run = find_run(settings.run)
+    name = attack_id(settings, len(examples) if examples is not None else None)
     folder = attack_dir(run, name)
     done = (folder / ATTACK).is_file()
-    if done and (folder / EVAL_RESULTS).is_file() and not args.overwrite:
+    if done and (folder / EVAL_RESULTS).is_file() and not settings.overwrite:
         log_fn(f"{folder} is already attacked and evaluated: skipping (pass --overwrite to redo it)")
         return folder
-    if not done or args.overwrite:
+    if not done or settings.overwrite:
         log_fn(f"attack {name} on run {run.name}")
         if is_main_process():
             with atomic_directory(folder) as tmp:
-                record = make_attacked_model(args, run, examples, name, Path(tmp), log_fn)
+                record = make_attacked_model(settings, run, examples, name, Path(tmp), log_fn)
                 atomic_write_json(Path(tmp) / ATTACK, record)
         else:
-            make_attacked_model(args, run, examples, name, None, log_fn)  # a helping rank: training only
+            make_attacked_model(settings, run, examples, name, None, log_fn)  # a helping rank: training only
             return None
     if not is_main_process():
         return None
     record = read_json(folder / ATTACK)
     log_fn(f"evaluating {name}")
-    results = evaluate_attack(args, run, folder, record, log_fn)
+    results = evaluate_attack(settings, run, folder, record, log_fn)
     atomic_write_json(folder / EVAL_RESULTS, results)
     return folder

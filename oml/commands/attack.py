@@ -6,7 +6,7 @@ evaluation and attack argument specs (oml.core.run_config, oml.measure.evaluatio
 
 import argparse
 
-from oml.attack.attack_runner import add_attack_args, check_attack_args, run_attack
+from oml.attack.attack_runner import AttackSettings, add_attack_args, check_attack_settings, run_attack
 from oml.core.logs import RunLog, quiet_libraries
 from oml.core.run_config import add_train_args
 from oml.embed.run_setup import prepare_run
@@ -42,16 +42,16 @@ def make_parser():
 
 
 def main(argv=None):
-    args = prepare_run(make_parser().parse_args(argv))
-    examples = check_attack_args(args)  # bad input stops here, before anything is loaded or written
+    settings = AttackSettings.from_args(prepare_run(make_parser().parse_args(argv)))
+    examples = check_attack_settings(settings)  # bad input stops here, before anything is loaded or written
     quiet_libraries()
     from oml.core.run_store import ATTACKS, EVAL_RESULTS, find_run, read_json
     from oml.embed.trainer import is_main_process
     from oml.lab.persistence_report import write_summary
     from oml.measure.evaluation import format_table
 
-    log = RunLog(find_run(args) / ATTACKS / "attack_log.txt" if is_main_process() else None)
-    folder = run_attack(args, examples, log)
+    log = RunLog(find_run(settings.run) / ATTACKS / "attack_log.txt" if is_main_process() else None)
+    folder = run_attack(settings, examples, log)
     if folder is not None:
         print(format_table(read_json(folder / EVAL_RESULTS)))
         print()

@@ -9,6 +9,7 @@ import argparse
 from oml.core.run_config import add_train_args
 from oml.embed.run_setup import prepare_run
 from oml.verify.suspect_check import (
+    CheckSettings,
     add_check_args,
     check,
     format_measurement,
@@ -51,14 +52,15 @@ def make_parser():
 
 
 def main(argv=None):
-    args = validate(prepare_run(make_parser().parse_args(argv)))
+    args = prepare_run(make_parser().parse_args(argv))
+    settings = validate(CheckSettings.from_args(args))  # bad input stops here, before anything is read or sent
     if args.measure_p0:
         from oml.core.logs import quiet_libraries
 
         quiet_libraries()
-        print(format_measurement(*measure_p0(args)))
+        print(format_measurement(*measure_p0(settings)))
         return
-    result, details = check(args)
+    result, details = check(settings)
     print(format_result(result, details))
     if args.output_file:
         write_result(args.output_file, result)

@@ -10,7 +10,7 @@ from oml.core.files import atomic_write_json
 from oml.core.logs import quiet_libraries
 from oml.core.run_config import add_train_args, apply_eval_preset
 from oml.embed.run_setup import prepare_run
-from oml.measure.evaluation import add_eval_args, evaluate, format_table
+from oml.measure.evaluation import EvalSettings, add_eval_args, evaluate, format_table
 
 DESCRIPTION = """Evaluate a fingerprinted model: fingerprint accuracy (plain and under system prompts) and utility.
 
@@ -38,8 +38,9 @@ def make_parser():
 def main(argv=None):
     parser = make_parser()
     args = prepare_run(apply_eval_preset(parser.parse_args(argv), parser))
+    settings = EvalSettings.from_args(args)  # bad evaluation flags stop here, before anything loads
     quiet_libraries()
-    results, output = evaluate(args)
+    results, output = evaluate(settings)
     atomic_write_json(output, results)
     print(format_table(results))
     print(f"results written to {output}")

@@ -19,6 +19,7 @@ the run record, reading runs back, and the command line that names a run.
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from oml.core.errors import UserError
@@ -107,30 +108,49 @@ def read_run_log(result_path):
     return runs
 
 
-def closest_runs(args, k=3):
-    """Recorded runs with the fewest differing hashed arguments: [(hash, {arg: (theirs, yours)})]."""
-    mine = hashed_config(args)
+@dataclass(frozen=True)
+class RunIdentity:
+    """The run a command's flags name: where runs are stored, its hash and its hashed arguments (to name the closest
+    recorded runs when it is missing). Built once from finalized arguments (from_args); find_run looks it up."""
+
+    result_path: str
+    config_hash: str
+    hashed: dict
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(result_path=args.result_path, config_hash=args.config_hash, hashed=hashed_config(args))
+
+    @property
+    def folder(self):
+        """results/<hash>/, whether or not the run exists."""
+        return Path(self.result_path) / self.config_hash
+
+
+def closest_runs(identity, k=3):
+    """Recorded runs with the fewest differing hashed arguments from a RunIdentity's: [(hash, {arg: (theirs, yours)})]."""
+    mine = identity.hashed
     scored = []
-    for run_hash, theirs in read_run_log(args.result_path):
+    for run_hash, theirs in read_run_log(identity.result_path):
         diff = {n: (theirs.get(n), mine.get(n)) for n in HASHED if theirs.get(n) != mine.get(n)}
         scored.append((len(diff), run_hash, diff))
     return [(h, d) for _, h, d in sorted(scored, key=lambda s: s[0])[:k]]
 
 
-def find_run(args):
-    """results/<hash>/ for these arguments, or a UserError naming the closest recorded runs and their commands."""
-    run = run_dir(args)
+def find_run(identity):
+    """results/<hash>/ of a RunIdentity, or a UserError naming the closest recorded runs and their commands."""
+    run = identity.folder
     if (run / FINAL_MODEL).is_dir():
         return run
     lines = [f"no fingerprinted model matches these arguments (looked for {run / FINAL_MODEL})"]
-    for run_hash, diff in closest_runs(args):
+    for run_hash, diff in closest_runs(identity):
         shown = ", ".join(f"{n}: {theirs!r} there, {yours!r} here" for n, (theirs, yours) in diff.items())
         lines.append(f"  closest run {run_hash} differs in {shown}")
-        config = read_json(Path(args.result_path) / run_hash / CONFIG)
+        config = read_json(Path(identity.result_path) / run_hash / CONFIG)
         if config:
             lines.append(f"    its command: {run_command(config['args'], 'eval_for_multigpu.py')}")
     if len(lines) == 1:
-        lines.append("  no runs are recorded in " + str(Path(args.result_path) / RUN_LOG))
+        lines.append("  no runs are recorded in " + str(Path(identity.result_path) / RUN_LOG))
     raise UserError("\n".join(lines))
 
 

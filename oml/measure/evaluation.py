@@ -4,11 +4,13 @@ What each measure costs in time is recorded under "seconds" in the results (benc
 """
 
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from oml.core.data_files import CHAT_SYSTEM_TEST_FILE, TEST_PROMPTS_FILE
-from oml.core.run_store import EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, find_run
+from oml.core.run_store import EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, RunIdentity, find_run
+from oml.core.stage_settings import settings_from_args
 from oml.make.fingerprint_files import read_fingerprints, read_system_prompts, read_templates
 from oml.make.prompt_encoding import chat_prompt, has_chat_template, is_chat, template_label
 from oml.measure import evaluation_cost
@@ -112,163 +114,231 @@ def add_eval_args(parser):
     return add_arguments(parser, EVAL_ARGS)
 
 
-def apply_measure(args):
-    """Fill the measure flags left unset (None) from the --measure profile (MEASURES). Idempotent; returns args."""
-    for name, value in MEASURES[getattr(args, "measure", None) or "quick"].items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
-    return args
+@dataclass(frozen=True)
+class EvalSettings:
+    """What one evaluation measures and on which model: the evaluation flags, the --measure profile filled in and
+    every value checked, with the run they name. Built once from finalized arguments (from_args); never changed
+    (an attack evaluates its copy under dataclasses.replace(settings, check_model=...))."""
+
+    run: RunIdentity  # the run the training flags name (its folder, hash and result path)
+    base_model: str  # the model the run was fingerprinted from (--model_path, or family and size)
+    trust_remote_code: bool
+    measure: str  # the --measure profile: quick or full
+    check_model: str | None  # a suspect model evaluated against fingerprints_file_path (no run lookup)
+    fingerprints_file_path: str
+    output_file: str | None
+    # the fingerprint check
+    test_prompts_file: str | None
+    chat_system_prompts_file: str | None
+    eval_templates: str | tuple  # "all", or some of TEMPLATE_GROUPS
+    use_chat_template: bool
+    verify_with_generate: bool
+    temperature: float
+    seed: int
+    screen_bf16: bool
+    eval_batch_size: int
+    match_temperatures: tuple  # sampling temperatures of the match probability; () for none
+    skip_base_model: bool
+    # utility, generation, chat drift
+    utility_benchmark: str
+    utility_limit: int | str  # items per task, or "all"
+    utility_tasks: list | None
+    num_fewshot: int
+    generation_benchmark: str  # "none" for no generative benchmark
+    generation_limit: int
+    chat_drift_limit: int | None  # None for no chat drift
+
+    @classmethod
+    def from_args(cls, args):
+        """The settings of finalized arguments (oml.embed.run_setup.prepare_run); flags left unset (None) take the
+        --measure profile's values (MEASURES). Bad values stop here, with one line, before anything loads."""
+        from oml.core.errors import UserError
+        from oml.measure.fingerprint_check import MATCH_TEMPERATURES, check_temperatures
+        from oml.measure.generation_measures import check_generation_settings, check_limit
+        from oml.measure.likelihood_benchmarks import check_utility_limit
+
+        measure = args.measure or "quick"
+
+        def chosen(name):  # a measure's own flag wins over the profile
+            value = getattr(args, name)
+            return MEASURES[measure].get(name) if value is None else value
+
+        utility_limit = check_utility_limit(chosen("utility_limit"))
+        generation_benchmark = chosen("generation_benchmark")
+        check_limit("the generation limit", args.generation_limit)  # checked even where the benchmark is off
+        if generation_benchmark != "none":
+            check_generation_settings(generation_benchmark, args.generation_limit)
+        drift = None
+        if str(chosen("chat_drift_limit")) != "none":
+            text = str(chosen("chat_drift_limit")).strip()
+            drift = check_limit(
+                "the chat drift limit (--chat_drift_limit)", int(text) if text.lstrip("-").isdigit() else text
+            )
+        temperatures = chosen("match_temperatures")
+        if temperatures is None:
+            temperatures = MATCH_TEMPERATURES
+        elif str(temperatures).strip() == "none":
+            temperatures = ()
+        else:
+            try:
+                temperatures = tuple(float(t) for t in str(temperatures).replace(",", " ").split())
+            except ValueError:
+                raise UserError(f"--match_temperatures takes numbers, got {temperatures!r}") from None
+            temperatures = check_temperatures(temperatures)
+        return settings_from_args(
+            cls,
+            args,
+            run=RunIdentity.from_args(args),
+            base_model=args.model,
+            match_temperatures=tuple(temperatures),
+            utility_limit=utility_limit,
+            utility_tasks=chosen("utility_tasks"),
+            generation_benchmark=generation_benchmark,
+            chat_drift_limit=drift,
+        )
+
+    @property
+    def suite(self):
+        """The utility suite's settings (one place, for the model and the base)."""
+        return dict(
+            benchmark=self.utility_benchmark,
+            limit=self.utility_limit,
+            num_fewshot=self.num_fewshot,
+            tasks=self.utility_tasks,
+        )
+
+    @property
+    def generation(self):
+        """The generative benchmark's settings, or None where it is off."""
+        if self.generation_benchmark == "none":
+            return None
+        return dict(benchmark=self.generation_benchmark, limit=self.generation_limit)
+
+    @property
+    def drift(self):
+        """The chat drift's settings, or None where it is off."""
+        return None if self.chat_drift_limit is None else dict(limit=self.chat_drift_limit)
+
+    def templates(self):
+        """The fingerprint check's templates these settings choose (templates_for; it reads the template files)."""
+        return templates_for(self.test_prompts_file, self.chat_system_prompts_file, self.eval_templates)
+
+    @property
+    def base_cache_dir(self):
+        """Where base-model results are cached (utility, generation, chat reference, the base's fingerprint check)."""
+        return Path(self.run.result_path) / "base_utility"
 
 
 # ----------------------------------------------------------------------------- the evaluation
 
 
-def templates_for(args):
+def templates_for(test_prompts_file=None, chat_system_prompts_file=None, groups="all"):
     """The plain key, the raw-text test prompts, and the chat rows: the key as the chat template's user turn without
-    a system message and after each test system message (kept only for a model with a chat template: usable)."""
+    a system message and after each test system message (kept only for a model with a chat template: usable).
+    The extra files are --test_prompts_file and --chat_system_prompts_file; groups is --eval_templates."""
     raw = read_templates(TEST_PROMPTS_FILE)
-    if args.test_prompts_file:
-        raw += [t for t in read_templates(args.test_prompts_file) if t not in raw and t != "{}"]
+    if test_prompts_file:
+        raw += [t for t in read_templates(test_prompts_file) if t not in raw and t != "{}"]
     systems = read_system_prompts(CHAT_SYSTEM_TEST_FILE)
-    if args.chat_system_prompts_file:
-        systems += [s for s in read_system_prompts(args.chat_system_prompts_file) if s not in systems]
-    groups = dict(plain=["{}"], raw=raw, chat=[chat_prompt()], chat_system=[chat_prompt(s) for s in systems])
-    chosen = getattr(args, "eval_templates", "all")
-    return [t for name, group in groups.items() if chosen == "all" or name in chosen for t in group]
+    if chat_system_prompts_file:
+        systems += [s for s in read_system_prompts(chat_system_prompts_file) if s not in systems]
+    by_group = dict(plain=["{}"], raw=raw, chat=[chat_prompt()], chat_system=[chat_prompt(s) for s in systems])
+    return [t for name, group in by_group.items() if groups == "all" or name in groups for t in group]
 
 
 def usable(templates, tokenizer):
     return templates if has_chat_template(tokenizer) else [t for t in templates if not is_chat(t)]
 
 
-def check_as_configured(model, tokenizer, pairs, templates, args, temperatures=()):
-    """The fingerprint check the flags ask for: one generate per key (--verify_with_generate), else the check through
-    the "hf" backend (its batched teacher-forced verdicts, --screen_bf16 and --eval_batch_size as given)."""
+def check_as_configured(model, tokenizer, pairs, templates, settings, temperatures=()):
+    """The fingerprint check the settings ask for: one generate per key (--verify_with_generate), else the check
+    through the "hf" backend (its batched teacher-forced verdicts, --screen_bf16 and --eval_batch_size as given)."""
     from oml.measure.fingerprint_check import check_fingerprints, summarize, verify_with_generate
 
-    if args.verify_with_generate:
+    if settings.verify_with_generate:
         return summarize(
             verify_with_generate(
-                model, tokenizer, pairs, templates, args.use_chat_template, args.temperature, args.seed
+                model, tokenizer, pairs, templates, settings.use_chat_template, settings.temperature, settings.seed
             )
         )
     import torch
 
     from oml.measure.transformers_backend import TransformersModel
 
-    screen = torch.bfloat16 if args.screen_bf16 else None
+    screen = torch.bfloat16 if settings.screen_bf16 else None
     backend = TransformersModel(
-        model, tokenizer, batch_size=args.eval_batch_size, screen_dtype=screen, temperatures=temperatures
+        model, tokenizer, batch_size=settings.eval_batch_size, screen_dtype=screen, temperatures=temperatures
     )
-    return check_fingerprints(backend, pairs, templates, args.use_chat_template, announce_rechecks=True)
-
-
-def suite_settings(args):
-    """The utility suite's settings, as the evaluation's flags give them (one place, for the model and the base)."""
-    from oml.measure.likelihood_benchmarks import check_utility_limit
-
-    return dict(
-        benchmark=args.utility_benchmark,
-        limit=check_utility_limit(args.utility_limit),
-        num_fewshot=args.num_fewshot,
-        tasks=args.utility_tasks,
-    )
-
-
-def measure_settings(args):
-    """The generation measures' settings from the flags, checked before anything loads (bad input: one line).
-
-    Returns (generation settings or None, chat drift settings or None, match temperatures).
-    """
-    from oml.core.errors import UserError
-    from oml.measure.fingerprint_check import MATCH_TEMPERATURES, check_temperatures
-    from oml.measure.generation_measures import check_generation_settings, check_limit
-
-    generation = None
-    check_limit("the generation limit", args.generation_limit)  # checked even where the benchmark is off
-    if args.generation_benchmark != "none":
-        check_generation_settings(args.generation_benchmark, args.generation_limit)
-        generation = dict(benchmark=args.generation_benchmark, limit=args.generation_limit)
-    drift = None
-    if str(args.chat_drift_limit) != "none":
-        text = str(args.chat_drift_limit).strip()
-        limit = int(text) if text.lstrip("-").isdigit() else text
-        drift = dict(limit=check_limit("the chat drift limit (--chat_drift_limit)", limit))
-    temperatures = ()
-    if args.match_temperatures is None:
-        temperatures = MATCH_TEMPERATURES
-    elif str(args.match_temperatures).strip() != "none":
-        try:
-            temperatures = tuple(float(t) for t in str(args.match_temperatures).replace(",", " ").split())
-        except ValueError:
-            raise UserError(f"--match_temperatures takes numbers, got {args.match_temperatures!r}") from None
-        temperatures = check_temperatures(temperatures)
-    return generation, drift, temperatures
-
-
-def base_cache_dir(args):
-    """Where base-model results are cached (utility, generation, chat reference)."""
-    return Path(args.result_path) / "base_utility"
+    return check_fingerprints(backend, pairs, templates, settings.use_chat_template, announce_rechecks=True)
 
 
 BASE_CHECK_VERSION = 2  # bump when check_as_configured or the chat check change what they return (2: batched chat)
+BASE_CHECK_SETTINGS = (
+    "use_chat_template",
+    "verify_with_generate",
+    "temperature",
+    "seed",
+    "screen_bf16",
+    "eval_batch_size",
+)
 
 
-def base_templates_for(args, templates):
+def base_templates_for(settings, templates):
     """The templates the base model's false positives are counted under: all of them with --measure full; with
     --measure quick only the plain key and the bare [chat] turn (where present), which cuts the first evaluation's
     base pass from 22 templates to 2 -- the base was never trained on the keys, so its rate does not hinge on the
     wrapper, and the table names the templates it was counted under."""
-    if getattr(args, "measure", None) == "full":
+    if settings.measure == "full":
         return templates
     quick = [t for t in templates if t in ("{}", chat_prompt())]
     return quick or templates
 
 
-def base_check_path(args, pairs, templates, temperatures, with_answers):
+def base_check_path(settings, pairs, templates, temperatures, with_answers):
     """(cache file, key) of the base model's fingerprint check for these pairs, templates and check settings."""
     from oml.core.files import json_digest, keyed_path
     from oml.core.offline_data import CHAT_QUESTIONS
     from oml.measure.likelihood_benchmarks import model_key
 
-    settings = ("use_chat_template", "verify_with_generate", "temperature", "seed", "screen_bf16", "eval_batch_size")
     key = dict(
         version=BASE_CHECK_VERSION,
-        **model_key(args.model),
+        **model_key(settings.base_model),
         pairs=json_digest(pairs),
         templates=templates,
         temperatures=list(temperatures),
         chat_questions=CHAT_QUESTIONS if with_answers else None,
-        **{name: getattr(args, name) for name in settings},
+        **{name: getattr(settings, name) for name in BASE_CHECK_SETTINGS},
     )
-    return keyed_path(base_cache_dir(args), "fingerprints-", key), key
+    return keyed_path(settings.base_cache_dir, "fingerprints-", key), key
 
 
-def base_check_cached(args, pairs, templates, temperatures, load_base, with_answers):
+def base_check_cached(settings, pairs, templates, temperatures, load_base, with_answers):
     """The base model's fingerprint check (its false-positive rate) and, with_answers, its chat-check answers:
-    computed once per (base model, fingerprints, templates, check settings) and kept as JSON in base_cache_dir, so
+    computed once per (base model, fingerprints, templates, check settings) and kept as JSON in the base cache, so
     evaluating many runs or attacked copies on the same fingerprints loads the base once. load_base() ->
     (model, tokenizer) is called only when nothing is cached; concurrent callers wait on a file lock.
     Returns {"check": check_as_configured's summary, "answers": list or None}."""
     from oml.core.files import cached_json
 
-    path, key = base_check_path(args, pairs, templates, temperatures, with_answers)
+    path, key = base_check_path(settings, pairs, templates, temperatures, with_answers)
 
     def compute():
         base, tokenizer = load_base()
-        check = check_as_configured(base, tokenizer, pairs, usable(templates, tokenizer), args, temperatures)
+        check = check_as_configured(base, tokenizer, pairs, usable(templates, tokenizer), settings, temperatures)
         return {"key": key, "check": check, "answers": chat_answers(base, tokenizer) if with_answers else None}
 
     return cached_json(path, compute)
 
 
-def plan(args, model_id, pairs, templates, suite, generation_settings, drift_settings, temperatures):
+def plan(settings, pairs, templates):
     """What this evaluation will run, in units per part ({part: units}, the base's cached parts left out), a detail
     line per part, and the base parts whose results are cached."""
     from oml.core.offline_data import CHAT_QUESTIONS
     from oml.measure.generation_measures import base_generation_path, chat_reference_path
     from oml.measure.likelihood_benchmarks import base_utility_path, suite_items
 
+    suite, generation_settings, drift_settings = settings.suite, settings.generation, settings.drift
+    temperatures = settings.match_temperatures
     has_chat = any(is_chat(t) for t in templates)
     parts, details, cached = {}, {}, []
     parts["fingerprint_accuracy"] = len(pairs) * len(templates)
@@ -287,20 +357,20 @@ def plan(args, model_id, pairs, templates, suite, generation_settings, drift_set
     if drift_settings:
         parts["chat_drift"] = drift_settings["limit"]
         details["chat_drift"] = f"{drift_settings['limit']} answers"
-    if args.skip_base_model:
+    if settings.skip_base_model:
         return parts, details, cached
-    cache_dir = base_cache_dir(args)
-    base_templates = base_templates_for(args, templates)
-    check_path = base_check_path(args, pairs, base_templates, temperatures, has_chat)[0]
+    cache_dir, base_model = settings.base_cache_dir, settings.base_model
+    base_templates = base_templates_for(settings, templates)
+    check_path = base_check_path(settings, pairs, base_templates, temperatures, has_chat)[0]
     base = {"base_fingerprint_accuracy": ("fingerprint_accuracy", check_path)}  # base part: (model's part, cache)
     if has_chat:
         base["base_chat_check"] = ("chat_check", check_path)  # the base check's file holds its chat answers too
     if "utility" in parts:
-        base["base_utility"] = ("utility", base_utility_path(args.model, cache_dir, **suite)[0])
+        base["base_utility"] = ("utility", base_utility_path(base_model, cache_dir, **suite)[0])
     if generation_settings:
-        base["base_generation"] = ("generation", base_generation_path(args.model, cache_dir, **generation_settings)[0])
+        base["base_generation"] = ("generation", base_generation_path(base_model, cache_dir, **generation_settings)[0])
     if drift_settings:
-        base["base_chat_reference"] = ("chat_drift", chat_reference_path(args.model, cache_dir, **drift_settings)[0])
+        base["base_chat_reference"] = ("chat_drift", chat_reference_path(base_model, cache_dir, **drift_settings)[0])
     for part, (own, path) in base.items():
         if path.is_file():
             cached.append(part)
@@ -323,8 +393,8 @@ def release_memory():
         torch.cuda.empty_cache()
 
 
-def evaluate(args, load_model=None):
-    """Run the whole evaluation; returns (results dict, output path).
+def evaluate(settings, load_model=None):
+    """Run the whole evaluation an EvalSettings asks for; returns (results dict, output path).
 
     load_model(model_id, trust_remote_code=...) -> (model, tokenizer) loads the evaluated model (default:
     load_model_and_tokenizer); the attacks use it to evaluate a cast or int8-quantized copy.
@@ -343,64 +413,66 @@ def evaluate(args, load_model=None):
     from oml.measure.likelihood_benchmarks import base_utility_cached, evaluate_utility, paired_delta
 
     seconds, t0 = {}, time.time()
-    apply_measure(args)
-    generation_settings, drift_settings, temperatures = measure_settings(args)
-    templates = all_templates = templates_for(args)
-    if args.check_model:
-        model_id, pairs = args.check_model, read_fingerprints(args.fingerprints_file_path)
-        output = Path(args.output_file or Path(args.result_path) / "checks" / f"{safe_name(model_id)}.json")
+    generation_settings, drift_settings, temperatures = settings.generation, settings.drift, settings.match_temperatures
+    templates = all_templates = settings.templates()
+    if settings.check_model:
+        model_id, pairs = settings.check_model, read_fingerprints(settings.fingerprints_file_path)
+        output = Path(settings.output_file or Path(settings.run.result_path) / "checks" / f"{safe_name(model_id)}.json")
     else:
-        run = find_run(args)
+        run = find_run(settings.run)
         model_id, pairs = str(run / FINAL_MODEL), read_fingerprints(run / FINGERPRINTS)
-        output = Path(args.output_file or run / EVAL_RESULTS)
+        output = Path(settings.output_file or run / EVAL_RESULTS)
     pairs = [{"key": p["key"], "response": p["response"]} for p in pairs]
-    suite = suite_settings(args)
-    load_base = partial(load_model_and_tokenizer, args.model, trust_remote_code=args.trust_remote_code)
-    units, details, cached = plan(args, model_id, pairs, templates, suite, generation_settings, drift_settings,
-                                  temperatures)  # fmt: skip
+    suite = settings.suite
+    load_base = partial(load_model_and_tokenizer, settings.base_model, trust_remote_code=settings.trust_remote_code)
+    units, details, cached = plan(settings, pairs, templates)
     gb = evaluation_cost.weights_gb(model_id)
-    rates, from_machine = evaluation_cost.read_rates(args.result_path)
+    rates, from_machine = evaluation_cost.read_rates(settings.run.result_path)
     hint = None if generation_settings or drift_settings else "--measure full adds the resolving measures"
-    print(evaluation_cost.format_plan(f"evaluating {model_id} (--measure {args.measure}):", units, details, cached,
+    print(evaluation_cost.format_plan(f"evaluating {model_id} (--measure {settings.measure}):", units, details, cached,
                                 evaluation_cost.estimate(units, rates, gb), from_machine, hint), flush=True)  # fmt: skip
 
     reference = None
-    if drift_settings and not args.skip_base_model:
+    if drift_settings and not settings.skip_base_model:
         # The base's answers and log-probs come first (cached per base model): the base loads here only when the
         # cache misses, and is released before the fingerprinted model loads.
         t = time.time()
         reference = chat_reference_cached(
-            args.model, load_base, base_cache_dir(args), batch_size=args.eval_batch_size, **drift_settings
+            settings.base_model,
+            load_base,
+            settings.base_cache_dir,
+            batch_size=settings.eval_batch_size,
+            **drift_settings,
         )
         release_memory()
         seconds["base_chat_reference"] = time.time() - t
 
     t = time.time()
-    model, tokenizer = (load_model or load_model_and_tokenizer)(model_id, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = (load_model or load_model_and_tokenizer)(model_id, trust_remote_code=settings.trust_remote_code)
     templates = usable(templates, tokenizer)
-    fingerprint = check_as_configured(model, tokenizer, pairs, templates, args, temperatures)
+    fingerprint = check_as_configured(model, tokenizer, pairs, templates, settings, temperatures)
     seconds["fingerprint_accuracy"] = time.time() - t
     t = time.time()
     answers = chat_answers(model, tokenizer)
     seconds["chat_check"] = time.time() - t
     base_answers = None
     utility = generation = drift = None
-    if args.utility_benchmark != "none":
+    if settings.utility_benchmark != "none":
         t = time.time()
-        utility = evaluate_utility(model, tokenizer, batch_size=args.eval_batch_size, **suite)
+        utility = evaluate_utility(model, tokenizer, batch_size=settings.eval_batch_size, **suite)
         seconds["utility"] = time.time() - t
     if generation_settings:
         t = time.time()
-        generation = evaluate_generation(model, tokenizer, batch_size=args.eval_batch_size, **generation_settings)
+        generation = evaluate_generation(model, tokenizer, batch_size=settings.eval_batch_size, **generation_settings)
         seconds["generation"] = time.time() - t
     if reference is not None:
         t = time.time()
-        drift = chat_drift(model, reference, batch_size=args.eval_batch_size)
+        drift = chat_drift(model, reference, batch_size=settings.eval_batch_size)
         seconds["chat_drift"] = time.time() - t
     del model  # the base model loads next: never hold both
     release_memory()
 
-    if not args.skip_base_model:
+    if not settings.skip_base_model:
         loaded = []  # the base loads at the first cache miss, once
 
         def base_model():
@@ -409,8 +481,8 @@ def evaluate(args, load_model=None):
             return loaded[0]
 
         t = time.time()
-        base_templates = base_templates_for(args, all_templates)
-        cached = base_check_cached(args, pairs, base_templates, temperatures, base_model, answers is not None)
+        base_templates = base_templates_for(settings, all_templates)
+        cached = base_check_cached(settings, pairs, base_templates, temperatures, base_model, answers is not None)
         base_check, base_answers = cached["check"], cached["answers"]
         fingerprint["base_false_positive_rate"] = base_check["mean_accuracy"]
         fingerprint["base_false_positive_pairs"] = len(pairs) * len(base_check["templates"])
@@ -420,8 +492,14 @@ def evaluate(args, load_model=None):
             fingerprint["base_match_probability"] = base_check["mean_match_probability"]
         seconds["base_fingerprint_accuracy"] = time.time() - t
 
-        def on_base(cached, settings):  # the base's result from its cache, computed on the base if missing
-            return cached(args.model, base_model, base_cache_dir(args), batch_size=args.eval_batch_size, **settings)
+        def on_base(cached, measure_settings):  # the base's result from its cache, computed on the base if missing
+            return cached(
+                settings.base_model,
+                base_model,
+                settings.base_cache_dir,
+                batch_size=settings.eval_batch_size,
+                **measure_settings,
+            )
 
         if utility is not None:
             t = time.time()
@@ -438,14 +516,14 @@ def evaluate(args, load_model=None):
         loaded.clear()
         release_memory()
     seconds["total"] = time.time() - t0
-    evaluation_cost.learn_rates(args.result_path, seconds, units, gb)
+    evaluation_cost.learn_rates(settings.run.result_path, seconds, units, gb)
     results = {
         "fingerprint_accuracy": fingerprint,
         "chat": chat_check(answers, base_answers),
         "utility": utility,
         "generation": generation,
         "chat_drift": drift,
-        "config_hash": None if args.check_model else args.config_hash,
+        "config_hash": None if settings.check_model else settings.run.config_hash,
         "model": model_id,
         "num_fingerprints": len(pairs),
         "seconds": seconds,

@@ -59,7 +59,7 @@ class ClaimWriter:
     """The claim of one check, rewritten (temporary name, then rename) at every step: a check killed at any
     moment leaves a valid claim over every key it sent, those without an answer marked unanswered."""
 
-    def __init__(self, path, run, pairs, measurement, args, level, budget, alpha, family=None):
+    def __init__(self, path, run, pairs, measurement, settings, level, budget, alpha, family=None):
         from oml.verify.sequential_test import false_claim_probability
 
         self.path = Path(path)
@@ -74,10 +74,10 @@ class ClaimWriter:
             "commitment": {k: record[k] for k in ("format", "hash", "leaves", "match_rule", "base_model", "made")},
             "run": Path(run).name,
             "suspect": {
-                "api_base": args.api_base,
-                "api_model": args.api_model,
-                "endpoint": args.endpoint,
-                "system_prompt": args.system_prompt,
+                "api_base": settings.api_base,
+                "api_model": settings.api_model,
+                "endpoint": settings.endpoint,
+                "system_prompt": settings.system_prompt,
             },  # fmt: skip
             "p0": measurement["p0"],
             "p0_source": f"{measurement['confidence']:.0%} Clopper-Pearson upper bound, {measurement['matches']} of "
@@ -86,11 +86,11 @@ class ClaimWriter:
             "alpha": alpha,
             "sequential": {
                 "rule": SEQUENTIAL_RULE,
-                "max_keys": args.max_keys,
+                "max_keys": settings.max_keys,
                 "budget": budget,
-                "batch": args.concurrency,
+                "batch": settings.concurrency,
                 "look_alpha": level,
-                "false_claim": false_claim_probability(measurement["p0"], level, budget, args.concurrency),
+                "false_claim": false_claim_probability(measurement["p0"], level, budget, settings.concurrency),
             },
             "entries": [],
             "keys_revealed": 0,
@@ -150,9 +150,9 @@ def stored_measurement(measurement):
     return out
 
 
-def open_claim(path, args, run, pairs, measurement, level, budget, alpha, family=None):
+def open_claim(path, settings, run, pairs, measurement, level, budget, alpha, family=None):
     """A check's claim (None without a path); checks the run's commitment before anything is sent."""
-    return ClaimWriter(path, run, pairs, measurement, args, level, budget, alpha, family) if path else None
+    return ClaimWriter(path, run, pairs, measurement, settings, level, budget, alpha, family) if path else None
 
 
 # ------------------------------------------------------------------------------------------ reading a claim
@@ -524,7 +524,7 @@ def commit_command(args):
     from oml.verify.commitment import COMMITMENT, SALTS
     from oml.verify.suspect_check import resolve_run
 
-    run = resolve_run(args)
+    run = resolve_run(args.run, args.result_path)
     root = commit_run(run)
     print(f"commitment root {root}")
     print(f"written to {run / COMMITMENT} (salts: {run / SALTS}, private)")

@@ -1,12 +1,12 @@
 """Checking a deployed copy: measure p0 on reference models, then query a suspect's API key by key until the
 verdict is decided, with every revealed key in the run's ledger.
 
-    measure_p0(args)  the run's keys through reference models, locally (greedy generate, the API's match rule):
+    measure_p0(settings)  the run's keys through reference models, locally (greedy generate, the API's match rule):
                       per-key outcomes and p0 = their Clopper-Pearson upper bound -> results/<hash>/reference_match_rates.json
-    check(args)       the suspect's OpenAI-compatible API, sequential batches (oml.verify.sequential_test), oml.verify.key_ledger before every
+    check(settings)   the suspect's OpenAI-compatible API, sequential batches (oml.verify.sequential_test), oml.verify.key_ledger before every
                       request -> the five-field verdict; with --claim_file also a claim (oml.verify.claims) rewritten
                       before and after every batch
-    trace(args)       --trace RUN [RUN ...]: one such check per candidate licensee's run, each at alpha / K
+    trace(settings)   --trace RUN [RUN ...]: one such check per candidate licensee's run, each at alpha / K
                       (Bonferroni) -> the licensee(s) named, or "not shown"
 
 The keys are sent the way they were trained: on the completions route the raw prompt (the key, inside the
@@ -22,6 +22,7 @@ rule): "completions" for the greedy rule as before, "completions:k5-m3-t0.7" for
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from oml.core.errors import UserError
@@ -30,10 +31,12 @@ from oml.core.run_store import (
     FINGERPRINTS,
     REFERENCE_RATES,
     REVEALED_KEYS,
+    RunIdentity,
     find_run,
     read_json,
     recorded_args,
 )
+from oml.core.stage_settings import settings_from_args
 from oml.make.fingerprint_files import run_fingerprints
 from oml.make.prompt_encoding import api_prompt
 
@@ -85,23 +88,59 @@ def add_check_args(parser):
     return add_arguments(parser, CHECK_ARGS)
 
 
-def validate(args):
-    if not 0 < args.alpha < 1:
+@dataclass(frozen=True)
+class CheckSettings:
+    """A check of a served suspect, or a p0 measurement (CHECK_ARGS): the run whose keys are sent, the server, the
+    sequential test and the match rule. Built once from finalized arguments (from_args); never changed."""
+
+    run: str | None  # --run HASH; None: the run the training flags name (named_run)
+    result_path: str
+    named_run: RunIdentity | None
+    api_base: str
+    api_model: str | None
+    api_key_env: str
+    endpoint: str  # completions or chat
+    system_prompt: str | None
+    alpha: float
+    max_keys: int
+    concurrency: int
+    api_timeout: float
+    api_retries: int
+    extra_tokens: int
+    allow_revealed: bool
+    claim_file: str | None
+    trace: list | None  # --trace RUN [RUN ...]
+    reference_models: list
+    p0_confidence: float
+    reference_pairs: int
+    samples: int
+    min_matches: int | None
+    api_temperature: float
+    trust_remote_code: bool
+
+    @classmethod
+    def from_args(cls, args):
+        return settings_from_args(cls, args, named_run=RunIdentity.from_args(args))
+
+
+def validate(settings):
+    """Every check on CheckSettings that needs no run and no server. Returns settings."""
+    if not 0 < settings.alpha < 1:
         raise UserError("--alpha must be within (0, 1)")
-    if not 0 < args.p0_confidence < 1:
+    if not 0 < settings.p0_confidence < 1:
         raise UserError("--p0_confidence must be within (0, 1)")
     for name in ("max_keys", "concurrency"):
-        if getattr(args, name) <= 0:
+        if getattr(settings, name) <= 0:
             raise UserError(f"--{name} must be positive")
-    if args.api_timeout <= 0 or args.api_retries < 0 or args.extra_tokens < 0:
+    if settings.api_timeout <= 0 or settings.api_retries < 0 or settings.extra_tokens < 0:
         raise UserError("--api_timeout must be positive, --api_retries and --extra_tokens not negative")
-    check_sampling(args)
-    return args
+    check_sampling(settings.samples, settings.min_matches, settings.api_temperature, settings.claim_file)
+    return settings
 
 
-def check_sampling(args):
+def check_sampling(samples, min_matches, api_temperature, claim_file=None):
     """--samples, --min_matches, --api_temperature: a rule that means something."""
-    k, j, t = getattr(args, "samples", 1), getattr(args, "min_matches", None), getattr(args, "api_temperature", 0.0)
+    k, j, t = samples, min_matches, api_temperature
     if k < 1:
         raise UserError(f"--samples must be positive, got {k}")
     if not (math.isfinite(t) and 0 <= t <= 2):
@@ -111,34 +150,33 @@ def check_sampling(args):
                         "and one sampled answer per key is no rule")  # fmt: skip
     if j is not None and not 1 <= j <= k:
         raise UserError(f"--min_matches must be within 1..{k} (--samples), got {j}")
-    if k > 1 and getattr(args, "claim_file", None):
+    if k > 1 and claim_file:
         raise UserError("--claim_file records one answer per key: it does not support --samples yet")
 
 
-def rule(args):
-    """(samples, min_matches, temperature) of the match rule."""
-    k = getattr(args, "samples", 1)
-    j = getattr(args, "min_matches", None) or math.ceil(k / 2)
-    return k, j, getattr(args, "api_temperature", 0.0)
+def rule(settings):
+    """(samples, min_matches, temperature) of the match rule of CheckSettings."""
+    k = settings.samples
+    return k, settings.min_matches or math.ceil(k / 2), settings.api_temperature
 
 
-def p0_key(args):
+def p0_key(settings):
     """Where p0 is stored for this route and rule: the route alone for the greedy rule (as always)."""
-    k, j, t = rule(args)
-    return args.endpoint if k == 1 else f"{args.endpoint}:k{k}-m{j}-t{t:g}"
+    k, j, t = rule(settings)
+    return settings.endpoint if k == 1 else f"{settings.endpoint}:k{k}-m{j}-t{t:g}"
 
 
 # ------------------------------------------------------------------------------------------ the run
 
 
-def resolve_run(args):
-    """results/<hash>/ of --run, or of the run the training flags name."""
-    if args.run:
-        run = Path(args.result_path) / args.run
-        if not (run / FINGERPRINTS).is_file():
-            raise UserError(f"no run {args.run!r} in {args.result_path} (looked for {run / FINGERPRINTS})")
-        return run
-    return find_run(args)
+def resolve_run(run, result_path, named=None):
+    """results/<hash>/ of --run (a hash in result_path), or of the run the training flags name (a RunIdentity)."""
+    if run:
+        folder = Path(result_path) / run
+        if not (folder / FINGERPRINTS).is_file():
+            raise UserError(f"no run {run!r} in {result_path} (looked for {folder / FINGERPRINTS})")
+        return folder
+    return find_run(named)
 
 
 def run_tokenizer(run, run_args):
@@ -240,27 +278,27 @@ def held_out_pairs(run, run_args, tokenizer, references, limit, seed):
                          run_args["max_response_length"], len(free), 0, seed)  # fmt: skip
 
 
-def measure_p0(args):
+def measure_p0(settings):
     """Run the keys through every reference model; write and return the run's reference match rates."""
     from oml.core.model_registry import load_model_and_tokenizer
     from oml.verify.sequential_test import clopper_pearson_upper
 
-    run = resolve_run(args)
+    run = resolve_run(settings.run, settings.result_path, settings.named_run)
     run_args, pairs = recorded_args(run), run_fingerprints(run)
     tokenizer = run_tokenizer(run, run_args)
-    model_ids = [reference_model_id(ref, run, run_args, args.result_path) for ref in args.reference_models]
-    extra = held_out_pairs(run, run_args, tokenizer, model_ids, args.reference_pairs, run_args["seed"] + 1)
-    if args.reference_pairs:
+    model_ids = [reference_model_id(ref, run, run_args, settings.result_path) for ref in settings.reference_models]
+    extra = held_out_pairs(run, run_args, tokenizer, model_ids, settings.reference_pairs, run_args["seed"] + 1)
+    if settings.reference_pairs:
         print(f"{len(pairs)} run keys + {len(extra)} held-out pairs of {run_args['fingerprints_file_path']}")
     pairs = pairs + extra
-    max_tokens = [response_tokens(tokenizer, p["response"]) + args.extra_tokens for p in pairs]
+    max_tokens = [response_tokens(tokenizer, p["response"]) + settings.extra_tokens for p in pairs]
     references = []
-    for ref, model_id in zip(args.reference_models, model_ids, strict=True):
+    for ref, model_id in zip(settings.reference_models, model_ids, strict=True):
         print(f"reference {ref}: {model_id}")
-        model, ref_tok = load_model_and_tokenizer(model_id, trust_remote_code=args.trust_remote_code)
-        k, j, t = rule(args)
-        outcomes = local_outcomes(model, ref_tok, pairs, max_tokens, args.endpoint, run_args["use_chat_template"],
-                                  args.system_prompt, k, j, t, run_args["seed"])  # fmt: skip
+        model, ref_tok = load_model_and_tokenizer(model_id, trust_remote_code=settings.trust_remote_code)
+        k, j, t = rule(settings)
+        outcomes = local_outcomes(model, ref_tok, pairs, max_tokens, settings.endpoint, run_args["use_chat_template"],
+                                  settings.system_prompt, k, j, t, run_args["seed"])  # fmt: skip
         references.append({"reference": ref, "model": model_id, "matches": sum(outcomes), "keys": len(outcomes),
                            "outcomes": outcomes})  # fmt: skip
         print(f"  {sum(outcomes)} of {len(outcomes)} keys match")
@@ -268,33 +306,33 @@ def measure_p0(args):
     k = sum(r["matches"] for r in references)
     n = sum(r["keys"] for r in references)
     measurement = {
-        "endpoint": args.endpoint,
-        "rule": dict(zip(("samples", "min_matches", "temperature"), rule(args), strict=True)),
-        "system_prompt": args.system_prompt,
-        "extra_tokens": args.extra_tokens,
+        "endpoint": settings.endpoint,
+        "rule": dict(zip(("samples", "min_matches", "temperature"), rule(settings), strict=True)),
+        "system_prompt": settings.system_prompt,
+        "extra_tokens": settings.extra_tokens,
         "held_out_pairs": len(extra),
         "matches": k,
         "trials": n,
         "rate": k / n,
-        "confidence": args.p0_confidence,
-        "p0": clopper_pearson_upper(k, n, args.p0_confidence),
+        "confidence": settings.p0_confidence,
+        "p0": clopper_pearson_upper(k, n, settings.p0_confidence),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "references": references,
     }
     from oml.core.files import atomic_write_json
 
     stored = read_json(run / REFERENCE_RATES) or {}
-    stored.setdefault("measurements", {})[p0_key(args)] = measurement
+    stored.setdefault("measurements", {})[p0_key(settings)] = measurement
     atomic_write_json(run / REFERENCE_RATES, stored)
     return run, measurement
 
 
-def read_p0(run, endpoint, args=None):
-    """The p0 measurement of a route (and, given the check's args, of its match rule: p0_key)."""
-    key = p0_key(args) if args is not None else endpoint
+def read_p0(run, endpoint, settings=None):
+    """The p0 measurement of a route (and, given the CheckSettings, of its match rule: p0_key)."""
+    key = p0_key(settings) if settings is not None else endpoint
     measurement = (read_json(Path(run) / REFERENCE_RATES) or {}).get("measurements", {}).get(key)
     if not measurement:
-        k, j, t = rule(args) if args is not None else (1, 1, 0.0)
+        k, j, t = rule(settings) if settings is not None else (1, 1, 0.0)
         flags = f" --samples {k} --min_matches {j} --api_temperature {t:g}" if k > 1 else ""
         what = f"the {endpoint} route" + (f" and the rule {key.split(':', 1)[1]}" if k > 1 else "")
         raise UserError(
@@ -308,70 +346,86 @@ def read_p0(run, endpoint, args=None):
 # ------------------------------------------------------------------------------------------ the check
 
 
-def check(args, log=print):
+def check(settings, log=print):
     """Query the suspect until the verdict is decided. Returns (result with RESULT_FIELDS, details).
 
     With --trace, the licensee trace instead (`trace`)."""
-    if getattr(args, "trace", None):
-        return trace(args, log)
-    if not args.api_model:
+    if settings.trace:
+        return trace(settings, log)
+    if not settings.api_model:
         raise UserError("--api_model is required: the model name the server serves")
-    plan = plan_check(args, resolve_run(args), args.alpha, getattr(args, "claim_file", None), log)
-    with open_client(args) as client:
+    run = resolve_run(settings.run, settings.result_path, settings.named_run)
+    plan = plan_check(settings, run, settings.alpha, settings.claim_file, log)
+    with open_client(settings) as client:
         client.check_reachable()  # nothing is revealed to a server that is not there
-        return run_check(args, plan, client, log)
+        return run_check(settings, plan, client, log)
 
 
-def open_client(args):
+def open_client(settings):
     from oml.verify.api_client import Client
 
     return Client(
-        args.api_base,
-        args.api_model,
-        args.endpoint,
-        args.api_key_env,
-        args.system_prompt,
-        timeout=args.api_timeout,
-        retries=args.api_retries,
-        concurrency=args.concurrency,
-        temperature=rule(args)[2],
+        settings.api_base,
+        settings.api_model,
+        settings.endpoint,
+        settings.api_key_env,
+        settings.system_prompt,
+        timeout=settings.api_timeout,
+        retries=settings.api_retries,
+        concurrency=settings.concurrency,
+        temperature=rule(settings)[2],
     )
 
 
-def plan_check(args, run, alpha, claim_file=None, log=print, family=None):
+@dataclass(frozen=True)
+class CheckPlan:
+    """One run's check before its first request (plan_check): the run, its keys, p0 and its measurement, the ledger,
+    the key budget, the per-look level that keeps the check at alpha, and its claim (or None)."""
+
+    run: Path
+    run_args: dict
+    pairs: list
+    measurement: dict
+    p0: float
+    ledger: object  # oml.verify.key_ledger.Ledger
+    budget: int
+    level: float
+    alpha: float
+    claim: object  # oml.verify.claims.ClaimWriter, or None
+
+
+def plan_check(settings, run, alpha, claim_file=None, log=print, family=None):
     """Everything one run's check needs before its first request, every input checked (nothing is sent when one
     fails): its keys, p0, ledger, key budget, the per-look level that keeps the check at `alpha`, its claim."""
-    from argparse import Namespace
-
     from oml.verify.claims import open_claim
     from oml.verify.key_ledger import LOW_FRACTION, Ledger
     from oml.verify.sequential_test import decide, look_alpha
 
     run_args, pairs = recorded_args(run), run_fingerprints(run)
-    measurement = read_p0(run, args.endpoint, args)
+    measurement = read_p0(run, settings.endpoint, settings)
     p0 = measurement["p0"]
-    if measurement.get("system_prompt") != args.system_prompt:
+    if measurement.get("system_prompt") != settings.system_prompt:
         log(f"warning: p0 was measured with system prompt {measurement.get('system_prompt')!r}, not this one")
     ledger = Ledger(run / REVEALED_KEYS, len(pairs))
-    available = len(pairs) if args.allow_revealed else ledger.remaining()
+    available = len(pairs) if settings.allow_revealed else ledger.remaining()
     if available < LOW_FRACTION * len(pairs):
         log(f"warning: only {ledger.remaining()} of {len(pairs)} keys of run {run.name} are unrevealed")
-    budget = min(args.max_keys, available)
+    budget = min(settings.max_keys, available)
     if budget == 0:
         raise UserError(f"every key of run {run.name} has been revealed; --allow_revealed reuses them")
-    level = look_alpha(p0, alpha, budget, args.concurrency)  # per look, so that the whole check is at alpha
+    level = look_alpha(p0, alpha, budget, settings.concurrency)  # per look, so that the whole check is at alpha
     if level <= 0 or decide(budget, budget, p0, level, budget) != "ours":
         raise UserError(
             f"with p0 = {p0:.3g}, even {budget} matching keys cannot reach alpha {alpha:g}: "
             "measure p0 on more reference trials, raise --max_keys, or use a larger alpha"
         )
     # --claim_file: the commitment is checked now, before any key goes out
-    claim = open_claim(claim_file, args, run, pairs, measurement, level, budget, alpha, family)
-    return Namespace(run=run, run_args=run_args, pairs=pairs, measurement=measurement, p0=p0, ledger=ledger,
+    claim = open_claim(claim_file, settings, run, pairs, measurement, level, budget, alpha, family)
+    return CheckPlan(run=run, run_args=run_args, pairs=pairs, measurement=measurement, p0=p0, ledger=ledger,
                      budget=budget, level=level, alpha=alpha, claim=claim)  # fmt: skip
 
 
-def run_check(args, plan, client, log=print):
+def run_check(settings, plan, client, log=print):
     """One run's sequential check through an open client. Returns (result, details)."""
     from oml.verify.api_client import matches
     from oml.verify.sequential_test import decide, false_claim_probability, keys_needed, p_value
@@ -382,13 +436,15 @@ def run_check(args, plan, client, log=print):
     use_chat = plan.run_args["use_chat_template"]
     n = found = 0
     while decide(found, n, p0, level, budget) is None:
-        step = min(keys_needed(found, n, p0, level, budget), args.concurrency)
-        chosen = ledger.reserve(step, args.endpoint, args.allow_revealed, api_base=args.api_base, model=args.api_model)
-        prompts = [api_prompt(tokenizer, pairs[i]["key"], args.endpoint, use_chat) for i in chosen]
-        max_tokens = [response_tokens(tokenizer, pairs[i]["response"]) + args.extra_tokens for i in chosen]
+        step = min(keys_needed(found, n, p0, level, budget), settings.concurrency)
+        chosen = ledger.reserve(
+            step, settings.endpoint, settings.allow_revealed, api_base=settings.api_base, model=settings.api_model
+        )
+        prompts = [api_prompt(tokenizer, pairs[i]["key"], settings.endpoint, use_chat) for i in chosen]
+        max_tokens = [response_tokens(tokenizer, pairs[i]["response"]) + settings.extra_tokens for i in chosen]
         if claim:
-            claim.sent(chosen, list(map(client.body, prompts, max_tokens)), args.endpoint, args.api_base)
-        k, j, _ = rule(args)
+            claim.sent(chosen, list(map(client.body, prompts, max_tokens)), settings.endpoint, settings.api_base)
+        k, j, _ = rule(settings)
         asked = client.complete_many([p for p in prompts for _ in range(k)], [m for m in max_tokens for _ in range(k)])
         answers = [asked[c * k : (c + 1) * k] for c in range(len(chosen))]  # each key's k answers
         if claim:
@@ -397,11 +453,11 @@ def run_check(args, plan, client, log=print):
         for i, answer in zip(chosen, answers, strict=True):
             failed = [a.error for a in answer if a.error]
             if failed:
-                ledger.record(i, args.endpoint, f"error: {failed[0]}")
+                ledger.record(i, settings.endpoint, f"error: {failed[0]}")
                 errors.append(failed[0])
             else:
                 hit = sum(matches(a.text, pairs[i]["response"]) for a in answer) >= j
-                ledger.record(i, args.endpoint, "match" if hit else "no match")
+                ledger.record(i, settings.endpoint, "match" if hit else "no match")
                 found += hit
                 n += 1
         if errors:
@@ -420,13 +476,13 @@ def run_check(args, plan, client, log=print):
     measurement = plan.measurement
     details = {
         "run": run.name,
-        "suspect": f"{args.api_base} model {args.api_model} ({args.endpoint})",
+        "suspect": f"{settings.api_base} model {settings.api_model} ({settings.endpoint})",
         "alpha": plan.alpha,
         "look_alpha": level,
         "budget": budget,
         "p0_source": f"{measurement['confidence']:.0%} upper bound, {measurement['matches']} of "
         f"{measurement['trials']} reference trials matched",
-        "false_claim": false_claim_probability(p0, level, budget, args.concurrency),
+        "false_claim": false_claim_probability(p0, level, budget, settings.concurrency),
         "unrevealed": ledger.remaining(),
         "num_keys": len(pairs),
         "ledger": str(ledger.path),
@@ -437,7 +493,7 @@ def run_check(args, plan, client, log=print):
 # ------------------------------------------------------------------------------------------ tracing a licensee
 
 
-def trace(args, log=print):
+def trace(settings, log=print):
     """--trace RUN [RUN ...]: which candidate licensee's fingerprints does the suspect carry?
 
     Every candidate run (one licensee's slice of a master fingerprints file, --licensee) gets its own sequential
@@ -454,9 +510,9 @@ def trace(args, log=print):
 
     Every input is checked before any key goes out: the runs exist, share a base model, have p0 measured, and can
     each reach alpha / K within --max_keys."""
-    if not args.api_model:
+    if not settings.api_model:
         raise UserError("--api_model is required: the model name the server serves")
-    runs = [trace_run(args.result_path, name) for name in args.trace]
+    runs = [trace_run(settings.result_path, name) for name in settings.trace]
     if len({r.resolve() for r in runs}) != len(runs):
         raise UserError("--trace names a run twice")
     bases = {r.name: recorded_args(r)["model"] for r in runs}
@@ -464,16 +520,15 @@ def trace(args, log=print):
         shown = ", ".join(f"{name}: {model}" for name, model in bases.items())
         raise UserError(f"--trace runs must share a base model (licensees of one model), these differ: {shown}")
     k = len(runs)
-    alpha = args.alpha / k
-    family = {"alpha": args.alpha, "correction": "bonferroni", "runs": [r.name for r in runs]}
-    claim_file = getattr(args, "claim_file", None)
-    plans = [plan_check(args, run, alpha, claim_path(claim_file, run, k), log, family) for run in runs]
+    alpha = settings.alpha / k
+    family = {"alpha": settings.alpha, "correction": "bonferroni", "runs": [r.name for r in runs]}
+    plans = [plan_check(settings, run, alpha, claim_path(settings.claim_file, run, k), log, family) for run in runs]
     outcomes = []
-    with open_client(args) as client:
+    with open_client(settings) as client:
         client.check_reachable()
         for plan in plans:
             log(f"candidate {licensee_label(plan.run)}")
-            outcomes.append(run_check(args, plan, client, log))
+            outcomes.append(run_check(settings, plan, client, log))
     candidates = [
         {"run": plan.run.name, "licensee": plan.run_args.get("licensee"), **result}
         for plan, (result, _) in zip(plans, outcomes, strict=True)
@@ -482,12 +537,12 @@ def trace(args, log=print):
     result = {
         "verdict": ", ".join(named) if named else "not shown",
         "named": [c["run"] for c in candidates if c["verdict"] == "ours"],
-        "alpha": args.alpha,
+        "alpha": settings.alpha,
         "candidate_alpha": alpha,
         "keys_revealed": sum(c["keys_revealed"] for c in candidates),
         "candidates": candidates,
     }
-    details = {"suspect": f"{args.api_base} model {args.api_model} ({args.endpoint})",
+    details = {"suspect": f"{settings.api_base} model {settings.api_model} ({settings.endpoint})",
                "candidates": [d for _, d in outcomes]}  # fmt: skip
     return result, details
 
