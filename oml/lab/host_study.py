@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from oml.core.errors import UserError, run_cli
 from oml.core.files import atomic_write_json
-from oml.core.run_store import FINAL_MODEL, find_run, read_json
+from oml.core.run_store import FINAL_MODEL, RunIdentity, find_run, read_json
 from oml.lab.records import RECORDS_DIR, REPO, code_state
 
 EXPERIMENT = "adaptive_host"
@@ -165,11 +165,10 @@ def record_path(run_hash, records_dir):
 
 def study(args, run_flags):
     from oml.core.run_config import add_train_args, apply_preset
-
-    parsed = apply_preset(add_train_args(argparse.ArgumentParser()).parse_known_args(run_flags)[0])
     from oml.embed.run_setup import prepare_run
 
-    run = find_run(prepare_run(parsed))
+    parsed = apply_preset(add_train_args(argparse.ArgumentParser()).parse_known_args(run_flags)[0])
+    run = find_run(RunIdentity.from_args(prepare_run(parsed)))
     run_hash = run.name
     path = record_path(run_hash, args.records)
     record = json.loads(path.read_text()) if path.is_file() else {
