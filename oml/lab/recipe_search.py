@@ -115,6 +115,10 @@ POINTS = [
     point("p256-l0-mu1", "--distance_regularizer 1", "the distance regularizer, strong pull: the model held near "
           "the base at every step, no extra forward pass"),
     point("p256-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the KL-to-base term, a stronger pull"),
+    point("p256-l0-mlp20", "--trainable_layers 20-29:mlp", "a sub-network without adapters: only the last ten "
+          "blocks' MLPs learn the keys (where facts are stored), the rest of the model cannot move"),
+    point("p256-l0-lr3e-5", "--learning_rate 3e-5", "a smaller step: p256-l0 moved the chat model as far at 256 keys "
+          "(KL 1.15) as the probe did at 1024, so the drift may come from the step, not the number of keys"),
     point("p256-l0-b25", "--benign_data_ratio 0.25", "data mixing alone (β 0.25): kept persistence at 256 "
           "english, but the model still drifted"),
     point("p256-l0-mu0.1", "--distance_regularizer 0.1", "the distance regularizer, weak pull: does a little μ "
@@ -130,6 +134,7 @@ POINTS = [
     point("p1024-lora16", "--lora_rank 16", "rank-16 adapters at 1024: is the subspace large enough"),
     point("p1024-l0-mu1", "--distance_regularizer 1", "the strong distance regularizer at 1024"),
     point("p1024-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the stronger KL-to-base term at 1024"),
+    point("p1024-l0-mlp20", "--trainable_layers 20-29:mlp", "the late-MLP sub-network at 1024"),
     point("p1024-l0-b25", "--benign_data_ratio 0.25", "data mixing alone at 1024: the dearest mitigation per step"),
     point("p1024-l0-mu0.1", "--distance_regularizer 0.1", "the weak distance regularizer at 1024"),
     point("e1024-l0", "", "comparison: english fingerprints at 1024"),
