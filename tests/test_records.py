@@ -147,8 +147,9 @@ def test_the_search_points_parse_and_the_screening_flags_are_eval_flags():
         words = shlex.split(p.flags)
         assert unsupported_flags(words) == [], p.name
         args = parse(words)
-        check_capacity_args(argparse.Namespace(**{**vars(args), "model": "unused"}))  # e.g. κ needs benign rows
-        assert args.learning_rate in (1e-4, 1e-3) and args.batch_size == 8 and args.max_key_length == 16
+        # e.g. κ needs benign rows; --trainable_layers must name blocks the embedded model has
+        check_capacity_args(argparse.Namespace(**{**vars(args), "model": "embedded:SmolLM2-135M-Instruct"}))
+        assert args.learning_rate in (1e-4, 1e-3, 3e-5) and args.batch_size == 8 and args.max_key_length == 16
         assert args.forgetting_regularizer_strength == 0.0 and p.why
     estimates = {p.name: estimate_seconds(parse(shlex.split(p.flags)), History([])) for p in POINTS}
     assert estimates["p256-l0"] == min(estimates.values())  # the cheapest informative point first
