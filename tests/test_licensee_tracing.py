@@ -19,6 +19,7 @@ def test_the_carried_licensee_is_named_and_the_innocent_never():
     assert (c["0"]["named"], c["1"]["named"], c["2"]["named"]) == (200, 0, 0)
     assert c["0"]["innocent"] is False and c["1"]["innocent"] is True
     assert c["1"]["per_key_matches"] == 0 and c["2"]["per_key_matches"] == 1
+    assert c["0"]["named_iid"] == pytest.approx(1.0) and c["1"]["named_iid"] == 0.0 < c["2"]["named_iid"] < 1e-3
     # every key matching: the check's own rule at alpha / 3, in its batches, decides after the same number of keys
     level = look_alpha(0.01, 1e-6 / 3, 8, 4)
     assert c["0"]["keys_mean"] == run_sequential([True] * 16, 0.01, level, 8, 4)[1]
@@ -36,7 +37,7 @@ def test_an_innocent_candidate_that_answers_its_keys_is_counted_as_falsely_named
     assert fa["innocent_checks"] == 400 and fa["innocent_named"] == named
     rate = named / 400
     assert fa["rate"] == rate and fa["se"] == pytest.approx((rate * (1 - rate) / 400) ** 0.5)
-    assert fa["upper95"] > rate
+    assert fa["upper95"] > rate and 0.05 < fa["innocent_named_iid_max"] < 1
     again = simulate_traces(outcomes, {0: 0.01, 1: 0.01}, 1e-6, 8, 4, draws=400, seed=2, innocent={1})
     assert again == sim  # seeded
 
@@ -103,3 +104,13 @@ def test_a_file_that_is_not_a_record_is_refused(tmp_path):
     bad.write_text("[]")
     with pytest.raises(UserError, match="not a licensee-tracing record"):
         main(["table", str(bad)])
+
+
+def test_the_exact_naming_probability_is_the_false_claim_probability_at_p0():
+    from oml.lab.licensee_tracing import named_probability
+    from oml.verify.sequential_test import false_claim_probability
+
+    level = look_alpha(0.05, 1e-3, 8, 4)
+    assert named_probability(0.05, 0.05, level, 8, 4) == pytest.approx(false_claim_probability(0.05, level, 8, 4))
+    assert named_probability(0.0, 0.05, level, 8, 4) == 0.0
+    assert named_probability(1.0, 0.05, level, 8, 4) == pytest.approx(1.0)
