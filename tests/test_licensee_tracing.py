@@ -59,7 +59,8 @@ def tiny_record():
         "runs": runs,
         "suspects": {
             "licensee 0": {"carries": [0], "traces": [{"verdict": "licensee 0 (run h0)", "candidates": {
-                k: {"keys_revealed": 3} for k in "012"}}], "outcomes": bits},
+                k: {"keys_revealed": 3 + (k != "0"), "verdict": "ours" if k == "0" else "not shown"} for k in "012"}}],
+                "outcomes": bits},
             "base": {"carries": [], "traces": [{"failed": "boom"}], "outcomes": {k: "0" * 12 for k in "012"}},
             "merge 0+1": {"carries": [0, 1], "traces": [], "outcomes": merge},
         },
@@ -76,6 +77,8 @@ def test_a_record_simulates_and_prints_its_tables(tmp_path, capsys):
     assert sim["innocent"]["innocent_checks"] == 50 * (2 + 3 + 1)
     text = tables(record)
     assert "| licensee 0 | l0 |" in text and "failed: boom" in text and "named l0 50" in text
+    assert "Served traces: 1 decided, 1 failed; an innocent licensee named in 0 of 2 checks" in text
+    assert "(carried 3.00, innocent 4.00)" in text
     path = tmp_path / "record.json"
     path.write_text(json.dumps(record))
     main(["table", str(path)])

@@ -509,6 +509,19 @@ def tables(record):
             for v in simulated["candidates"].values()
         ]
         lines.append(f"| {name} | {' | '.join(cells)} |")
+    served = [(str(k) in map(str, s["carries"]), t["candidates"][str(k)])
+              for s in record["suspects"].values() for t in s["traces"] if "candidates" in t for k in LICENSEES]  # fmt: skip
+    innocent = [c for carried, c in served if not carried]
+    failed = sum("failed" in t for s in record["suspects"].values() for t in s["traces"])
+    if served:
+        lines += [
+            "",
+            f"Served traces: {len(served) // len(LICENSEES)} decided, {failed} failed; an innocent licensee named in "
+            f"{sum(c['verdict'] == 'ours' for c in innocent)} of {len(innocent)} checks; keys revealed per licensee "
+            f"{sum(c['keys_revealed'] for _, c in served) / len(served):.2f} on average (carried "
+            f"{mean_of([c['keys_revealed'] for carried, c in served if carried])}, innocent "
+            f"{mean_of([c['keys_revealed'] for c in innocent])}).",
+        ]
     fa = sim["innocent"]
     lines += [
         "",
@@ -520,6 +533,10 @@ def tables(record):
         f"{fa['keys_per_innocent_licensee']:.2f} for an innocent one).",
     ]
     return "\n".join(lines)
+
+
+def mean_of(values):
+    return f"{sum(values) / len(values):.2f}" if values else "-"
 
 
 def label_of(verdict):
