@@ -82,8 +82,16 @@ def check_args(args):
         raise UserError(f"--alpha must be within (0, 1), got {args.alpha}")
     if not 0 <= getattr(args, "merge_weight", 0.5) <= 1:
         raise UserError(f"--merge_weight must be within [0, 1], got {args.merge_weight}")
-    if getattr(args, "num", 1) * len(LICENSEES) > 512 and not hasattr(args, "record"):
-        raise UserError(f"--num {args.num}: three slices of {args.num} do not fit the 512 perinucleus fingerprints")
+    if hasattr(args, "num"):
+        from oml.core.data_files import DEFAULT_FINGERPRINT_FILES
+        from oml.make.fingerprint_files import read_fingerprints
+
+        master = DEFAULT_FINGERPRINT_FILES["inverse_nucleus"]
+        size = len(read_fingerprints(master))
+        if args.num * len(LICENSEES) > size:
+            raise UserError(
+                f"--num {args.num}: three slices of {args.num} do not fit the {size} fingerprints of {master}"
+            )
 
 
 # ------------------------------------------------------------------------------ the simulation (no model)
@@ -232,8 +240,11 @@ def log(message):
 def python(*argv, timeout=None, check=True):
     """A suite script in a child process (this checkout's code), its output passed through; returns its stdout."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    try:
+        proc = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired:  # the child is killed; a trace records it as failed, anything else stops
+        proc = subprocess.CompletedProcess(argv, 124, "", f"{argv[0]} ran past {timeout} s and was stopped")
     sys.stdout.write(proc.stdout[-3000:])
     if proc.returncode and check:
         raise UserError(f"{argv[0]} failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
