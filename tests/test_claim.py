@@ -17,7 +17,7 @@ from test_check import FakeServer, check_args, own_greedy_pairs, sent_lines
 
 from oml.core.errors import UserError
 from oml.core.run_config import HASHED
-from oml.core.run_store import CONFIG, FINAL_MODEL, FINGERPRINTS, write_run
+from oml.core.run_store import CONFIG, FINAL_MODEL, FINGERPRINTS, RunIdentity, write_run
 from oml.verify import claims as oml_claim
 from oml.verify import commitment as cm
 from oml.verify.suspect_check import check, measure_p0
@@ -83,7 +83,17 @@ def test_write_run_commits_and_the_model_folder_holds_only_the_root(tmp_path, ti
     args.__dict__.update(model="tiny-base", result_path=str(tmp_path / "results"), config_hash="c0ffee0000000001")
     run = tmp_path / "results" / args.config_hash
     root = cm.write_commitment(run, pairs, args.model)  # as `oml train` does, before the run is written
-    write_run(run, args, pairs, {}, tiny_llama(embedded_tokenizer), embedded_tokenizer, {}, card=cm.model_card(root))
+    identity = RunIdentity.from_args(args)
+    write_run(
+        identity,
+        vars(args),
+        pairs,
+        {},
+        tiny_llama(embedded_tokenizer),
+        embedded_tokenizer,
+        {},
+        card=cm.model_card(root),
+    )
     record = json.loads((run / cm.COMMITMENT).read_text())
     salts = json.loads((run / cm.SALTS).read_text())["salts"]
     assert record["leaves"] == 6 and record["hash"] == "sha256" and record["made"] == "at training"

@@ -111,6 +111,33 @@ def test_hash_is_stable_and_sensitive(tmp_path):
     assert parse(*common).config_hash != base
 
 
+def test_plan_run_returns_what_it_derives_and_leaves_the_parsed_flags_alone(tmp_path):
+    """The train command's preparation step returns a RunPlan (identity, recorded arguments, typed settings); the
+    parsed Namespace is never written, and the plan agrees with prepare_run's arguments."""
+    import dataclasses
+
+    from oml.embed.run_setup import plan_run
+
+    fp = tmp_path / "fp.json"
+    write_random_fingerprints(fp, 40)
+    argv = ["--fingerprints_file_path", fp, "--max_num_fingerprints", 16, "--licensee", 1, "--batch_size", 4,
+            "--benign_data_ratio", 0.25, "--trainable_layers", "29,28-29:mlp", "--result_path", tmp_path / "r"]  # fmt: skip
+    parsed = add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, argv)))
+    given = dict(vars(parsed))
+    plan = plan_run(parsed)
+    assert vars(parsed) == given  # nothing written into the parsed flags
+    prepared = parse(*argv)
+    assert dict(plan.arguments) == vars(prepared)
+    assert plan.run.config_hash == prepared.config_hash and plan.run.folder == tmp_path / "r" / prepared.config_hash
+    assert plan.data_split == 1 and plan.training.trainable_layers == "28-29:mlp"
+    assert plan.training.benign_rows_recipe == prepared.benign_rows_recipe is not None
+    assert plan.training.schedule.batch_size == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.training.seed = 0
+    with pytest.raises(TypeError):
+        plan.arguments["config_hash"] = "changed"
+
+
 def test_defaults_resolve_to_the_embedded_model_and_seed_preset_to_mistral():
     args = parse()
     assert args.model == "embedded:SmolLM2-135M-Instruct"

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from oml.core.errors import UserError
 from oml.core.run_store import ATTACK, EVAL_RESULTS, FINAL_MODEL, FINGERPRINTS, GGUF_MODEL, RunIdentity, read_json
 from oml.core.stage_settings import settings_from_args
+from oml.embed.run_setup import TrainingSchedule
 
 if TYPE_CHECKING:
     from oml.attack.adaptive_host import HostAttackSettings
@@ -80,22 +81,6 @@ def add_attack_args(parser):
 
 
 @dataclass(frozen=True)
-class AttackTraining:
-    """The Trainer settings of a fine-tuning attack, what oml.embed.trainer.training_arguments reads: the deployer's
-    batch (--attack_batch_size), epochs and learning rate with no weight decay, launched as the run was."""
-
-    batch_size: int
-    num_train_epochs: int
-    learning_rate: float
-    weight_decay: float
-    seed: int
-    report_to: str
-    dist_timeout: int
-    deepspeed_stage: int
-    offload_optimizer: bool
-
-
-@dataclass(frozen=True)
 class AttackSettings:
     """One attack on one run: the attack flags (ATTACK_ARGS, HOST_ATTACK_ARGS), the run they attack and the
     evaluation of the attacked copy. Built once from finalized arguments (from_args); never changed."""
@@ -113,7 +98,7 @@ class AttackSettings:
     attack_max_length: int
     attack_lora_rank: int
     retention_points: int
-    training: AttackTraining
+    training: TrainingSchedule  # the deployer's batch (--attack_batch_size), epochs and learning rate, no weight decay
     # quantize
     quantization: str | None
     gguf_templates: str  # "all" or "plain"
@@ -133,7 +118,7 @@ class AttackSettings:
 
             host = HostAttackSettings.from_args(args)
         training = settings_from_args(
-            AttackTraining,
+            TrainingSchedule,
             args,
             batch_size=args.attack_batch_size,
             num_train_epochs=args.attack_epochs,

@@ -1,15 +1,16 @@
 """`oml train`, the command of finetune_multigpu.py: embed fingerprints into a model by fine-tuning, store the run.
 
 DESCRIPTION is its --help text (the script's docstring); make_parser() builds its parser from oml.core.run_config.TRAIN_ARGS;
-main(argv=None) runs it (on every rank, when a launcher such as deepspeed starts several).
+main(argv=None) runs it (on every rank, when a launcher such as deepspeed starts several): it parses, plans the run
+(oml.embed.run_setup.plan_run: the run's identity and typed settings) and hands each step the settings it reads.
 """
 
 import argparse
 
 from oml.core.logs import RunLog, quiet_libraries
 from oml.core.run_config import add_train_args
-from oml.core.run_store import FINAL_MODEL, TRAIN_LOG, run_dir, write_run
-from oml.embed.run_setup import prepare_run
+from oml.core.run_store import FINAL_MODEL, TRAIN_LOG, write_run
+from oml.embed.run_setup import plan_run
 from oml.make.fingerprint_files import prepare_pairs, read_fingerprints
 from oml.make.prompt_encoding import augmentation_templates
 from oml.verify.commitment import model_card, write_commitment
@@ -40,11 +41,11 @@ def make_parser():
 
 
 def main(argv=None):
-    args = prepare_run(make_parser().parse_args(argv))
-    out = run_dir(args)
-    if (out / FINAL_MODEL).exists() and not args.overwrite:
+    plan = plan_run(make_parser().parse_args(argv))
+    out, run_hash, training = plan.run.folder, plan.run.config_hash, plan.training
+    if (out / FINAL_MODEL).exists() and not plan.overwrite:
         print(f"{out / FINAL_MODEL} already exists: nothing to train (pass --overwrite to train again)")
-        print(f"Config hash of the final model: {args.config_hash}")
+        print(f"Config hash of the final model: {run_hash}")
         return
 
     quiet_libraries()
@@ -54,36 +55,40 @@ def main(argv=None):
 
     log = RunLog(out / TRAIN_LOG if is_main_process() else None)
     log(
-        f"run {args.config_hash}: {args.model}, {args.max_num_fingerprints} {args.fingerprint_generation_strategy} "
-        f"fingerprints from {args.fingerprints_file_path}"
+        f"run {run_hash}: {training.model}, {plan.max_num_fingerprints} {plan.fingerprint_generation_strategy} "
+        f"fingerprints from {plan.fingerprints_file_path}"
     )
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    tokenizer = load_tokenizer(training.model, training.trust_remote_code)
     pairs = prepare_pairs(
-        read_fingerprints(args.fingerprints_file_path),
+        read_fingerprints(plan.fingerprints_file_path),
         tokenizer,
-        args.fingerprint_generation_strategy,
-        args.max_key_length,
-        args.max_response_length,
-        args.max_num_fingerprints,
-        args.data_split,
-        args.seed,
+        plan.fingerprint_generation_strategy,
+        plan.max_key_length,
+        plan.max_response_length,
+        plan.max_num_fingerprints,
+        plan.data_split,
+        training.seed,
     )
-    templates = augmentation_templates(tokenizer) if args.use_prompt_augmentation else None
-    model = load_model(args.model, device="cpu", dtype="float32", trust_remote_code=args.trust_remote_code)
+    templates = augmentation_templates(tokenizer) if plan.use_prompt_augmentation else None
+    model = load_model(training.model, device="cpu", dtype="float32", trust_remote_code=training.trust_remote_code)
 
-    distributed.init(args.dist_timeout)
-    with distributed.peers(args.dist_timeout):
-        peers = distributed.Peers(args.config_hash, args.dist_timeout)
-        metrics, trainer = train(model, tokenizer, pairs, args, out / ".trainer", templates, log, [peers])
+    timeout = training.schedule.dist_timeout
+    distributed.init(timeout)
+    with distributed.peers(timeout):
+        peers = distributed.Peers(run_hash, timeout)
+        metrics, trainer = train(model, tokenizer, pairs, training, out / ".trainer", templates, log, [peers])
     if is_main_process():
         # a salted Merkle root of the keys (oml/verify/commitment.py); only the root goes into the model's card
-        root = write_commitment(out, pairs, args.model)
-        write_run(out, args, pairs, metrics, trainer.model, tokenizer, versions(), card=model_card(root))  # model last
+        root = write_commitment(out, pairs, training.model)
+        card = model_card(root)
+        write_run(
+            plan.run, plan.arguments, pairs, metrics, trainer.model, tokenizer, versions(), card=card
+        )  # model last
         log(
             f"done in {metrics['train_seconds']:.0f} s, {metrics['train_tokens_per_second']:.0f} tokens/s, "
             f"peak memory {metrics['peak_memory_gb']:.2f} GiB; model in {out / FINAL_MODEL}"
         )
-        print(f"Config hash of the final model: {args.config_hash}")
+        print(f"Config hash of the final model: {run_hash}")
     # Every rank returns once rank 0 has saved: a node's exit status 0 means the run is stored, and the next run
     # started on this node cannot meet this run's rendezvous, which lives until rank 0 exits.
-    distributed.wait_for_all(args.dist_timeout)
+    distributed.wait_for_all(timeout)

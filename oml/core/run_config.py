@@ -201,11 +201,15 @@ def add_train_args(parser):
     return add_arguments(parser, TRAIN_ARGS)
 
 
+def preset_values(args):
+    """{name: value} for the arguments left at None: the values of args.preset (then the neutral values of NEUTRAL)."""
+    defaults = {**NEUTRAL, **PRESETS[args.preset]}
+    return {name: value for name, value in defaults.items() if getattr(args, name, None) is None}
+
+
 def apply_preset(args):
-    """Fill the arguments left at None with the values of args.preset (then the neutral values of NEUTRAL)."""
-    for name, value in {**NEUTRAL, **PRESETS[args.preset]}.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, value)
+    """Fill the arguments left at None with preset_values(args); returns args."""
+    vars(args).update(preset_values(args))
     return args
 
 

@@ -40,11 +40,6 @@ REFERENCE_RATES = "reference_match_rates.json"
 REVEALED_KEYS = "revealed_keys.jsonl"
 
 
-def run_dir(args):
-    """results/<hash>/ of finalized arguments."""
-    return Path(args.result_path) / args.config_hash
-
-
 def attack_dir(run, attack_id):
     return Path(run) / ATTACKS / attack_id
 
@@ -52,18 +47,18 @@ def attack_dir(run, attack_id):
 # ------------------------------------------------------------------------------ writing a run
 
 
-def write_run(run, args, pairs, metrics, model, tokenizer, versions, card=None):
-    """The run record, final model last (under a temporary name, then renamed, with the model card `card` if given),
-    then its run-log line."""
-    run = Path(run)
+def write_run(identity, arguments, pairs, metrics, model, tokenizer, versions, card=None):
+    """The run record of a RunIdentity in its folder (arguments: every argument, as config_record keeps them), final
+    model last (under a temporary name, then renamed, with the model card `card` if given), then its run-log line."""
+    run = identity.folder
     atomic_write_json(run / FINGERPRINTS, pairs)
-    atomic_write_json(run / CONFIG, config_record(args, versions))
+    atomic_write_json(run / CONFIG, config_record(identity, arguments, versions))
     atomic_write_json(run / METRICS, metrics)
     save_model(model, tokenizer, run / FINAL_MODEL, card=card)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     append_line_locked(
-        Path(args.result_path) / RUN_LOG,
-        f"{stamp}\t{args.config_hash}\t" + json.dumps(hashed_config(args), sort_keys=True),
+        Path(identity.result_path) / RUN_LOG,
+        f"{stamp}\t{identity.config_hash}\t" + json.dumps(identity.hashed, sort_keys=True),
     )
 
 
@@ -77,11 +72,13 @@ def save_model(model, tokenizer, final_dir, card=None):
             (tmp / "README.md").write_text(card)
 
 
-def config_record(args, versions):
+def config_record(identity, arguments, versions):
+    """fingerprinting_config.json: the run's hash, its hashed arguments, every argument (a mapping; the launcher's
+    local_rank left out) and the library versions."""
     return {
-        "config_hash": args.config_hash,
-        "hashed": hashed_config(args),
-        "args": {k: v for k, v in sorted(vars(args).items()) if k != "local_rank"},
+        "config_hash": identity.config_hash,
+        "hashed": dict(identity.hashed),
+        "args": {k: v for k, v in sorted(arguments.items()) if k != "local_rank"},
         "versions": versions,
     }
 

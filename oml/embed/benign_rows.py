@@ -231,6 +231,6 @@ def rows_recipe_digest(model_id):
     return hashlib.sha256(json.dumps(source, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def rows_recipe_for(args):
+def rows_recipe_for(model_id, benign_data_ratio):
     """The benign rows' entry of the run hash (None without benign rows)."""
-    return rows_recipe_digest(args.model) if args.benign_data_ratio else None
+    return rows_recipe_digest(model_id) if benign_data_ratio else None

@@ -85,15 +85,16 @@ def compact(blocks):
     return ",".join(runs)
 
 
-def spec_of(args):
-    if args.trainable_layers is None:
+def spec_of(text):
+    """The LayerSpec of canonical spec text (parse_layer_spec's .text), or None for None."""
+    if text is None:
         return None
-    blocks_text, part = args.trainable_layers.split(":")
+    blocks_text, part = text.split(":")
     blocks = set()
     for item in blocks_text.split(","):
         lo, _, hi = item.partition("-")
         blocks |= set(range(int(lo), int(hi or lo) + 1))
-    return LayerSpec(args.trainable_layers, tuple(sorted(blocks)), part)
+    return LayerSpec(text, tuple(sorted(blocks)), part)
 
 
 def freeze_outside(model, spec):
@@ -130,14 +131,15 @@ def add_lora(model, rank, spec):
     return get_peft_model(model, config)
 
 
-def prepare_subnet(model, args):
-    """The model to train: LoRA-wrapped, or with everything outside --trainable_layers frozen, or as is."""
-    spec = spec_of(args)
-    if args.lora_rank:
+def prepare_subnet(model, trainable_layers, lora_rank, seed):
+    """The model to train: LoRA-wrapped (lora_rank, where trainable_layers says), or with everything outside
+    trainable_layers (canonical spec text) frozen, or as is."""
+    spec = spec_of(trainable_layers)
+    if lora_rank:
         import torch
 
-        torch.manual_seed(args.seed)  # the adapters' random init: the same run (and every rank) starts the same
-        return add_lora(model, args.lora_rank, spec)
+        torch.manual_seed(seed)  # the adapters' random init: the same run (and every rank) starts the same
+        return add_lora(model, lora_rank, spec)
     if spec is not None:
         freeze_outside(model, spec)
     return model

@@ -535,32 +535,34 @@ def deepspeed_config(stage, on_gpu, offload_optimizer):
     return config
 
 
-def training_arguments(args, output_dir):
+def training_arguments(schedule, output_dir):
+    """The HF TrainingArguments of a schedule (oml.embed.run_setup.TrainingSchedule: a run's, or a fine-tuning
+    attack's)."""
     on_gpu = torch.cuda.is_available()
     n_ranks = world_size()
-    if args.batch_size % n_ranks:
-        raise UserError(f"--batch_size {args.batch_size} must be divisible by the number of ranks ({n_ranks})")
+    if schedule.batch_size % n_ranks:
+        raise UserError(f"--batch_size {schedule.batch_size} must be divisible by the number of ranks ({n_ranks})")
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=args.batch_size // n_ranks,
+        per_device_train_batch_size=schedule.batch_size // n_ranks,
         gradient_accumulation_steps=1,
-        num_train_epochs=args.num_train_epochs,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
+        num_train_epochs=schedule.num_train_epochs,
+        learning_rate=schedule.learning_rate,
+        weight_decay=schedule.weight_decay,
         lr_scheduler_type="constant",
         warmup_steps=0,
         max_grad_norm=1.0,
-        seed=args.seed,
-        data_seed=args.seed,
+        seed=schedule.seed,
+        data_seed=schedule.seed,
         bf16=on_gpu,
         use_cpu=not on_gpu,
         logging_strategy="epoch",
         save_strategy="no",
-        report_to=[] if args.report_to == "none" else [args.report_to],
+        report_to=[] if schedule.report_to == "none" else [schedule.report_to],
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        ddp_timeout=args.dist_timeout,
-        deepspeed=deepspeed_config(args.deepspeed_stage, on_gpu, args.offload_optimizer)
+        ddp_timeout=schedule.dist_timeout,
+        deepspeed=deepspeed_config(schedule.deepspeed_stage, on_gpu, schedule.offload_optimizer)
         if launched_distributed()
         else None,
         disable_tqdm=False,
@@ -573,50 +575,56 @@ def peak_memory_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=print, extra_callbacks=()):
-    """Fine-tune `model` on the pairs; returns (training metrics, the Trainer). trainer.model is the trained model
-    (LoRA adapters merged into plain weights)."""
+def train(model, tokenizer, pairs, settings, output_dir, templates=None, log_fn=print, extra_callbacks=()):
+    """Fine-tune `model` on the pairs with settings (oml.embed.run_setup.TrainSettings); returns (training metrics, the
+    Trainer). trainer.model is the trained model (LoRA adapters merged into plain weights)."""
     from oml.embed.subnetworks import merged, prepare_subnet
 
+    batch_size = settings.schedule.batch_size
     dataset = fp_dataset = FingerprintDataset(
-        pairs, tokenizer, templates, args.use_chat_template, seed=args.seed + rank(), append_eos=args.append_eos
+        pairs,
+        tokenizer,
+        templates,
+        settings.use_chat_template,
+        seed=settings.seed + rank(),
+        append_eos=settings.append_eos,
     )
-    n_benign = round(args.benign_data_ratio * args.batch_size)
+    n_benign = round(settings.benign_data_ratio * batch_size)
     benign_digest = None
     if n_benign:
         # Same rows on every rank (seeded by --seed alone): the layout decides which rank reads which.
-        benign_encoded, benign_digest = benign_rows(tokenizer, args)
-        dataset = MixedDataset(dataset, benign_encoded, args.batch_size, n_benign, seed=args.seed)
-    kl_base = frozen_copy(model) if args.kl_to_base > 0 else None  # the whole base model, before any adapters
+        benign_encoded, benign_digest = benign_rows(
+            tokenizer, settings.model, settings.trust_remote_code, settings.benign_rows_recipe
+        )
+        dataset = MixedDataset(dataset, benign_encoded, batch_size, n_benign, seed=settings.seed)
+    kl_base = frozen_copy(model) if settings.kl_to_base > 0 else None  # the whole base model, before any adapters
     kl_meter = KLMeter() if kl_base is not None else None
-    model = prepare_subnet(model, args)
+    model = prepare_subnet(model, settings.trainable_layers, settings.lora_rank, settings.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    uses_base = args.forgetting_regularizer_strength > 0 or args.distance_regularizer > 0
+    strength = settings.forgetting_regularizer_strength
+    uses_base = strength > 0 or settings.distance_regularizer > 0
     base_weights = snapshot_weights(model) if uses_base else None
-    epoch_callback = EpochCallback(
-        base_weights if args.forgetting_regularizer_strength > 0 else None,
-        args.forgetting_regularizer_strength,
-        log_fn,
-        kl_meter,
-    )
+    epoch_callback = EpochCallback(base_weights if strength > 0 else None, strength, log_fn, kl_meter)
     callbacks = [epoch_callback]
-    stop = StopWhenLearned(tokenizer, pairs, args.use_chat_template, log_fn) if args.stop_when_learned else None
-    if stop:
+    stop = None
+    if settings.stop_when_learned:
+        stop = StopWhenLearned(tokenizer, pairs, settings.use_chat_template, log_fn)
         callbacks.append(stop)
     trainer = FingerprintTrainer(
         model=model,
-        args=training_arguments(args, output_dir),
+        args=training_arguments(settings.schedule, output_dir),
         train_dataset=dataset,
         data_collator=PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),
         callbacks=[*callbacks, *extra_callbacks],
     )
-    margin = getattr(args, "fingerprint_margin", None)
+    margin = settings.fingerprint_margin
     trainer.per_row = bool(n_benign) or bool(margin)  # the margin's hinge is a per-row loss (one token: the same mean)
     trainer.fingerprint_margin = margin
-    if args.distance_regularizer > 0:
-        trainer.distance_weights, trainer.distance_mu = base_on_device(model, base_weights), args.distance_regularizer
+    if settings.distance_regularizer > 0:
+        trainer.distance_weights = base_on_device(model, base_weights)
+        trainer.distance_mu = settings.distance_regularizer
     if kl_base is not None:
-        trainer.kl_base, trainer.kl_weight, trainer.kl_meter = kl_base, args.kl_to_base, kl_meter
+        trainer.kl_base, trainer.kl_weight, trainer.kl_meter = kl_base, settings.kl_to_base, kl_meter
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress())
     start = time.time()
@@ -629,7 +637,7 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
     trainer.model = merged(trainer.model)
     # tokens per epoch of the plain keys (+ response, + EOS); augmentation templates add more than this counts
     encoded = (fp_dataset.encode(i, "{}") for i in range(len(pairs)))
-    tokens = sum(len(prompt) + len(response) + args.append_eos for prompt, response in encoded)
+    tokens = sum(len(prompt) + len(response) + settings.append_eos for prompt, response in encoded)
     epochs = trainer.state.epoch
     return {
         "train_loss": result.training_loss,
@@ -641,7 +649,7 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
         "trainable_parameters": trainable,
         "benign_rows_per_step": n_benign,
         **({"benign_rows_digest": benign_digest} if benign_digest else {}),  # the rows this run trained on
-        "fingerprints_per_step": args.batch_size - n_benign,
+        "fingerprints_per_step": batch_size - n_benign,
         # mean KL(p_base ‖ p_model) on the benign rows' response positions, nats/token, before κ
         **({"kl_to_base_per_epoch": epoch_callback.epoch_kl_to_base} if kl_base is not None else {}),
         **(
@@ -659,14 +667,14 @@ def train(model, tokenizer, pairs, args, output_dir, templates=None, log_fn=prin
     }, trainer
 
 
-def benign_rows(tokenizer, args):
+def benign_rows(tokenizer, model_id, trust_remote_code, rows_recipe):
     """(rows as (prompt_ids, response_ids), the rows' digest): the base model's benign rows (oml/embed/benign_rows.py),
-    generated here on first use. The model's files must still be those whose digest the run hash took."""
+    generated here on first use. The model's files must still be those whose digest the run hash took (rows_recipe)."""
     from oml.embed.benign_rows import benign_pool, encode_benign, rows_recipe_digest
 
-    if rows_recipe_digest(args.model) != args.benign_rows_recipe:
+    if rows_recipe_digest(model_id) != rows_recipe:
         raise UserError("the model's files changed after the run hash was computed; run the command again")
-    pool = benign_pool(args.model, args.trust_remote_code)
+    pool = benign_pool(model_id, trust_remote_code)
     return [encode_benign(tokenizer, row) for row in pool["rows"]], pool["digest"]
 
 
