@@ -105,16 +105,20 @@ def point(name, recipe, why, epochs=CAP, stop=True):
 # fmt: off
 POINTS = [
     # 256 perinucleus fingerprints: the baseline, then the ways to hold the model, the likeliest first (the KL term
-    # toward the base's whole next-token distribution, sub-network training, the distance regularizer)
+    # toward the base's whole next-token distribution, sub-network training, the distance regularizer). The KL term
+    # at κ 1 took chat KL from 1.146 to 0.124 with every key (the records): its stronger pull at 256, and both at the
+    # target size, come before the other mitigations
     point("p256-l0", "", "the baseline: how many epochs λ 0 alone needs for 256 perinucleus keys, and how far "
           "that moves the model (chat KL, utility)"),
     point("p256-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "KL to the base's whole next-token "
           "distribution on the benign rows instead of its greedy text, at the weight of the cross-entropy it replaces"),
+    point("p256-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the KL-to-base term, a stronger pull"),
+    point("p1024-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the stronger KL-to-base term at 1024"),
+    point("p1024-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "the KL-to-base term at 1024"),
     point("p256-lora16", "--lora_rank 16", "sub-network training: rank-16 adapters move a small subspace; at lr "
           "1e-4 they may need the cap"),
     point("p256-l0-mu1", "--distance_regularizer 1", "the distance regularizer, strong pull: the model held near "
           "the base at every step, no extra forward pass"),
-    point("p256-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the KL-to-base term, a stronger pull"),
     point("p256-l0-mlp20", "--trainable_layers 20-29:mlp", "a sub-network without adapters: only the last ten "
           "blocks' MLPs learn the keys (where facts are stored), the rest of the model cannot move"),
     point("p256-l0-lr3e-5", "--learning_rate 3e-5", "a smaller step: p256-l0 moved the chat model as far at 256 keys "
@@ -130,10 +134,8 @@ POINTS = [
     point("p256-l0-e16", "", "what --stop_when_learned saves: the baseline trained for all 16 epochs", stop=False),
     # 1024 perinucleus fingerprints, the issue's target: the same mitigations, in the same order
     point("p1024-l0", "", "the baseline at the target size: epochs needed and the drift of λ 0 alone"),
-    point("p1024-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "the KL-to-base term at 1024"),
     point("p1024-lora16", "--lora_rank 16", "rank-16 adapters at 1024: is the subspace large enough"),
     point("p1024-l0-mu1", "--distance_regularizer 1", "the strong distance regularizer at 1024"),
-    point("p1024-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the stronger KL-to-base term at 1024"),
     point("p1024-l0-mlp20", "--trainable_layers 20-29:mlp", "the late-MLP sub-network at 1024"),
     point("p1024-l0-b25", "--benign_data_ratio 0.25", "data mixing alone at 1024: the dearest mitigation per step"),
     point("p1024-l0-mu0.1", "--distance_regularizer 0.1", "the weak distance regularizer at 1024"),
