@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import json
 import math
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -958,6 +959,10 @@ def serve_main(args):
         raise UserError(f"cannot listen on 127.0.0.1:{args.port}: {e.strerror}") from None
     print(f"serving {args.model} as {args.model_name!r} behind filter {args.filter} on "
           f"http://127.0.0.1:{server.server_address[1]}/v1", flush=True)  # fmt: skip
+    # Ctrl-C and a plain kill both stop the server cleanly (its counts printed), even where the process was started
+    # with SIGINT ignored (a background job of a non-interactive shell inherits that)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

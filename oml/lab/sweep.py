@@ -379,6 +379,8 @@ def preset_args(preset):
 def preset_grid(preset):
     """Bash assignments giving each grid variable the preset's value, the augmentation values and the evaluation
     flags of its sweep, so the values live only in oml/core/recipes.py."""
+    if preset not in PRESETS:
+        raise UserError(f"PRESET must be one of {', '.join(PRESETS)}, got '{preset}'")
     args, sweep = preset_args(preset), SWEEPS[preset].settings
     lines = [f"{var}=({shell_value(getattr(args, name))})" for var, name in GRID_VARIABLES.items()]
     augment = " ".join("true" if a else "false" for a in sweep["use_prompt_augmentation"])
@@ -434,7 +436,7 @@ def main(argv=None):
     s.add_argument("--manifest", default=None, help="the sweep's manifest (default: every run in --results)")
     s.add_argument("--out", default=None, help="where the summary files go (default: --results)")
     g = sub.add_parser("preset-grid", help="print the grid's default values for a preset as bash assignments")
-    g.add_argument("--preset", choices=list(PRESETS), required=True)
+    g.add_argument("--preset", required=True, help=" | ".join(PRESETS))
     sub.add_parser("experiments-env", help="print experiments/common.sh's settings as bash assignments")
     c = sub.add_parser("choose-lambda", help="print λ* from an evaluated λ search (see choose_lambda)")
     c.add_argument("--results", default="results/")
