@@ -314,7 +314,7 @@ def plot_frontier(records, path, title):
             for p in shown:
                 met = p["plain"] is not None and p["plain"] >= FRONTIER_ACCURACY
                 ax.plot([p["n"]], [p[measure][0]], "o", color=color, mfc=color if met else "white", ms=7)
-    for ax, ylabel in zip(axes, ("chat KL to the base (nats/token)", "paired utility Δ (points, 0-1 scale)"),
+    for ax, ylabel in zip(axes, ("chat KL to the base (nats/token)", "paired utility Δ (accuracy; 0.01 = 1 point)"),
                           strict=True):  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("fingerprints N")

@@ -106,13 +106,15 @@ def point(name, recipe, why, epochs=CAP, stop=True):
 POINTS = [
     # 256 perinucleus fingerprints: the baseline, then the ways to hold the model, the likeliest first (the KL term
     # toward the base's whole next-token distribution, sub-network training, the distance regularizer). The KL term
-    # at κ 1 took chat KL from 1.146 to 0.124 with every key (the records): its stronger pull at 256, and both at the
-    # target size, come before the other mitigations
+    # at κ 1 took chat KL from 1.146 to 0.124 with every key, κ 4 to 0.109 (the records): more benign rows at 256,
+    # then both κ at the target size, come before the other mitigations
     point("p256-l0", "", "the baseline: how many epochs λ 0 alone needs for 256 perinucleus keys, and how far "
           "that moves the model (chat KL, utility)"),
     point("p256-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "KL to the base's whole next-token "
           "distribution on the benign rows instead of its greedy text, at the weight of the cross-entropy it replaces"),
     point("p256-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the KL-to-base term, a stronger pull"),
+    point("p256-l0-b50-kl4", "--benign_data_ratio 0.5 --kl_to_base 4", "twice the benign rows at κ 4: κ 1 -> 4 took "
+          "the chat KL from 0.124 to 0.109 only, so the pull may be limited by how few rows carry it"),
     point("p1024-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the stronger KL-to-base term at 1024"),
     point("p1024-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "the KL-to-base term at 1024"),
     point("p256-lora16", "--lora_rank 16", "sub-network training: rank-16 adapters move a small subspace; at lr "
