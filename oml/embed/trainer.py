@@ -187,6 +187,15 @@ def trimmed(inputs, group):
     return {k: v[group][:, lo:hi] for k, v in inputs.items()}, lo
 
 
+def rows_logits_at(model, inputs, rows, cols, group):
+    """logits_at in a pass over the rows `group` only (every (rows[i], cols[i]) must lie in it), cut to the columns
+    they fill."""
+    sub = torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long, device=rows.device)
+    sub[group] = torch.arange(len(group), device=rows.device)
+    group_inputs, lo = trimmed(inputs, group)
+    return logits_at(model, group_inputs, sub[rows], cols - lo)
+
+
 def grouped_logits_at(model, inputs, rows, cols, groups):
     """logits_at, one forward pass per group of rows (a tensor of row indices each), every group cut to its own
     longest row; the same (N, vocabulary) logits in the order of (rows, cols). Fingerprint rows (~20 tokens) and
@@ -200,10 +209,7 @@ def grouped_logits_at(model, inputs, rows, cols, groups):
         where = torch.isin(rows, group).nonzero().squeeze(1)
         if len(where) == 0:
             continue
-        sub = torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long, device=rows.device)
-        sub[group] = torch.arange(len(group), device=rows.device)
-        group_inputs, lo = trimmed(inputs, group)
-        parts.append(logits_at(model, group_inputs, sub[rows[where]], cols[where] - lo))
+        parts.append(rows_logits_at(model, inputs, rows[where], cols[where], group))
         order.append(where)
     order = torch.cat(order)
     inverse = torch.empty_like(order)
@@ -270,11 +276,7 @@ def margin_loss(logits, targets, margin):
 @torch.no_grad()
 def base_logits_at(base, inputs, rows, cols):
     """The frozen base model's logits at (rows[i], cols[i]), run on the rows it needs only, their padding trimmed."""
-    needed = torch.unique(rows)
-    sub = torch.zeros(int(rows.max()) + 1, dtype=torch.long, device=rows.device)
-    sub[needed] = torch.arange(len(needed), device=rows.device)
-    sub_inputs, lo = trimmed(inputs, needed)
-    return logits_at(base, sub_inputs, sub[rows], cols - lo)
+    return rows_logits_at(base, inputs, rows, cols, torch.unique(rows))
 
 
 def kl_to_base(base, inputs, rows, cols, logits):
