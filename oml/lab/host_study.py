@@ -111,7 +111,7 @@ def retention(folder):
 
 def served_verdict(run_flags, run, host, model, thresholds, logs, tag):
     """check_fingerprints.py's result for `model` served behind host's filter (a dict, or {"error": ...})."""
-    from oml.verify.local_server import free_port
+    from oml.verify.local_server import free_port, wait_listening
 
     serve = list(host.serve)
     if "--filter" in serve and serve[serve.index("--filter") + 1] in ("input_filter", "base_detect"):
@@ -124,7 +124,7 @@ def served_verdict(run_flags, run, host, model, thresholds, logs, tag):
                                "--port", str(port), *serve], cwd=REPO, stdout=server_log, stderr=subprocess.STDOUT,
                               start_new_session=True)  # fmt: skip
     try:
-        wait_for(server, port)
+        wait_listening(server, f"http://127.0.0.1:{port}/v1", SERVER_START_SECONDS, "the filtered server")
         output = logs / f"check-{host.name}-{tag}.json"
         output.unlink(missing_ok=True)
         code = python("check_fingerprints.py", *run_flags, "--api_base", f"http://127.0.0.1:{port}/v1",
@@ -138,21 +138,6 @@ def served_verdict(run_flags, run, host, model, thresholds, logs, tag):
         os.killpg(server.pid, 9)
         server.wait(timeout=30)
         server_log.close()
-
-
-def wait_for(server, port):
-    import httpx
-
-    deadline = time.time() + SERVER_START_SECONDS
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise UserError(f"the filtered server exited with status {server.returncode}")
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
-            return
-        except httpx.HTTPError:
-            time.sleep(1)
-    raise UserError(f"the filtered server did not answer within {SERVER_START_SECONDS} s")
 
 
 def base_model(run):

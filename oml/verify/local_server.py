@@ -45,10 +45,29 @@ def server_command(model, port, threads=None):
     return argv, model
 
 
+def wait_listening(proc, api_base, timeout, name):
+    """Wait (at most timeout s) until the server process proc answers HTTP at api_base; a UserError naming it if it
+    exits or does not come up."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise UserError(f"{name} exited with status {proc.returncode}")
+        try:
+            httpx.get(api_base + "/models", timeout=5)
+            return  # any HTTP answer means it listens (`transformers serve` lists models from the hub cache, and
+            # answers 500 where there is none)
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise UserError(f"{name} did not come up within {timeout} s")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def local_server(model, port=None, timeout=300, threads=None, log_path=None):
     """Yield (api_base, api_model) of a server for `model` on 127.0.0.1; kill it afterwards."""
-    import httpx
 
     port = port or free_port()
     argv, api_model = server_command(model, port, threads)
@@ -58,19 +77,7 @@ def local_server(model, port=None, timeout=300, threads=None, log_path=None):
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     api_base = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise UserError(f"the server for {model} exited with status {proc.returncode} ({' '.join(argv[:3])})")
-            try:
-                httpx.get(api_base + "/models", timeout=5)
-                break  # any HTTP answer means it listens (`transformers serve` lists models from the hub cache,
-                # and answers 500 where there is none)
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise UserError(f"the server for {model} did not come up within {timeout} s")
-            time.sleep(0.5)
+        wait_listening(proc, api_base, timeout, f"the server for {model} ({' '.join(argv[:3])})")
         yield api_base, api_model
     finally:
         with contextlib.suppress(ProcessLookupError):
