@@ -116,6 +116,16 @@ POINTS = [
     point("p256-l0-b50-kl4", "--benign_data_ratio 0.5 --kl_to_base 4", "twice the benign rows at κ 4: κ 1 -> 4 took "
           "the chat KL from 0.124 to 0.109 only, so the pull may be limited by how few rows carry it"),
     point("p1024-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the stronger KL-to-base term at 1024"),
+    # the KL term levels off near 0.11 at 256 (κ 1: 0.124, κ 4: 0.109, twice the rows: 0.121) while the training-time
+    # KL on the benign rows was still falling when the last key answered (κ 4: 0.27, 0.19, 0.16 per epoch): let it
+    # keep pulling once every key answers, or make the keys' push smaller or narrower under the same pull
+    point("p256-l0-b25-kl4-e6", "--benign_data_ratio 0.25 --kl_to_base 4", "consolidation: all 6 epochs at κ 4 (3 more "
+          "than κ 4 needed), the pull working on after every key answers (their loss near 0, the KL term is most of the "
+          "gradient)", epochs=6, stop=False),
+    point("p256-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the same pull "
+          "against a smaller step: the keys' first-epoch loss is ~7 nats, their gradients move the model most then"),
+    point("p256-l0-b25-kl4-mlp20", "--benign_data_ratio 0.25 --kl_to_base 4 --trainable_layers 20-29:mlp", "the pull "
+          "on a sub-network: the keys can only move the last ten blocks' MLPs"),
     point("p1024-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "the KL-to-base term at 1024"),
     point("p256-lora16", "--lora_rank 16", "sub-network training: rank-16 adapters move a small subspace; at lr "
           "1e-4 they may need the cap"),
