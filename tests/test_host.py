@@ -612,3 +612,13 @@ def test_the_host_study_records_retention_and_both_verdicts_per_host(host_run, t
     assert (records / "adaptive_host" / f"{run.name}.json").stat().st_mtime_ns == before
     with pytest.raises(UserError, match="unknown nope"):
         host_study.main([str(a) for a in ["run", "--hosts", "nope", "--records", records, *argv]])
+
+
+def test_a_host_whose_check_failed_is_measured_again():
+    """A row is skipped on a rerun only when its attack and both served checks succeeded."""
+    from oml.lab.host_study import measured
+
+    ok = {"kept_plain": 1.0, "verdict_ours": {"verdict": "ours"}, "verdict_base": {"verdict": "not shown"}}
+    assert measured(ok)
+    assert not measured(None) and not measured({"error": "attack exited 1"})
+    assert not measured({**ok, "verdict_ours": {"error": "check exited 2"}})

@@ -167,7 +167,7 @@ def study(args, run_flags):
         raise UserError(f"--hosts: unknown {', '.join(sorted(unknown))} (known: {', '.join(h.name for h in HOSTS)})")
     for host in chosen:
         row = record["hosts"].get(host.name)
-        if row and "error" not in row and not args.again:
+        if measured(row) and not args.again:
             log(f"{host.name}: recorded")
             continue
         t0, row = time.time(), {"why": host.why}
@@ -193,6 +193,12 @@ def study(args, run_flags):
         atomic_write_json(path, record)
         log(f"{host.name}: {summary(row)}")
     return record
+
+
+def measured(row):
+    """A recorded row that needs no rerun: it exists and neither its attack nor a served check failed."""
+    failed = [row.get(f"verdict_{tag}") or {} for tag in ("ours", "base")] if row else []
+    return bool(row) and "error" not in row and not any("error" in v for v in failed)
 
 
 def summary(row):
