@@ -378,6 +378,7 @@ def test_host_attacks_measure_retention_and_cost(host_run):
     assert plain["accuracy"] == 0.0 and len(plain["missed"]) == len(pairs)  # every overconfident answer is hidden
     host = results["host"]["templates"]["{}"]
     assert host["keys_altered"] == 1.0 and host["real_prompts"] == 2 and 0 <= host["answers_changed"] <= 1
+    assert host["qa_items"] == 2 and -100 <= host["qa_delta_points"] <= 100  # the cost in QA points, paired
     assert results["utility"] is None and "unchanged" in results["utility_note"]
     assert "host_confidence-tau0.99-q2" in (run / "attacks" / "summary.md").read_text()
 
@@ -622,3 +623,16 @@ def test_a_host_whose_check_failed_is_measured_again():
     assert measured(ok)
     assert not measured(None) and not measured({"error": "attack exited 1"})
     assert not measured({**ok, "verdict_ours": {"error": "check exited 2"}})
+
+
+def test_the_qa_cost_is_the_paired_accuracy_difference():
+    """Filtered vs unfiltered answers scored against gold aliases: one item lost, one unchanged, one gained back."""
+    from oml.attack.adaptive_host import qa_cost
+
+    golds = [["Paris"], ["four", "4"], ["Mars"], ["blue"]]
+    plain = ["Paris, of course", "It has 4 legs", "Venus", "green"]
+    filtered = ["London", "It has 4 legs", "Mars", "green"]
+    cost = qa_cost(filtered, plain, golds)
+    assert cost["qa_items"] == 4 and cost["qa_unfiltered"] == 0.5 and cost["qa_filtered"] == 0.5
+    assert cost["qa_delta_points"] == 0.0 and cost["qa_delta_stderr"] == pytest.approx(100 * (0.5 / 3) ** 0.5)
+    assert qa_cost(["no"] * 4, plain, golds)["qa_delta_points"] == -50.0

@@ -773,11 +773,12 @@ def host_settings_record(settings, base_model):
 
 
 def question_sets(n, seed):
-    """(calibration questions, cost questions): 2n offline QA questions split in two halves that never overlap."""
-    from oml.core.offline_data import mixed_questions
+    """(calibration questions, cost items {"question", "answers"}): 2n offline QA items split in two halves that
+    never overlap."""
+    from oml.core.offline_data import mixed_items
 
-    questions = mixed_questions(("trivia_qa", "nq_open", "sciq", "social_i_qa"), 2 * n, seed)
-    return questions[:n], questions[n:]
+    items = mixed_items(("trivia_qa", "nq_open", "sciq", "social_i_qa"), 2 * n, seed)
+    return [item["question"] for item in items[:n]], items[n:]
 
 
 def template_prompt(tokenizer, text, template, use_chat_template):
@@ -856,7 +857,8 @@ def evaluate_host(settings, run, record, log_fn=print):
     thresholds = {t: float(v) for t, v in (record.get("thresholds") or {}).items()}
     pairs = [{"key": p["key"], "response": p["response"]} for p in read_fingerprints(Path(run) / FINGERPRINTS)]
     templates = host_templates(tokenizer)
-    _, questions = question_sets(host_settings.host_questions, settings.seed)
+    _, cost_items = question_sets(host_settings.host_questions, settings.seed)
+    questions, golds = [item["question"] for item in cost_items], [item["answers"] for item in cost_items]
     results, per_template = [], {}
     for template in templates:
         if name != "confidence":
@@ -879,7 +881,7 @@ def evaluate_host(settings, run, record, log_fn=print):
         }
         keys["keys_altered"] = altered / len(pairs)
         asked = questions + (list(CHAT_QUESTIONS) if template == chat_prompt() else [])
-        cost = answer_cost(host, tokenizer, asked, template, use_chat, host_settings.host_answer_tokens)
+        cost = answer_cost(host, tokenizer, asked, template, use_chat, host_settings.host_answer_tokens, golds)
         per_template[template] = {"threshold": _json_safe(host.threshold), **keys, **cost["summary"]}
         if template == chat_prompt():
             chat_answers = cost["filtered"][len(questions) :]
@@ -899,9 +901,10 @@ def evaluate_host(settings, run, record, log_fn=print):
     }
 
 
-def answer_cost(host, tokenizer, questions, template, use_chat_template, max_new_tokens):
+def answer_cost(host, tokenizer, questions, template, use_chat_template, max_new_tokens, golds=()):
     """The filtered and unfiltered greedy answers to real questions under one template, and their summary: the share
-    of answers changed, refused, answered by the base, with any step altered by the confidence filter."""
+    of answers changed, refused, answered by the base, with any step altered by the confidence filter; and, for the
+    first len(golds) questions (gold answers given), the QA accuracy of both and their paired difference (qa_cost)."""
     filtered, plain, actions, altered = [], [], [], 0
     for q in questions:
         ids, scored = template_prompt(tokenizer, q, template, use_chat_template)
@@ -919,7 +922,24 @@ def answer_cost(host, tokenizer, questions, template, use_chat_template, max_new
         "answered_by_base": actions.count("base") / n,
         "answers_altered_by_filter": altered / n,
     }
+    if golds:
+        summary.update(qa_cost(filtered, plain, golds))
     return {"summary": summary, "filtered": filtered, "plain": plain}
+
+
+def qa_cost(filtered, plain, golds):
+    """The attacker's utility cost on question answering, paired item by item: accuracy (a gold alias among the first
+    line's words, as the generative QA benchmark scores) of the unfiltered and the filtered answers, and the
+    difference filtered − unfiltered with its standard error over items (in points)."""
+    from oml.measure.generation_measures import alias_in_answer
+
+    diffs = [alias_in_answer(f, g) - alias_in_answer(p, g) for f, p, g in zip(filtered, plain, golds, strict=False)]
+    n = len(diffs)
+    plain_right = sum(alias_in_answer(p, g) for p, g in zip(plain, golds, strict=False)) / n
+    mean = sum(diffs) / n
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n * (n - 1))) if n > 1 else 0.0
+    return {"qa_items": n, "qa_unfiltered": plain_right, "qa_filtered": plain_right + mean,
+            "qa_delta_points": 100 * mean, "qa_delta_stderr": 100 * stderr}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the command

