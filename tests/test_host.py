@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import REPO, run_script, tiny_llama
 
-from oml.attack.adaptive_host import Host, confidence_processor, generate, kept_at_drop, roc, serving
+from oml.attack.adaptive_host import Host, HostDecoding, confidence_processor, generate, kept_at_drop, roc, serving
 from oml.core.errors import UserError, run_cli
 from oml.make.key_perplexity import log_perplexity
 
@@ -361,6 +361,89 @@ def test_sampled_verification_rule_keeps_p0_per_rule(host_run, one_thread):
             check_sampling(**{"min_matches": None, "claim_file": None, **bad})  # fmt: skip
 
 
+def test_a_host_that_samples_ignores_the_requests_decoding(embedded_tokenizer, one_thread, monkeypatch):
+    """--host_temperature T --host_top_p P: every answer is sampled at T and P, a request at temperature 0 included
+    (two seeds give two answers, one seed the same answer); the confidence filter still acts before sampling."""
+    import oml.attack.adaptive_host as adaptive_host
+
+    tok = embedded_tokenizer
+    host = Host(tiny_llama(tok), tok, decoding=HostDecoding(1.0, 0.9))
+    calls = []
+    real_generate = adaptive_host.generate
+    monkeypatch.setattr(adaptive_host, "generate", lambda *a: calls.append(a[4:6]) or real_generate(*a))
+    with serving(host) as (api_base, _):
+
+        def ask(seed):
+            body = {"model": "host", "prompt": "the river ran past a", "max_tokens": 8, "temperature": 0, "seed": seed}
+            r = httpx.post(api_base + "/completions", json=body, timeout=30)
+            assert r.status_code == 200
+            return r.json()["choices"][0]["text"]
+
+        answers = [ask(seed) for seed in range(4)]
+        assert len(set(answers)) > 1 and ask(0) == answers[0]
+    assert calls and set(calls) == {(1.0, 0.9)}  # the host's temperature and top_p, not the request's 0
+    # unset: the request decides (greedy at 0)
+    assert HostDecoding(None, None).request(0.0, 1.0) == (0.0, 1.0)
+    assert HostDecoding(0.7, None).request(0.0, 0.5) == (0.7, 1.0)
+    # the confidence filter before the host's sampling: no token above τ is ever sampled
+    model = confident_llama(tok)
+    filtered = Host(model, tok, "confidence", tau=TAU, decoding=HostDecoding(1.0, 0.9))
+    for seed in range(3):
+        ids = tok("seven blue")["input_ids"]
+        new, record = filtered.answer(ids, max_new_tokens=6, seed=seed)
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids + new])).logits[0, len(ids) - 1 : -1].float()
+        p = torch.softmax(logits, -1)
+        assert all(p[step, token] <= TAU for step, token in enumerate(new))
+
+
+def test_roc_scores_the_keys_of_a_file(host_run, tmp_path, one_thread, capsys):
+    """roc --keys_file FILE --max_keys N scores the file's first N keys (a keys list or a fingerprints file), with the
+    run (its model, its output folder under a name of its own) or, for input_filter, with a model alone."""
+    from oml.attack.adaptive_host import main
+    from oml.make.key_perplexity import real_prompts
+
+    _, run, pairs = host_run
+    keys = ["zebra quantum lantern", "a quiet morning by the lake", "plinth grommet vortex sable", "hello there"]
+    keys_file = tmp_path / "strategy-keys.json"
+    keys_file.write_text(json.dumps([{"key": k, "response": "x"} for k in keys]))
+    main(["roc", "--run", run.name, "--result_path", str(run.parent), "--filter", "input_filter",
+          "--keys_file", str(keys_file), "--max_keys", "3", "--real_prompts", "2"])  # fmt: skip
+    written = json.loads((run / "host" / "roc-input_filter-completions-keys-strategy-keys-n3.json").read_text())
+    report = written["reports"][0]
+    assert written["keys_file"] == str(keys_file) and report["keys"] == 3 and report["real_prompts"] == 8 + 2
+    model, tok = tiny_llama_from(run / "final_model")
+    expected = [math.exp(x) for x in log_perplexity(model, tok, keys[:3])]
+    assert report["key_scores"] == pytest.approx(expected, rel=1e-4)
+    # without a run: a model and a keys list
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
+    out = tmp_path / "roc.json"
+    main(["roc", "--model", str(run / "final_model"), "--filter", "input_filter", "--keys_file",
+          str(tmp_path / "keys.json"), "--real_prompts", "2", "--output_file", str(out)])  # fmt: skip
+    alone = json.loads(out.read_text())["reports"][0]
+    assert alone["keys"] == len(keys) and alone["key_scores"][:3] == pytest.approx(expected, rel=1e-4)
+    assert len(real_prompts(2)) == alone["real_prompts"]
+    # confidence on a file's keys: the top probability, no τ grid (the file's responses were never trained in)
+    main(["roc", "--run", run.name, "--result_path", str(run.parent), "--filter", "confidence",
+          "--keys_file", str(keys_file), "--real_prompts", "2"])  # fmt: skip
+    confident = run / "host" / "roc-confidence-completions-keys-strategy-keys.json"
+    assert "tau_grid" not in json.loads(confident.read_text())
+    capsys.readouterr()
+    assert "needs --keys_file, --model and --output_file" in one_line_exit_2(
+        main, ["roc", "--model", str(run / "final_model"), "--filter", "input_filter", "--keys_file", str(keys_file)],
+        capsys)  # fmt: skip
+    assert "--max_keys must be positive" in one_line_exit_2(
+        main, ["roc", "--run", run.name, "--result_path", str(run.parent), "--filter", "input_filter",
+               "--max_keys", "0"], capsys)  # fmt: skip
+
+
+def tiny_llama_from(folder):
+    from oml.core.model_registry import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(folder), device="cpu")
+    return model.eval(), tok
+
+
 # ------------------------------------------------------------------------------------------ host attacks
 
 
@@ -548,6 +631,13 @@ def one_line_exit_2(main, argv, capsys):
         (["--filter", "input_filter", "--threshold", "50", "--filter_model", "/no/such/model"], "no such model"),
         (["--filter", "input_filter"], "needs --threshold"),
         (["--filter", "base_detect", "--threshold", "1"], "needs --base"),
+        (["--host_temperature", "0"], "--host_temperature must be a finite number above 0"),
+        (["--host_temperature", "-0.5"], "--host_temperature must be a finite number above 0"),
+        (["--host_temperature", "inf"], "--host_temperature must be a finite number above 0"),
+        (["--host_temperature", "nan"], "--host_temperature must be a finite number above 0"),
+        (["--host_temperature", "0.7", "--host_top_p", "0"], "--host_top_p must be within (0, 1]"),
+        (["--host_temperature", "0.7", "--host_top_p", "1.5"], "--host_top_p must be within (0, 1]"),
+        (["--host_top_p", "0.9"], "--host_top_p needs --host_temperature"),
     ],
 )
 def test_serve_bad_input_is_one_line_exit_2(tiny_model_dir, capsys, extra, message):
