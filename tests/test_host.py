@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -702,3 +703,73 @@ def test_the_host_study_records_retention_and_both_verdicts_per_host(host_run, t
     assert (records / "adaptive_host" / f"{run.name}.json").stat().st_mtime_ns == before
     with pytest.raises(UserError, match="unknown nope"):
         host_study.main([str(a) for a in ["run", "--hosts", "nope", "--records", records, *argv]])
+
+
+def fake_roc(argv):
+    """What python -m oml.attack.adaptive_host roc writes, for the flags it was given (no model runs)."""
+    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    scores = ["kl", "ratio"] if flags["--filter"] == "base_detect" else ["ppl"]
+    at_drop = [{"drop": d, "threshold": 9.0, "keys_kept": 0.25, "real_prompts_flagged": d} for d in (0.01, 0.05)]
+    reports = [{"filter": flags["--filter"], "score": s, "keys": int(flags["--max_keys"]), "real_prompts": 10,
+                "auc": 0.75, "at_drop": at_drop, "points": [], "key_scores": [], "real_prompt_scores": []}
+               for s in scores]  # fmt: skip
+    Path(flags["--output_file"]).write_text(json.dumps({"reports": reports}))
+
+
+def test_the_host_study_p0_step_roc_section_and_table(host_run, tmp_path, monkeypatch, capsys):
+    """A sampled host's check rule gets its p0 measured once (check_fingerprints.py --measure_p0 with the same rule
+    flags), skipped when the run has it; `roc` records every key set's AUC and kept shares (peer files read in place,
+    skipped when absent); the table copes with verdict-only rows and shows the ROC section."""
+    from oml.core.run_store import REFERENCE_RATES
+    from oml.lab import host_study
+
+    argv, run, _ = host_run
+    sampled = next(h for h in host_study.HOSTS if h.name == "sampled-t0.7")
+    assert not sampled.attack and "--host_temperature" in sampled.serve and "--samples" in sampled.check
+    calls = []
+    monkeypatch.setattr(host_study, "python", lambda *a, **kw: calls.append([str(x) for x in a]) or 0)
+    assert host_study.ensure_p0(argv, run, sampled, tmp_path) is None
+    assert calls[0][0] == "check_fingerprints.py" and "--measure_p0" in calls[0]
+    assert calls[0][-6:] == ["--samples", "5", "--api_temperature", "0.7", "--reference_models", "base"]
+    rates = json.loads((run / REFERENCE_RATES).read_text())
+    rates["measurements"]["completions:k5-m3-t0.7"] = {"p0": 0.01}
+    (run / REFERENCE_RATES).write_text(json.dumps(rates))
+    calls.clear()
+    assert host_study.ensure_p0(argv, run, sampled, tmp_path) is None and calls == []  # measured: skipped
+    assert host_study.ensure_p0(argv, run, host_study.HOSTS[0], tmp_path) is None and calls == []  # greedy rule
+
+    # the ROC section: fake roc outputs, a peer folder of one file, then one that is absent
+    peers = tmp_path / "peers" / "other-model"
+    peers.mkdir(parents=True)
+    (peers / "natural.json").write_text(json.dumps(["a key", "another key"]))
+    monkeypatch.setattr(host_study, "python", lambda *a, **kw: fake_roc([str(x) for x in a]) or 0)
+    records = tmp_path / "records"
+    common = ["--records", str(records), "--real_prompts", "10", "--roc_keys", "4"]
+    host_study.main(["roc", "--point", "confident", *common, "--peer_data", str(tmp_path / "peers"), *map(str, argv)])
+    record = json.loads((records / "adaptive_host" / f"{run.name}.json").read_text())
+    assert list(record["roc"]) == ["run/input_filter", "run/confidence", "run/base_detect", "english/input_filter",
+                                   "random_word/input_filter", "peer:other-model/natural/input_filter"]  # fmt: skip
+    assert [r["score"] for r in record["roc"]["run/base_detect"]["reports"]] == ["kl", "ratio"]
+    assert record["roc"]["english/input_filter"]["keys_file"] == "generated_data/fingerprints-english-1024.json"
+    assert "points" not in record["roc"]["run/input_filter"]["reports"][0]  # the curve stays in the run's folder
+    monkeypatch.setattr(host_study, "python", lambda *a, **kw: pytest.fail("recorded ROCs are not measured again"))
+    host_study.main(["roc", *common, "--peer_data", str(tmp_path / "absent"), *map(str, argv)])
+    assert "natural keys of other models skipped" in capsys.readouterr().out
+
+    # verdict-only rows (no attack step) beside a host with retention
+    verdict = {"verdict": "ours", "keys_revealed": 4, "matches": 4, "p0": 0.01, "p_value": 1e-8}
+    record["hosts"] = {
+        "confidence-0.99": {"why": "", "keys": 12, "kept_plain": 0.0, "cost_plain": {"answers_changed": 0.5},
+                            "verdict_ours": {**verdict, "verdict": "not shown", "matches": 0},
+                            "verdict_base": {**verdict, "verdict": "not shown", "matches": 0}},
+        "sampled-t0.7": {"why": "", "check": list(sampled.check), "verdict_ours": verdict,
+                         "verdict_base": {"error": "check exited 1"}},
+    }  # fmt: skip
+    (records / "adaptive_host" / f"{run.name}.json").write_text(json.dumps(record))
+    assert host_study.summary(record["hosts"]["sampled-t0.7"]).startswith("no attack step; check --samples 5")
+    table = host_study.table(records, markdown=True)
+    assert "| confident | confidence-0.99 | 0.0% |" in table
+    assert "| confident | sampled-t0.7 |  |  |  |  |  | ours (4/4) | check exited 1 (None/None) | --samples 5" in table
+    assert "| confident | run | base_detect | ratio | 4 | 10 | 0.750 | 25.0% | 25.0% |" in table
+    assert "| confident | peer:other-model/natural | input_filter | ppl |" in table
+    assert host_study.table(records).count("\n\n") == 1  # two tables as text too
