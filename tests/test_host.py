@@ -773,3 +773,20 @@ def test_the_host_study_p0_step_roc_section_and_table(host_run, tmp_path, monkey
     assert "| confident | run | base_detect | ratio | 4 | 10 | 0.750 | 25.0% | 25.0% |" in table
     assert "| confident | peer:other-model/natural | input_filter | ppl |" in table
     assert host_study.table(records).count("\n\n") == 1  # two tables as text too
+
+
+@pytest.mark.long  # a p0 measurement, two servers and two sampled checks: a minute or more on 2 cores
+def test_the_host_study_checks_a_sampling_host_by_a_majority_of_samples(host_run, tmp_path, one_thread):
+    """sampled-t1.0: no attack step; p0 for the rule k5-m3-t1 is measured on the base first (once), then the served
+    copy, which samples every answer at 1.0 and top_p 0.9, is "ours" by a majority of five answers; the base is not."""
+    from oml.core.run_store import REFERENCE_RATES
+    from oml.lab import host_study
+
+    argv, run, _ = host_run
+    records = tmp_path / "records"
+    host_study.main([str(a) for a in ["run", "--hosts", "sampled-t1.0", "--records", records, *argv]])
+    row = json.loads((records / "adaptive_host" / f"{run.name}.json").read_text())["hosts"]["sampled-t1.0"]
+    assert "error" not in row and "kept_plain" not in row and row["check"][:2] == ["--samples", "5"]
+    assert row["verdict_ours"]["verdict"] == "ours" and row["verdict_base"]["verdict"] == "not shown"
+    measured = json.loads((run / REFERENCE_RATES).read_text())["measurements"]["completions:k5-m3-t1"]
+    assert row["verdict_ours"]["p0"] == measured["p0"]
