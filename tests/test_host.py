@@ -357,9 +357,36 @@ def test_sampled_verification_rule_keeps_p0_per_rule(host_run, one_thread):
         (dict(samples=3, api_temperature=0.0), "go together"),
         (dict(samples=1, api_temperature=0.7), "go together"),
         (dict(samples=3, api_temperature=0.7, min_matches=4), "--min_matches must be within 1..3"),
+        (dict(samples=3, api_temperature=0.7, api_top_p=0.0), "--api_top_p must be within"),
+        (dict(samples=3, api_temperature=0.7, api_top_p=1.5), "--api_top_p must be within"),
+        (dict(samples=1, api_temperature=0.0, api_top_p=0.9), "goes with --samples"),
     ]:
         with pytest.raises(UserError, match=message):
             check_sampling(**{"min_matches": None, "claim_file": None, **bad})  # fmt: skip
+
+
+def test_sampled_verification_at_a_top_p_measures_p0_at_it(host_run, one_thread, monkeypatch):
+    """--api_top_p P: every request carries top_p P, and p0 is sampled at P and stored under its own rule key."""
+    import oml.attack.adaptive_host as adaptive_host
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.core.run_store import REFERENCE_RATES
+    from oml.verify.suspect_check import check, measure_p0
+
+    _, run, pairs = host_run
+    rule = dict(samples=3, min_matches=None, api_temperature=0.7, api_top_p=0.9)
+    base = dict(reference_models=["base"], p0_confidence=0.95, reference_pairs=0, alpha=1e-2, max_keys=8)
+    with pytest.raises(UserError, match="--api_temperature 0.7 --api_top_p 0.9 --reference_models"):
+        check(check_args(run, "http://127.0.0.1:9/v1", **rule, **base), log=lambda *_: None)
+    _, m = measure_p0(check_args(run, "", **rule, **base))
+    stored = json.loads((run / REFERENCE_RATES).read_text())["measurements"]["completions:k3-m2-t0.7-p0.9"]
+    assert stored["rule"] == {"samples": 3, "min_matches": 2, "temperature": 0.7, "top_p": 0.9}
+    calls = []
+    real_generate = adaptive_host.generate
+    monkeypatch.setattr(adaptive_host, "generate", lambda *a: calls.append(a[4:6]) or real_generate(*a))
+    model, tok = load_model_and_tokenizer(str(run / "final_model"), device="cpu", dtype=torch.float32)
+    with serving(Host(model, tok)) as (api_base, _):
+        result, _ = check(check_args(run, api_base, **rule, **base), log=lambda *_: None)
+    assert result["verdict"] == "ours" and result["p0"] == m["p0"] and set(calls) == {(0.7, 0.9)}
 
 
 def test_a_host_that_samples_ignores_the_requests_decoding(embedded_tokenizer, one_thread, monkeypatch):
@@ -730,9 +757,10 @@ def test_the_host_study_p0_step_roc_section_and_table(host_run, tmp_path, monkey
     monkeypatch.setattr(host_study, "python", lambda *a, **kw: calls.append([str(x) for x in a]) or 0)
     assert host_study.ensure_p0(argv, run, sampled, tmp_path) is None
     assert calls[0][0] == "check_fingerprints.py" and "--measure_p0" in calls[0]
-    assert calls[0][-6:] == ["--samples", "5", "--api_temperature", "0.7", "--reference_models", "base"]
+    assert calls[0][-8:] == ["--samples", "5", "--api_temperature", "0.7", "--api_top_p", "0.9",
+                             "--reference_models", "base"]  # fmt: skip
     rates = json.loads((run / REFERENCE_RATES).read_text())
-    rates["measurements"]["completions:k5-m3-t0.7"] = {"p0": 0.01}
+    rates["measurements"]["completions:k5-m3-t0.7-p0.9"] = {"p0": 0.01}
     (run / REFERENCE_RATES).write_text(json.dumps(rates))
     calls.clear()
     assert host_study.ensure_p0(argv, run, sampled, tmp_path) is None and calls == []  # measured: skipped
@@ -777,7 +805,7 @@ def test_the_host_study_p0_step_roc_section_and_table(host_run, tmp_path, monkey
 
 @pytest.mark.long  # a p0 measurement, two servers and two sampled checks: a minute or more on 2 cores
 def test_the_host_study_checks_a_sampling_host_by_a_majority_of_samples(host_run, tmp_path, one_thread):
-    """sampled-t1.0: no attack step; p0 for the rule k5-m3-t1 is measured on the base first (once), then the served
+    """sampled-t1.0: no attack step; p0 for the rule k5-m3-t1-p0.9 is measured on the base first (once), then the served
     copy, which samples every answer at 1.0 and top_p 0.9, is "ours" by a majority of five answers; the base is not."""
     from oml.core.run_store import REFERENCE_RATES
     from oml.lab import host_study
@@ -788,5 +816,5 @@ def test_the_host_study_checks_a_sampling_host_by_a_majority_of_samples(host_run
     row = json.loads((records / "adaptive_host" / f"{run.name}.json").read_text())["hosts"]["sampled-t1.0"]
     assert "error" not in row and "kept_plain" not in row and row["check"][:2] == ["--samples", "5"]
     assert row["verdict_ours"]["verdict"] == "ours" and row["verdict_base"]["verdict"] == "not shown"
-    measured = json.loads((run / REFERENCE_RATES).read_text())["measurements"]["completions:k5-m3-t1"]
+    measured = json.loads((run / REFERENCE_RATES).read_text())["measurements"]["completions:k5-m3-t1-p0.9"]
     assert row["verdict_ours"]["p0"] == measured["p0"]

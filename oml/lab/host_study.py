@@ -11,9 +11,9 @@ For each host in HOSTS (a filter and its setting), in order, resuming from what 
 
 A host may have no attack step (the sampled hosts: no filter, the server samples every answer at T, top_p 0.9): its
 row holds the verdicts only. A host with check flags adds them to check_fingerprints.py's command (the sampled hosts:
---samples 5 --api_temperature T, a majority of five answers); where that rule has no p0 yet, it is measured first,
-once per run and rule (check_fingerprints.py --measure_p0 with the same rule flags, --reference_models base; locally
-at top_p 1, seeded).
+--samples 5 --api_temperature T --api_top_p 0.9, a majority of five answers); where that rule has no p0 yet, it is
+measured first, once per run and rule (check_fingerprints.py --measure_p0 with the same rule flags,
+--reference_models base: sampled locally, seeded, at the same temperature and top_p).
 
 Thresholds of the input filter and of base detection are the ones the attack calibrated (the plain-key template's,
 as the completions route sends a key). The study's numbers go to a record, experiments/records/adaptive_host/<hash>.json
@@ -75,12 +75,13 @@ def confidence(tau, first=False):
 
 
 def sampled(temperature, top_p=0.9, samples=5):
-    """A host that samples every answer at temperature T, top_p P (no filter), checked by a majority of k samples at T."""
+    """A host that samples every answer at temperature T, top_p P (no filter), checked by a majority of k samples at T
+    and P (p0 sampled at T and P too)."""
     return Host(f"sampled-t{temperature:.1f}", (),
                 ("--filter", "none", "--host_temperature", str(temperature), "--host_top_p", str(top_p)),
                 f"no filter; every answer sampled at temperature {temperature:g}, top_p {top_p:g} (as deployed); the "
                 f"check asks each key {samples} times at {temperature:g} and needs a majority",
-                ("--samples", str(samples), "--api_temperature", str(temperature)))  # fmt: skip
+                ("--samples", str(samples), "--api_temperature", str(temperature), "--api_top_p", str(top_p)))  # fmt: skip
 
 
 HOSTS = [
