@@ -818,3 +818,22 @@ def test_the_host_study_checks_a_sampling_host_by_a_majority_of_samples(host_run
     assert row["verdict_ours"]["verdict"] == "ours" and row["verdict_base"]["verdict"] == "not shown"
     measured = json.loads((run / REFERENCE_RATES).read_text())["measurements"]["completions:k5-m3-t1-p0.9"]
     assert row["verdict_ours"]["p0"] == measured["p0"]
+
+
+@pytest.mark.long  # six ROC commands, each loading the model: a minute on 2 cores
+def test_the_host_study_roc_section_through_the_real_commands(host_run, tmp_path, one_thread):
+    from oml.lab import host_study
+
+    argv, run, _ = host_run
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    (peers / "natural.json").write_text(json.dumps(["a quiet morning by the lake", "the cat sat on the mat"]))
+    records = tmp_path / "records"
+    host_study.main([str(a) for a in ["roc", "--records", records, "--real_prompts", 2, "--roc_keys", 4,
+                                      "--peer_data", peers, *argv]])  # fmt: skip
+    section = json.loads((records / "adaptive_host" / f"{run.name}.json").read_text())["roc"]
+    assert all("error" not in entry for entry in section.values()), section
+    assert section["run/base_detect"]["reports"][1]["score"] == "ratio"
+    assert section["peer:natural/input_filter"]["reports"][0]["keys"] == 2
+    assert section["english/input_filter"]["reports"][0]["keys"] == 4
+    assert "| run | confidence | top_probability | 4 | 10 |" in host_study.table(records, markdown=True)
