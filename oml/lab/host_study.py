@@ -119,12 +119,13 @@ def python(*argv, log_path, timeout):
 
 def attack_folder(run, attack_flags):
     """results/<hash>/attacks/<id>/ of a host attack: the id by oml.attack.adaptive_host's own rule."""
-    from oml.attack.adaptive_host import HOST_ATTACK_ARGS, add_arguments, host_attack_id
+    from oml.attack.adaptive_host import HOST_ATTACK_ARGS, HostAttackSettings, add_arguments, host_attack_id
     from oml.attack.attack_runner import model_name
 
     parser = add_arguments(argparse.ArgumentParser(), HOST_ATTACK_ARGS)
     parser.add_argument("--attack")
-    return run / "attacks" / host_attack_id(parser.parse_known_args(attack_flags)[0], model_name)
+    settings = HostAttackSettings.from_args(parser.parse_known_args(attack_flags)[0])
+    return run / "attacks" / host_attack_id(settings, model_name)
 
 
 def retention(folder):
