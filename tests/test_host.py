@@ -15,13 +15,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from conftest import REPO, run_script, tiny_llama
 
-from oml.attack.adaptive_host import Host, confidence_processor, generate, kept_at_drop, roc, serving
+from oml.attack.adaptive_host import Host, HostDecoding, confidence_processor, generate, kept_at_drop, roc, serving
 from oml.core.errors import UserError, run_cli
 from oml.make.key_perplexity import log_perplexity
 
@@ -356,9 +357,119 @@ def test_sampled_verification_rule_keeps_p0_per_rule(host_run, one_thread):
         (dict(samples=3, api_temperature=0.0), "go together"),
         (dict(samples=1, api_temperature=0.7), "go together"),
         (dict(samples=3, api_temperature=0.7, min_matches=4), "--min_matches must be within 1..3"),
+        (dict(samples=3, api_temperature=0.7, api_top_p=0.0), "--api_top_p must be within"),
+        (dict(samples=3, api_temperature=0.7, api_top_p=1.5), "--api_top_p must be within"),
+        (dict(samples=1, api_temperature=0.0, api_top_p=0.9), "goes with --samples"),
     ]:
         with pytest.raises(UserError, match=message):
             check_sampling(**{"min_matches": None, "claim_file": None, **bad})  # fmt: skip
+
+
+def test_sampled_verification_at_a_top_p_measures_p0_at_it(host_run, one_thread, monkeypatch):
+    """--api_top_p P: every request carries top_p P, and p0 is sampled at P and stored under its own rule key."""
+    import oml.attack.adaptive_host as adaptive_host
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.core.run_store import REFERENCE_RATES
+    from oml.verify.suspect_check import check, measure_p0
+
+    _, run, pairs = host_run
+    rule = dict(samples=3, min_matches=None, api_temperature=0.7, api_top_p=0.9)
+    base = dict(reference_models=["base"], p0_confidence=0.95, reference_pairs=0, alpha=1e-2, max_keys=8)
+    with pytest.raises(UserError, match="--api_temperature 0.7 --api_top_p 0.9 --reference_models"):
+        check(check_args(run, "http://127.0.0.1:9/v1", **rule, **base), log=lambda *_: None)
+    _, m = measure_p0(check_args(run, "", **rule, **base))
+    stored = json.loads((run / REFERENCE_RATES).read_text())["measurements"]["completions:k3-m2-t0.7-p0.9"]
+    assert stored["rule"] == {"samples": 3, "min_matches": 2, "temperature": 0.7, "top_p": 0.9}
+    calls = []
+    real_generate = adaptive_host.generate
+    monkeypatch.setattr(adaptive_host, "generate", lambda *a: calls.append(a[4:6]) or real_generate(*a))
+    model, tok = load_model_and_tokenizer(str(run / "final_model"), device="cpu", dtype=torch.float32)
+    with serving(Host(model, tok)) as (api_base, _):
+        result, _ = check(check_args(run, api_base, **rule, **base), log=lambda *_: None)
+    assert result["verdict"] == "ours" and result["p0"] == m["p0"] and set(calls) == {(0.7, 0.9)}
+
+
+def test_a_host_that_samples_ignores_the_requests_decoding(embedded_tokenizer, one_thread, monkeypatch):
+    """--host_temperature T --host_top_p P: every answer is sampled at T and P, a request at temperature 0 included
+    (two seeds give two answers, one seed the same answer); the confidence filter still acts before sampling."""
+    import oml.attack.adaptive_host as adaptive_host
+
+    tok = embedded_tokenizer
+    host = Host(tiny_llama(tok), tok, decoding=HostDecoding(1.0, 0.9))
+    calls = []
+    real_generate = adaptive_host.generate
+    monkeypatch.setattr(adaptive_host, "generate", lambda *a: calls.append(a[4:6]) or real_generate(*a))
+    with serving(host) as (api_base, _):
+
+        def ask(seed):
+            body = {"model": "host", "prompt": "the river ran past a", "max_tokens": 8, "temperature": 0, "seed": seed}
+            r = httpx.post(api_base + "/completions", json=body, timeout=30)
+            assert r.status_code == 200
+            return r.json()["choices"][0]["text"]
+
+        answers = [ask(seed) for seed in range(4)]
+        assert len(set(answers)) > 1 and ask(0) == answers[0]
+    assert calls and set(calls) == {(1.0, 0.9)}  # the host's temperature and top_p, not the request's 0
+    # unset: the request decides (greedy at 0)
+    assert HostDecoding(None, None).request(0.0, 1.0) == (0.0, 1.0)
+    assert HostDecoding(0.7, None).request(0.0, 0.5) == (0.7, 1.0)
+    # the confidence filter before the host's sampling: no token above τ is ever sampled
+    model = confident_llama(tok)
+    filtered = Host(model, tok, "confidence", tau=TAU, decoding=HostDecoding(1.0, 0.9))
+    for seed in range(3):
+        ids = tok("seven blue")["input_ids"]
+        new, record = filtered.answer(ids, max_new_tokens=6, seed=seed)
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids + new])).logits[0, len(ids) - 1 : -1].float()
+        p = torch.softmax(logits, -1)
+        assert all(p[step, token] <= TAU for step, token in enumerate(new))
+
+
+def test_roc_scores_the_keys_of_a_file(host_run, tmp_path, one_thread, capsys):
+    """roc --keys_file FILE --max_keys N scores the file's first N keys (a keys list or a fingerprints file), with the
+    run (its model, its output folder under a name of its own) or, for input_filter, with a model alone."""
+    from oml.attack.adaptive_host import main
+    from oml.make.key_perplexity import real_prompts
+
+    _, run, pairs = host_run
+    keys = ["zebra quantum lantern", "a quiet morning by the lake", "plinth grommet vortex sable", "hello there"]
+    keys_file = tmp_path / "strategy-keys.json"
+    keys_file.write_text(json.dumps([{"key": k, "response": "x"} for k in keys]))
+    main(["roc", "--run", run.name, "--result_path", str(run.parent), "--filter", "input_filter",
+          "--keys_file", str(keys_file), "--max_keys", "3", "--real_prompts", "2"])  # fmt: skip
+    written = json.loads((run / "host" / "roc-input_filter-completions-keys-strategy-keys-n3.json").read_text())
+    report = written["reports"][0]
+    assert written["keys_file"] == str(keys_file) and report["keys"] == 3 and report["real_prompts"] == 8 + 2
+    model, tok = tiny_llama_from(run / "final_model")
+    expected = [math.exp(x) for x in log_perplexity(model, tok, keys[:3])]
+    assert report["key_scores"] == pytest.approx(expected, rel=1e-4)
+    # without a run: a model and a keys list
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
+    out = tmp_path / "roc.json"
+    main(["roc", "--model", str(run / "final_model"), "--filter", "input_filter", "--keys_file",
+          str(tmp_path / "keys.json"), "--real_prompts", "2", "--output_file", str(out)])  # fmt: skip
+    alone = json.loads(out.read_text())["reports"][0]
+    assert alone["keys"] == len(keys) and alone["key_scores"][:3] == pytest.approx(expected, rel=1e-4)
+    assert len(real_prompts(2)) == alone["real_prompts"]
+    # confidence on a file's keys: the top probability, no τ grid (the file's responses were never trained in)
+    main(["roc", "--run", run.name, "--result_path", str(run.parent), "--filter", "confidence",
+          "--keys_file", str(keys_file), "--real_prompts", "2"])  # fmt: skip
+    confident = run / "host" / "roc-confidence-completions-keys-strategy-keys.json"
+    assert "tau_grid" not in json.loads(confident.read_text())
+    capsys.readouterr()
+    assert "needs --keys_file, --model and --output_file" in one_line_exit_2(
+        main, ["roc", "--model", str(run / "final_model"), "--filter", "input_filter", "--keys_file", str(keys_file)],
+        capsys)  # fmt: skip
+    assert "--max_keys must be positive" in one_line_exit_2(
+        main, ["roc", "--run", run.name, "--result_path", str(run.parent), "--filter", "input_filter",
+               "--max_keys", "0"], capsys)  # fmt: skip
+
+
+def tiny_llama_from(folder):
+    from oml.core.model_registry import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(folder), device="cpu")
+    return model.eval(), tok
 
 
 # ------------------------------------------------------------------------------------------ host attacks
@@ -549,6 +660,13 @@ def one_line_exit_2(main, argv, capsys):
         (["--filter", "input_filter", "--threshold", "50", "--filter_model", "/no/such/model"], "no such model"),
         (["--filter", "input_filter"], "needs --threshold"),
         (["--filter", "base_detect", "--threshold", "1"], "needs --base"),
+        (["--host_temperature", "0"], "--host_temperature must be a finite number above 0"),
+        (["--host_temperature", "-0.5"], "--host_temperature must be a finite number above 0"),
+        (["--host_temperature", "inf"], "--host_temperature must be a finite number above 0"),
+        (["--host_temperature", "nan"], "--host_temperature must be a finite number above 0"),
+        (["--host_temperature", "0.7", "--host_top_p", "0"], "--host_top_p must be within (0, 1]"),
+        (["--host_temperature", "0.7", "--host_top_p", "1.5"], "--host_top_p must be within (0, 1]"),
+        (["--host_top_p", "0.9"], "--host_top_p needs --host_temperature"),
     ],
 )
 def test_serve_bad_input_is_one_line_exit_2(tiny_model_dir, capsys, extra, message):
@@ -636,3 +754,112 @@ def test_the_qa_cost_is_the_paired_accuracy_difference():
     assert cost["qa_items"] == 4 and cost["qa_unfiltered"] == 0.5 and cost["qa_filtered"] == 0.5
     assert cost["qa_delta_points"] == 0.0 and cost["qa_delta_stderr"] == pytest.approx(100 * (0.5 / 3) ** 0.5)
     assert qa_cost(["no"] * 4, plain, golds)["qa_delta_points"] == -50.0
+
+
+def fake_roc(argv):
+    """What python -m oml.attack.adaptive_host roc writes, for the flags it was given (no model runs)."""
+    flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    scores = ["kl", "ratio"] if flags["--filter"] == "base_detect" else ["ppl"]
+    at_drop = [{"drop": d, "threshold": 9.0, "keys_kept": 0.25, "real_prompts_flagged": d} for d in (0.01, 0.05)]
+    reports = [{"filter": flags["--filter"], "score": s, "keys": int(flags["--max_keys"]), "real_prompts": 10,
+                "auc": 0.75, "at_drop": at_drop, "points": [], "key_scores": [], "real_prompt_scores": []}
+               for s in scores]  # fmt: skip
+    Path(flags["--output_file"]).write_text(json.dumps({"reports": reports}))
+
+
+def test_the_host_study_p0_step_roc_section_and_table(host_run, tmp_path, monkeypatch, capsys):
+    """A sampled host's check rule gets its p0 measured once (check_fingerprints.py --measure_p0 with the same rule
+    flags), skipped when the run has it; `roc` records every key set's AUC and kept shares (peer files read in place,
+    skipped when absent); the table copes with verdict-only rows and shows the ROC section."""
+    from oml.core.run_store import REFERENCE_RATES
+    from oml.lab import host_study
+
+    argv, run, _ = host_run
+    sampled = next(h for h in host_study.HOSTS if h.name == "sampled-t0.7")
+    assert not sampled.attack and "--host_temperature" in sampled.serve and "--samples" in sampled.check
+    calls = []
+    monkeypatch.setattr(host_study, "python", lambda *a, **kw: calls.append([str(x) for x in a]) or 0)
+    assert host_study.ensure_p0(argv, run, sampled, tmp_path) is None
+    assert calls[0][0] == "check_fingerprints.py" and "--measure_p0" in calls[0]
+    assert calls[0][-8:] == ["--samples", "5", "--api_temperature", "0.7", "--api_top_p", "0.9",
+                             "--reference_models", "base"]  # fmt: skip
+    rates = json.loads((run / REFERENCE_RATES).read_text())
+    rates["measurements"]["completions:k5-m3-t0.7-p0.9"] = {"p0": 0.01}
+    (run / REFERENCE_RATES).write_text(json.dumps(rates))
+    calls.clear()
+    assert host_study.ensure_p0(argv, run, sampled, tmp_path) is None and calls == []  # measured: skipped
+    assert host_study.ensure_p0(argv, run, host_study.HOSTS[0], tmp_path) is None and calls == []  # greedy rule
+
+    # the ROC section: fake roc outputs, a peer folder of one file, then one that is absent
+    peers = tmp_path / "peers" / "other-model"
+    peers.mkdir(parents=True)
+    (peers / "natural.json").write_text(json.dumps(["a key", "another key"]))
+    monkeypatch.setattr(host_study, "python", lambda *a, **kw: fake_roc([str(x) for x in a]) or 0)
+    records = tmp_path / "records"
+    common = ["--records", str(records), "--real_prompts", "10", "--roc_keys", "4"]
+    host_study.main(["roc", "--point", "confident", *common, "--peer_data", str(tmp_path / "peers"), *map(str, argv)])
+    record = json.loads((records / "adaptive_host" / f"{run.name}.json").read_text())
+    assert list(record["roc"]) == ["run/input_filter", "run/confidence", "run/base_detect", "english/input_filter",
+                                   "random_word/input_filter", "peer:other-model/natural/input_filter"]  # fmt: skip
+    assert [r["score"] for r in record["roc"]["run/base_detect"]["reports"]] == ["kl", "ratio"]
+    assert record["roc"]["english/input_filter"]["keys_file"] == "generated_data/fingerprints-english-1024.json"
+    assert "points" not in record["roc"]["run/input_filter"]["reports"][0]  # the curve stays in the run's folder
+    monkeypatch.setattr(host_study, "python", lambda *a, **kw: pytest.fail("recorded ROCs are not measured again"))
+    host_study.main(["roc", *common, "--peer_data", str(tmp_path / "absent"), *map(str, argv)])
+    assert "natural keys of other models skipped" in capsys.readouterr().out
+
+    # verdict-only rows (no attack step) beside a host with retention
+    verdict = {"verdict": "ours", "keys_revealed": 4, "matches": 4, "p0": 0.01, "p_value": 1e-8}
+    record["hosts"] = {
+        "confidence-0.99": {"why": "", "keys": 12, "kept_plain": 0.0, "cost_plain": {"answers_changed": 0.5},
+                            "verdict_ours": {**verdict, "verdict": "not shown", "matches": 0},
+                            "verdict_base": {**verdict, "verdict": "not shown", "matches": 0}},
+        "sampled-t0.7": {"why": "", "check": list(sampled.check), "verdict_ours": verdict,
+                         "verdict_base": {"error": "check exited 1"}},
+    }  # fmt: skip
+    (records / "adaptive_host" / f"{run.name}.json").write_text(json.dumps(record))
+    assert host_study.summary(record["hosts"]["sampled-t0.7"]).startswith("no attack step; check --samples 5")
+    table = host_study.table(records, markdown=True)
+    assert "| confident | confidence-0.99 | 0.0% |" in table
+    assert (
+        "| confident | sampled-t0.7 |  |  |  |  |  |  | ours (4/4) | check exited 1 (None/None) | --samples 5" in table
+    )
+    assert "| confident | run | base_detect | ratio | 4 | 10 | 0.750 | 25.0% | 25.0% |" in table
+    assert "| confident | peer:other-model/natural | input_filter | ppl |" in table
+    assert host_study.table(records).count("\n\n") == 1  # two tables as text too
+
+
+@pytest.mark.long  # a p0 measurement, two servers and two sampled checks: a minute or more on 2 cores
+def test_the_host_study_checks_a_sampling_host_by_a_majority_of_samples(host_run, tmp_path, one_thread):
+    """sampled-t1.0: no attack step; p0 for the rule k5-m3-t1-p0.9 is measured on the base first (once), then the served
+    copy, which samples every answer at 1.0 and top_p 0.9, is "ours" by a majority of five answers; the base is not."""
+    from oml.core.run_store import REFERENCE_RATES
+    from oml.lab import host_study
+
+    argv, run, _ = host_run
+    records = tmp_path / "records"
+    host_study.main([str(a) for a in ["run", "--hosts", "sampled-t1.0", "--records", records, *argv]])
+    row = json.loads((records / "adaptive_host" / f"{run.name}.json").read_text())["hosts"]["sampled-t1.0"]
+    assert "error" not in row and "kept_plain" not in row and row["check"][:2] == ["--samples", "5"]
+    assert row["verdict_ours"]["verdict"] == "ours" and row["verdict_base"]["verdict"] == "not shown"
+    measured = json.loads((run / REFERENCE_RATES).read_text())["measurements"]["completions:k5-m3-t1-p0.9"]
+    assert row["verdict_ours"]["p0"] == measured["p0"]
+
+
+@pytest.mark.long  # six ROC commands, each loading the model: a minute on 2 cores
+def test_the_host_study_roc_section_through_the_real_commands(host_run, tmp_path, one_thread):
+    from oml.lab import host_study
+
+    argv, run, _ = host_run
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    (peers / "natural.json").write_text(json.dumps(["a quiet morning by the lake", "the cat sat on the mat"]))
+    records = tmp_path / "records"
+    host_study.main([str(a) for a in ["roc", "--records", records, "--real_prompts", 2, "--roc_keys", 4,
+                                      "--peer_data", peers, *argv]])  # fmt: skip
+    section = json.loads((records / "adaptive_host" / f"{run.name}.json").read_text())["roc"]
+    assert all("error" not in entry for entry in section.values()), section
+    assert section["run/base_detect"]["reports"][1]["score"] == "ratio"
+    assert section["peer:natural/input_filter"]["reports"][0]["keys"] == 2
+    assert section["english/input_filter"]["reports"][0]["keys"] == 4
+    assert "| run | confidence | top_probability | 4 | 10 |" in host_study.table(records, markdown=True)

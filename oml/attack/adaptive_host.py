@@ -25,20 +25,25 @@ included); on the chat route the last user message (input_filter) and the chat-t
 
     python -m oml.attack.adaptive_host serve --model results/<hash>/final_model --filter confidence --tau 0.99 --port 8001
     python -m oml.attack.adaptive_host serve --model FOLDER --base HF_ID --filter base_detect --threshold 2.0 --port 8001
+    python -m oml.attack.adaptive_host serve --model FOLDER --filter none --host_temperature 0.7 --host_top_p 0.9
     python -m oml.attack.adaptive_host roc --run <hash> --filter input_filter [--filter_model PATH] [--real_prompts 500]
     python -m oml.attack.adaptive_host roc --run <hash> --filter base_detect [--base MODEL]
     python -m oml.attack.adaptive_host roc --run <hash> --filter confidence      # the first-token τ grid in one pass
+    python -m oml.attack.adaptive_host roc --run <hash> --filter input_filter --keys_file FILE --max_keys 256
+    python -m oml.attack.adaptive_host roc --model FOLDER --filter input_filter --keys_file FILE --output_file OUT
 
-`roc` scores the run's keys (positives) and real user prompts (negatives: the offline QA questions of oml.core.offline_data
+`roc` scores the run's keys (or --keys_file's, --max_keys of them) (positives) and real user prompts (negatives: the offline QA questions of oml.core.offline_data
 and oml.measure.chat_sample's questions, formatted the way keys are sent on the route), writes the scores, the ROC curve, its AUC
 and the share of keys kept (not flagged) at the thresholds that flag 1% and 5% of real prompts to
-results/<hash>/host/roc-<filter>-<endpoint>.json (or --output_file), and prints a table. For confidence the score
+results/<hash>/host/roc-<filter>-<endpoint>[-keys-<file>][-n<N>].json (or --output_file), and prints a table. For confidence the score
 is the served model's top probability at the first answer position, and a τ grid gives, for every τ from one
 forward pass per prompt, the share of keys whose first token still comes out and of real prompts whose first answer
 token changes (the confidence filter with --first_token_only, greedy).
 
 The server (make_server/serving) is stdlib http.server on 127.0.0.1 only: GET /v1/models, POST /v1/completions and
-/v1/chat/completions; greedy at temperature 0, else sampled (temperature, top_p, seed per request); max_tokens capped
+/v1/chat/completions; greedy at temperature 0, else sampled (temperature, top_p, seed per request), or, with
+--host_temperature T [--host_top_p P], every answer sampled at T and P whatever the request asks (a deployer that
+samples; the seed stays the request's; the filter's logits processor acts before sampling); max_tokens capped
 (--max_tokens_cap), request bodies capped, one generation at a time. check_fingerprints.py can be pointed at it.
 The same Host object answers locally (Host.answer), which is how attack_fingerprints.py --attack host_* measures.
 """
@@ -92,11 +97,26 @@ SERVE_ARGS = [
     (["--trust_remote_code"], dict(action="store_true")),
 ]  # fmt: skip
 
+# How the host decodes, whatever the request asks (a deployer that samples every answer); unset: the request decides.
+DECODING_ARGS = [
+    (["--host_temperature"], dict(type=float, default=None, metavar="T",
+                                  help="sample every answer at temperature T (> 0), whatever the request's temperature "
+                                       "(0 included); default: the request decides (greedy at 0)")),
+    (["--host_top_p"], dict(type=float, default=None, metavar="P",
+                            help="with --host_temperature: sample from the top-p nucleus, P in (0, 1] (default 1)")),
+]  # fmt: skip
+
 ROC_ARGS = [
-    (["--run"], dict(required=True, metavar="HASH", help="the run whose keys are scored")),
+    (["--run"], dict(default=None, metavar="HASH",
+                     help="the run whose keys are scored (and whose model and chat template are used); may be left "
+                          "out with --keys_file and --model")),
     (["--result_path"], dict(default="results/")),
     (["--filter"], dict(required=True, metavar="confidence|input_filter|base_detect")),
     (["--model"], dict(default=None, metavar="FOLDER", help="the served model (default: the run's final_model)")),
+    (["--keys_file"], dict(default=None, metavar="FILE",
+                           help="score this file's keys instead of the run's (any fingerprints or keys file the "
+                                "suite reads: other strategies, another model's natural keys)")),
+    (["--max_keys"], dict(type=int, default=None, metavar="N", help="score the first N keys only")),
     (["--base"], dict(default=None, metavar="MODEL", help="base_detect: the base model (default: the run's)")),
     (["--endpoint"], dict(default="completions", metavar="completions|chat",
                           help="format keys and real prompts as this route sends them")),
@@ -129,6 +149,39 @@ class FilterSettings:
     def from_args(cls, args, name=None):
         """The filter flags of parsed arguments; name: the filter (default --filter)."""
         return settings_from_args(cls, args, name=name if name is not None else args.filter)
+
+
+@dataclass(frozen=True)
+class HostDecoding:
+    """How the host samples every answer (DECODING_ARGS), whatever the request asks; host_temperature None: the
+    request's temperature, top_p and seed decide."""
+
+    host_temperature: float | None
+    host_top_p: float | None
+
+    @classmethod
+    def from_args(cls, args):
+        return settings_from_args(cls, args)
+
+    def request(self, temperature, top_p):
+        """(temperature, top_p) an answer is decoded with, given the request's."""
+        if self.host_temperature is None:
+            return temperature, top_p
+        return self.host_temperature, 1.0 if self.host_top_p is None else self.host_top_p
+
+
+REQUEST_DECIDES = HostDecoding(None, None)
+
+
+def check_decoding(settings):
+    """Every check on HostDecoding: T > 0 and finite, 0 < P <= 1, and P only with T."""
+    t, p = settings.host_temperature, settings.host_top_p
+    if t is not None and not (math.isfinite(t) and t > 0):
+        raise UserError(f"--host_temperature must be a finite number above 0, got {t}")
+    if p is not None and not 0 < p <= 1:  # NaN fails too
+        raise UserError(f"--host_top_p must be within (0, 1], got {p}")
+    if p is not None and t is None:
+        raise UserError("--host_top_p needs --host_temperature (the host samples every answer at that temperature)")
 
 
 def check_filter(settings):
@@ -231,10 +284,11 @@ class Host:
 
     model, tokenizer: the served model; filter: one of FILTERS; tau, entropy, first_token_only: the confidence filter;
     threshold: input_filter (perplexity) or base_detect (score); filter_model: (model, tokenizer) scoring perplexity
-    (default the served model); base: the base model (base_detect); base_score: "kl" or "ratio"."""
+    (default the served model); base: the base model (base_detect); base_score: "kl" or "ratio"; decoding: a
+    HostDecoding (the host's own sampling, after the filter's logits processor; default: the request decides)."""
 
     def __init__(self, model, tokenizer, filter="none", tau=0.99, entropy=None, first_token_only=False, threshold=None,
-                 filter_model=None, base=None, base_score="kl"):  # fmt: skip
+                 filter_model=None, base=None, base_score="kl", decoding=REQUEST_DECIDES):  # fmt: skip
         if filter not in FILTERS:
             raise UserError(f"unknown filter {filter!r}; choose from {', '.join(FILTERS)}")
         if filter in ("input_filter", "base_detect") and threshold is None:
@@ -244,7 +298,7 @@ class Host:
         self.model, self.tokenizer, self.filter = model, tokenizer, filter
         self.tau, self.entropy, self.first_token_only, self.threshold = tau, entropy, first_token_only, threshold
         self.filter_model = filter_model or (model, tokenizer)
-        self.base, self.base_score = base, base_score
+        self.base, self.base_score, self.decoding = base, base_score, decoding
         self.lock = threading.Lock()
         self.counts = {"requests": 0, "refused": 0, "base": 0, "altered_steps": 0}
 
@@ -260,7 +314,9 @@ class Host:
     def answer(self, prompt_ids, scored_text=None, max_new_tokens=16, temperature=0.0, top_p=1.0, seed=None):
         """(new token ids, record) for one request: record["action"] is "answered", "refused" (input_filter) or "base"
         (base_detect answered with the base); "score" the filter's score; "altered" the steps the confidence filter
-        changed; "stopped" whether it ended at EOS."""
+        changed; "stopped" whether it ended at EOS. temperature and top_p are the request's: the host's decoding, when
+        set, replaces them."""
+        temperature, top_p = self.decoding.request(temperature, top_p)
         with self.lock:
             self.counts["requests"] += 1
             score = self.score(prompt_ids, scored_text)
@@ -320,18 +376,20 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=0.0, top_
     return out[0, x.shape[1] :].tolist()
 
 
-def load_host(model_id, settings, base_id=None, trust_remote_code=False):
-    """A Host for `serve`: the served model (model_id) behind the filter of FilterSettings, with its models."""
+def load_host(model_id, settings, base_id=None, trust_remote_code=False, decoding=REQUEST_DECIDES):
+    """A Host for `serve`: the served model (model_id) behind the filter of FilterSettings, with its models, decoding
+    as HostDecoding says."""
     from oml.core.model_registry import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_id, device="cpu" if not _cuda() else None,
                                                 trust_remote_code=trust_remote_code)  # fmt: skip
-    return host_for(settings, model, tokenizer, base_id, trust_remote_code)
+    return host_for(settings, model, tokenizer, base_id, trust_remote_code, decoding=decoding)
 
 
-def host_for(settings, model, tokenizer, base_id=None, trust_remote_code=False, threshold=None):
+def host_for(settings, model, tokenizer, base_id=None, trust_remote_code=False, threshold=None,
+             decoding=REQUEST_DECIDES):  # fmt: skip
     """A Host for a loaded model behind the filter of FilterSettings, loading what the filter needs (the filter
-    model, the base); threshold: in place of the settings' own."""
+    model, the base); threshold: in place of the settings' own; decoding: a HostDecoding."""
     from oml.core.model_registry import load_model_and_tokenizer
 
     name = settings.name
@@ -344,7 +402,8 @@ def host_for(settings, model, tokenizer, base_id=None, trust_remote_code=False, 
         base = load_model_and_tokenizer(base_id, device=model.device, dtype=model.dtype,
                                         trust_remote_code=trust_remote_code)[0].eval()  # fmt: skip
     return Host(model.eval(), tokenizer, name, settings.tau, settings.entropy, settings.first_token_only,
-                settings.threshold if threshold is None else threshold, filter_model, base, settings.base_score)  # fmt: skip
+                settings.threshold if threshold is None else threshold, filter_model, base, settings.base_score,
+                decoding)  # fmt: skip
 
 
 def load_filter_model(spec, device=None, trust_remote_code=False):
@@ -610,23 +669,57 @@ def format_tau_grid(rows):
     return "\n".join(lines)
 
 
-def roc_main(args):
-    from oml.core.files import atomic_write_json
-    from oml.core.model_registry import load_model_and_tokenizer
-    from oml.core.run_store import FINAL_MODEL, recorded_args
-    from oml.make.fingerprint_files import run_fingerprints
+def roc_keys(args, run):
+    """[{"key"} or {"key", "response"}] scored as positives: the run's fingerprints, or --keys_file's keys (any
+    format oml.make.fingerprint_files reads; no response: they were not trained into this model), the first
+    --max_keys of them."""
+    from oml.make.fingerprint_files import read_keys, run_fingerprints
 
+    pairs = run_fingerprints(run) if not args.keys_file else [{"key": k} for k in read_keys(args.keys_file)]
+    return pairs[: args.max_keys] if args.max_keys else pairs
+
+
+def roc_output(args, run):
+    """Where roc writes: --output_file, else results/<hash>/host/roc-<filter>-<endpoint>[-keys-<file>][-n<N>].json."""
+    if args.output_file:
+        return Path(args.output_file)
+    name = f"roc-{args.filter}-{args.endpoint}"
+    name += f"-keys-{Path(args.keys_file).stem}" if args.keys_file else ""
+    name += f"-n{args.max_keys}" if args.max_keys else ""
+    return run / HOST_DIR / f"{name}.json"
+
+
+def check_roc(args):
+    """Every check on roc's arguments that needs no model; returns the run's folder (None without --run)."""
     if args.filter not in ("confidence", "input_filter", "base_detect"):
         raise UserError(f"roc: --filter must be confidence, input_filter or base_detect, got {args.filter!r}")
     if args.endpoint not in ("completions", "chat"):
         raise UserError(f"--endpoint must be completions or chat, got {args.endpoint!r}")
     if args.real_prompts < 0:
         raise UserError("--real_prompts must not be negative")
+    if args.max_keys is not None and args.max_keys <= 0:
+        raise UserError(f"--max_keys must be positive, got {args.max_keys}")
+    check_filter(FilterSettings.from_args(args))
+    if args.run is None:
+        if not (args.keys_file and args.model and args.output_file):
+            raise UserError("roc without --run needs --keys_file, --model and --output_file")
+        if args.filter == "base_detect" and not args.base:
+            raise UserError("roc --filter base_detect without --run needs --base")
+        return None
     run = Path(args.result_path) / args.run
     if not (run / "fingerprints.json").is_file():
         raise UserError(f"no run {args.run!r} in {args.result_path}")
-    check_filter(FilterSettings.from_args(args))
-    run_args, pairs = recorded_args(run), run_fingerprints(run)
+    return run
+
+
+def roc_main(args):
+    from oml.core.files import atomic_write_json
+    from oml.core.model_registry import load_model_and_tokenizer
+    from oml.core.run_store import FINAL_MODEL, recorded_args
+
+    run = check_roc(args)
+    run_args = recorded_args(run) if run is not None else {}
+    pairs = roc_keys(args, run)
     keys = [p["key"] for p in pairs]
     questions = real_prompts(args.real_prompts, args.seed)
     model_id = args.model or str(run / FINAL_MODEL)
@@ -639,7 +732,8 @@ def roc_main(args):
                                strict=True)  # fmt: skip
         real_top = [first_token_top(model, tokenizer, {"key": q}, args.endpoint, use_chat)[0] for q in questions]
         reports.append(roc_report("confidence", list(key_top), real_top, "top_probability"))
-        extra["tau_grid"] = tau_grid(key_top, answers, real_top)
+        if not args.keys_file:  # keys of a file have no trained response to keep
+            extra["tau_grid"] = tau_grid(key_top, answers, real_top)
     elif args.filter == "input_filter":
         scorers = [("served", (model, tokenizer))]
         if args.filter_model:
@@ -661,12 +755,13 @@ def roc_main(args):
     result = {
         "run": args.run,
         "model": model_id,
+        "keys_file": args.keys_file,
         "endpoint": args.endpoint,
         "real_prompts_source": f"oml.measure.chat_sample.CHAT_QUESTIONS + {args.real_prompts} oml.core.offline_data questions (seed {args.seed})",
         "reports": reports,
         **extra,
     }
-    out = Path(args.output_file) if args.output_file else run / HOST_DIR / f"roc-{args.filter}-{args.endpoint}.json"
+    out = roc_output(args, run)
     atomic_write_json(out, _json_safe(result))
     print(format_roc(reports))
     if "tau_grid" in extra:
@@ -950,7 +1045,7 @@ def make_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="serve|roc")
     serve = sub.add_parser("serve", help="serve a model behind a filter on 127.0.0.1")
-    add_arguments(serve, SERVE_ARGS + FILTER_ARGS)
+    add_arguments(serve, SERVE_ARGS + FILTER_ARGS + DECODING_ARGS)
     roc_parser = sub.add_parser("roc", help="ROC of keys vs real prompts for input_filter or base_detect")
     add_arguments(roc_parser, ROC_ARGS + [a for a in FILTER_ARGS if a[0][0] in ("--filter_model", "--tau", "--entropy",
                                                                                "--threshold", "--base_score",
@@ -961,8 +1056,9 @@ def make_parser():
 def serve_main(args):
     from oml.core.logs import quiet_libraries
 
-    settings = FilterSettings.from_args(args)
+    settings, decoding = FilterSettings.from_args(args), HostDecoding.from_args(args)
     check_filter(settings)
+    check_decoding(decoding)
     if args.filter in ("input_filter", "base_detect") and args.threshold is None:
         raise UserError(
             f"--filter {args.filter} needs --threshold (python -m oml.attack.adaptive_host roc suggests one)"
@@ -972,13 +1068,15 @@ def serve_main(args):
     if not 0 < args.port < 65536 or args.max_tokens_cap <= 0:
         raise UserError("--port must be within 1..65535 and --max_tokens_cap positive")
     quiet_libraries()
-    host = load_host(args.model, settings, args.base, args.trust_remote_code)
+    host = load_host(args.model, settings, args.base, args.trust_remote_code, decoding)
     try:
         server = make_server(host, args.model_name, args.port, args.max_tokens_cap)
     except OSError as e:
         raise UserError(f"cannot listen on 127.0.0.1:{args.port}: {e.strerror}") from None
-    print(f"serving {args.model} as {args.model_name!r} behind filter {args.filter} on "
-          f"http://127.0.0.1:{server.server_address[1]}/v1", flush=True)  # fmt: skip
+    sampling = "" if decoding.host_temperature is None else " sampling every answer at temperature {:g}, top_p {:g}"
+    print(f"serving {args.model} as {args.model_name!r} behind filter {args.filter}"
+          f"{sampling.format(*decoding.request(0.0, 1.0))} on http://127.0.0.1:{server.server_address[1]}/v1",
+          flush=True)  # fmt: skip
     # Ctrl-C and a plain kill both stop the server cleanly (its counts printed), even where the process was started
     # with SIGINT ignored (a background job of a non-interactive shell inherits that)
     signal.signal(signal.SIGINT, signal.default_int_handler)

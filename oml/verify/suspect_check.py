@@ -18,6 +18,8 @@ each key is asked k times at temperature T (the server's default top_p) and coun
 comes back in at least --min_matches of the k answers (default ceil(k/2), a majority). p0 must be measured under
 the same rule and decoding (measure_p0 with the same flags samples locally, seeded), so it is stored per (route,
 rule): "completions" for the greedy rule as before, "completions:k5-m3-t0.7" for five samples at 0.7 needing three.
+--api_top_p P sends top_p P with every request and samples p0 at P too ("completions:k5-m3-t0.7-p0.9"): the decoding
+of a host that samples at a known top_p (oml.attack.adaptive_host serve --host_top_p).
 """
 
 import math
@@ -74,6 +76,9 @@ CHECK_ARGS = [
     (["--min_matches"], dict(type=int, default=None, metavar="j", help="with --samples k: default ceil(k/2)")),
     (["--api_temperature"], dict(type=float, default=0.0,
                                  help="sampling temperature of the requests (0: greedy); > 0 needs --samples")),
+    (["--api_top_p"], dict(type=float, default=None, metavar="P",
+                           help="with --samples: the requests' top_p, and p0 sampled at it (default: the server's own "
+                                "top_p; p0 at top_p 1)")),
     (["--reference_pairs"], dict(type=int, default=0,
                                  help="also measure p0 on up to this many pairs of the run's fingerprints file that "
                                       "neither the run nor a reference run trained on (more trials, tighter p0)")),
@@ -116,6 +121,7 @@ class CheckSettings:
     samples: int
     min_matches: int | None
     api_temperature: float
+    api_top_p: float | None
     trust_remote_code: bool
 
     @classmethod
@@ -134,12 +140,13 @@ def validate(settings):
             raise UserError(f"--{name} must be positive")
     if settings.api_timeout <= 0 or settings.api_retries < 0 or settings.extra_tokens < 0:
         raise UserError("--api_timeout must be positive, --api_retries and --extra_tokens not negative")
-    check_sampling(settings.samples, settings.min_matches, settings.api_temperature, settings.claim_file)
+    check_sampling(settings.samples, settings.min_matches, settings.api_temperature, settings.claim_file,
+                   settings.api_top_p)  # fmt: skip
     return settings
 
 
-def check_sampling(samples, min_matches, api_temperature, claim_file=None):
-    """--samples, --min_matches, --api_temperature: a rule that means something."""
+def check_sampling(samples, min_matches, api_temperature, claim_file=None, api_top_p=None):
+    """--samples, --min_matches, --api_temperature, --api_top_p: a rule that means something."""
     k, j, t = samples, min_matches, api_temperature
     if k < 1:
         raise UserError(f"--samples must be positive, got {k}")
@@ -152,6 +159,8 @@ def check_sampling(samples, min_matches, api_temperature, claim_file=None):
         raise UserError(f"--min_matches must be within 1..{k} (--samples), got {j}")
     if k > 1 and claim_file:
         raise UserError("--claim_file records one answer per key: it does not support --samples yet")
+    if api_top_p is not None and not (k > 1 and 0 < api_top_p <= 1):  # NaN fails too
+        raise UserError(f"--api_top_p must be within (0, 1] and goes with --samples k > 1, got {api_top_p}")
 
 
 def rule(settings):
@@ -163,7 +172,8 @@ def rule(settings):
 def p0_key(settings):
     """Where p0 is stored for this route and rule: the route alone for the greedy rule (as always)."""
     k, j, t = rule(settings)
-    return settings.endpoint if k == 1 else f"{settings.endpoint}:k{k}-m{j}-t{t:g}"
+    top_p = "" if settings.api_top_p is None else f"-p{settings.api_top_p:g}"
+    return settings.endpoint if k == 1 else f"{settings.endpoint}:k{k}-m{j}-t{t:g}{top_p}"
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -210,10 +220,10 @@ def reference_model_id(ref, run, run_args, result_path):
 
 
 def local_outcomes(model, tokenizer, pairs, max_tokens, endpoint, use_chat_template, system_prompt=None,
-                   samples=1, min_matches=1, temperature=0.0, seed=0):  # fmt: skip
+                   samples=1, min_matches=1, temperature=0.0, seed=0, top_p=1.0):  # fmt: skip
     """Per pair, does the model's greedy continuation match the response (oml.verify.api_client.matches)? One prompt
     at a time through the "hf" backend, as a server decodes a request. With samples k > 1: do at least min_matches of
-    k continuations sampled at `temperature` (top_p 1, no top-k; seeded) match?"""
+    k continuations sampled at `temperature` (top_p, default 1; no top-k; seeded) match?"""
     from oml.make.prompt_encoding import encode_prompt
     from oml.measure.transformers_backend import TransformersModel
     from oml.verify.api_client import matches
@@ -233,11 +243,13 @@ def local_outcomes(model, tokenizer, pairs, max_tokens, endpoint, use_chat_templ
     if samples == 1:
         answers = TransformersModel(model, tokenizer, batch_size=1).greedy(prompts, max_tokens)
         return [matches(text, pair["response"]) for text, pair in zip(answers, pairs, strict=True)]
-    return sampled_outcomes(model, tokenizer, prompts, pairs, max_tokens, samples, min_matches, temperature, seed)
+    return sampled_outcomes(model, tokenizer, prompts, pairs, max_tokens, samples, min_matches, temperature, seed,
+                            top_p)  # fmt: skip
 
 
-def sampled_outcomes(model, tokenizer, prompts, pairs, max_tokens, samples, min_matches, temperature, seed):
-    """Per pair, do at least min_matches of `samples` continuations sampled at `temperature` (seeded per pair) match?"""
+def sampled_outcomes(model, tokenizer, prompts, pairs, max_tokens, samples, min_matches, temperature, seed, top_p=1.0):
+    """Per pair, do at least min_matches of `samples` continuations sampled at `temperature` and `top_p` (seeded per
+    pair) match?"""
     import torch
     from tqdm import tqdm
 
@@ -250,7 +262,7 @@ def sampled_outcomes(model, tokenizer, prompts, pairs, max_tokens, samples, min_
             torch.manual_seed(seed + len(outcomes))
             input_ids = torch.tensor([ids], device=model.device).expand(samples, -1)
             out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
-                                 pad_token_id=pad, do_sample=True, temperature=temperature, top_p=1.0, top_k=0)  # fmt: skip
+                                 pad_token_id=pad, do_sample=True, temperature=temperature, top_p=top_p, top_k=0)  # fmt: skip
             texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
             outcomes.append(sum(matches(text, pair["response"]) for text in texts) >= min_matches)
     return outcomes
@@ -298,7 +310,8 @@ def measure_p0(settings):
         model, ref_tok = load_model_and_tokenizer(model_id, trust_remote_code=settings.trust_remote_code)
         k, j, t = rule(settings)
         outcomes = local_outcomes(model, ref_tok, pairs, max_tokens, settings.endpoint, run_args["use_chat_template"],
-                                  settings.system_prompt, k, j, t, run_args["seed"])  # fmt: skip
+                                  settings.system_prompt, k, j, t, run_args["seed"],
+                                  1.0 if settings.api_top_p is None else settings.api_top_p)  # fmt: skip
         references.append({"reference": ref, "model": model_id, "matches": sum(outcomes), "keys": len(outcomes),
                            "outcomes": outcomes})  # fmt: skip
         print(f"  {sum(outcomes)} of {len(outcomes)} keys match")
@@ -307,7 +320,10 @@ def measure_p0(settings):
     n = sum(r["keys"] for r in references)
     measurement = {
         "endpoint": settings.endpoint,
-        "rule": dict(zip(("samples", "min_matches", "temperature"), rule(settings), strict=True)),
+        "rule": dict(
+            zip(("samples", "min_matches", "temperature"), rule(settings), strict=True),
+            **({"top_p": settings.api_top_p} if settings.api_top_p is not None else {}),
+        ),
         "system_prompt": settings.system_prompt,
         "extra_tokens": settings.extra_tokens,
         "held_out_pairs": len(extra),
@@ -334,6 +350,8 @@ def read_p0(run, endpoint, settings=None):
     if not measurement:
         k, j, t = rule(settings) if settings is not None else (1, 1, 0.0)
         flags = f" --samples {k} --min_matches {j} --api_temperature {t:g}" if k > 1 else ""
+        if settings is not None and settings.api_top_p is not None:
+            flags += f" --api_top_p {settings.api_top_p:g}"
         what = f"the {endpoint} route" + (f" and the rule {key.split(':', 1)[1]}" if k > 1 else "")
         raise UserError(
             f"run {Path(run).name} has no measured p0 for {what}: run "
@@ -374,6 +392,7 @@ def open_client(settings):
         retries=settings.api_retries,
         concurrency=settings.concurrency,
         temperature=rule(settings)[2],
+        extra_body={"top_p": settings.api_top_p} if settings.api_top_p is not None else None,
     )
 
 
