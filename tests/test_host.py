@@ -788,7 +788,13 @@ def test_the_host_study_p0_step_roc_section_and_table(host_run, tmp_path, monkey
     (run / REFERENCE_RATES).write_text(json.dumps(rates))
     calls.clear()
     assert host_study.ensure_p0(argv, run, sampled, tmp_path) is None and calls == []  # measured: skipped
-    assert host_study.ensure_p0(argv, run, host_study.HOSTS[0], tmp_path) is None and calls == []  # greedy rule
+    assert host_study.ensure_p0(argv, run, host_study.HOSTS[0], tmp_path) is None and calls == []  # greedy: measured
+    greedy_rates = {**rates, "measurements": {k: v for k, v in rates["measurements"].items() if k != "completions"}}
+    (run / REFERENCE_RATES).write_text(json.dumps(greedy_rates))
+    assert host_study.ensure_p0(argv, run, host_study.HOSTS[0], tmp_path) is None  # greedy, not measured: measured now
+    assert "--measure_p0" in calls[0] and calls[0][-2:] == ["--reference_models", "base"]
+    (run / REFERENCE_RATES).write_text(json.dumps(rates))
+    calls.clear()
 
     # the ROC section: fake roc outputs, a peer folder of one file, then one that is absent
     peers = tmp_path / "peers" / "other-model"

@@ -185,11 +185,9 @@ def check_rule_key(check_flags):
 
 
 def ensure_p0(run_flags, run, host, logs):
-    """Measure p0 for a host's sampled check rule unless the run has it: check_fingerprints.py --measure_p0 with the
-    same rule flags on the base model. Returns None when done (or not needed), else an error."""
-    key, sampled_rule = check_rule_key(host.check)
-    if not sampled_rule:
-        return None
+    """Measure p0 for a host's check rule (greedy, or sampled) unless the run has it: check_fingerprints.py
+    --measure_p0 with the same rule flags on the base model. Returns None when done (or not needed), else an error."""
+    key, _ = check_rule_key(host.check)
     if key in (read_json(run / REFERENCE_RATES) or {}).get("measurements", {}):
         log(f"{host.name}: p0 for {key} measured")
         return None
@@ -248,8 +246,9 @@ def study(args, run_flags):
                 folder = attack_folder(run, attack)
                 row.update(retention(folder))
                 thresholds = read_json(folder / "attack.json").get("thresholds") or {}
-        if "error" not in row and host.check:
-            row["check"] = list(host.check)
+        if "error" not in row:
+            if host.check:
+                row["check"] = list(host.check)
             error = ensure_p0(run_flags, run, host, logs)
             if error:
                 row["error"] = error
