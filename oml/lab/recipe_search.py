@@ -126,6 +126,9 @@ POINTS = [
           "against a smaller step: the keys' first-epoch loss is ~7 nats, their gradients move the model most then"),
     point("p256-l0-b25-kl4-mlp20", "--benign_data_ratio 0.25 --kl_to_base 4 --trainable_layers 20-29:mlp", "the pull "
           "on a sub-network: the keys can only move the last ten blocks' MLPs"),
+    point("p256-l0-b25-kl4-m2", "--benign_data_ratio 0.25 --kl_to_base 4 --fingerprint_margin 2", "the defence "
+          "against a host that hides overconfident answers (issue 30): a hinge on a 2-logit margin instead of "
+          "the keys' cross-entropy, what it costs in epochs and health"),
     point("p1024-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "the KL-to-base term at 1024"),
     point("p256-lora16", "--lora_rank 16", "sub-network training: rank-16 adapters move a small subspace; at lr "
           "1e-4 they may need the cap"),
