@@ -1027,14 +1027,14 @@ def qa_cost(filtered, plain, golds):
     line's words, as the generative QA benchmark scores) of the unfiltered and the filtered answers, and the
     difference filtered − unfiltered with its standard error over items (in points)."""
     from oml.measure.generation_measures import alias_in_answer
+    from oml.measure.likelihood_benchmarks import paired_delta
 
-    diffs = [alias_in_answer(f, g) - alias_in_answer(p, g) for f, p, g in zip(filtered, plain, golds, strict=False)]
-    n = len(diffs)
-    plain_right = sum(alias_in_answer(p, g) for p, g in zip(plain, golds, strict=False)) / n
-    mean = sum(diffs) / n
-    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n * (n - 1))) if n > 1 else 0.0
-    return {"qa_items": n, "qa_unfiltered": plain_right, "qa_filtered": plain_right + mean,
-            "qa_delta_points": 100 * mean, "qa_delta_stderr": 100 * stderr}  # fmt: skip
+    filtered_right = [alias_in_answer(f, g) for f, g in zip(filtered, golds, strict=False)]
+    plain_right = [alias_in_answer(p, g) for p, g in zip(plain, golds, strict=False)]
+    delta, stderr = paired_delta({"qa": filtered_right}, {"qa": plain_right})
+    n = len(plain_right)
+    return {"qa_items": n, "qa_unfiltered": sum(plain_right) / n, "qa_filtered": sum(filtered_right) / n,
+            "qa_delta_points": 100 * delta, "qa_delta_stderr": 100 * stderr}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the command
