@@ -177,18 +177,18 @@ def served_verdict(run_flags, run, host, model, thresholds, logs, tag):
 
 
 def check_rule_key(check_flags):
-    """Where check_fingerprints.py stores p0 for a check with these flags (oml.verify.suspect_check.p0_key), and
-    whether the rule is sampled (a greedy rule's p0 is the run's usual one)."""
+    """Where check_fingerprints.py stores p0 for a check with these flags (oml.verify.suspect_check.p0_key): the
+    route alone ("completions") for the greedy rule, with the rule for a sampled one."""
     from oml.verify.suspect_check import add_check_args, p0_key
 
     flags = add_check_args(argparse.ArgumentParser()).parse_known_args(list(check_flags))[0]
-    return p0_key(flags), flags.samples > 1
+    return p0_key(flags)
 
 
 def ensure_p0(run_flags, run, host, logs):
     """Measure p0 for a host's check rule (greedy, or sampled) unless the run has it: check_fingerprints.py
     --measure_p0 with the same rule flags on the base model. Returns None when done (or not needed), else an error."""
-    key, _ = check_rule_key(host.check)
+    key = check_rule_key(host.check)
     if key in (read_json(run / REFERENCE_RATES) or {}).get("measurements", {}):
         log(f"{host.name}: p0 for {key} measured")
         return None
