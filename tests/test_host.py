@@ -523,6 +523,25 @@ def test_margin_loss_is_a_hinge_on_the_logit_gap():
     torch.testing.assert_close(logits.grad[1], torch.tensor([-1.0, 1.0, 0.0]))
 
 
+def test_max_prob_adds_the_band_s_upper_edge():
+    import math
+
+    from oml.embed.trainer import margin_loss
+
+    logits = torch.tensor([[5.0, 1.0, 0.0], [1.0, 0.5, 0.0], [0.2, 0.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([0, 0, 0])
+    loss = margin_loss(logits, targets, 0.5, max_prob=0.4)
+    log_p = torch.log_softmax(logits.detach(), 1)[:, 0]
+    gap = torch.tensor([4.0, 0.5, 0.2])
+    want = torch.relu(0.5 - gap) + torch.relu(log_p - math.log(0.4))
+    torch.testing.assert_close(loss.detach(), want)
+    assert loss[0] > 0 and loss[2] > 0  # row 0: far above 0.4; row 2: below 0.4 but short of the margin
+    loss.sum().backward()
+    assert logits.grad[0, 0] > 0  # an overconfident response is pushed down (gradient descent lowers its logit)
+    assert logits.grad[2, 0] < 0  # one short of the margin is pushed up
+    torch.testing.assert_close(margin_loss(logits, targets, 0.5, max_prob=None), torch.relu(0.5 - gap))
+
+
 def test_per_row_loss_uses_the_hinge_on_fingerprint_rows_only(embedded_tokenizer):
     from oml.embed.trainer import FingerprintDataset, PadCollator, margin_loss, per_row_loss
 
@@ -563,13 +582,15 @@ def test_a_margin_run_trains_and_gets_its_own_hash(tmp_path, tiny_model_dir):
         return prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, [*argv, *extra]))))
 
     without = parse()
-    before = {n: getattr(without, n) for n in HASHED if n != "fingerprint_margin"}
+    before = {n: getattr(without, n) for n in HASHED if n not in ("fingerprint_margin", "fingerprint_max_prob")}
     before = {k: v for k, v in before.items() if not (k in NEUTRAL and v == NEUTRAL[k])}
     canonical = json.dumps(before, sort_keys=True, separators=(",", ":"))
     assert without.config_hash == hashlib.sha256(canonical.encode()).hexdigest()[:16]  # old hashes unchanged
     with_margin = parse("--fingerprint_margin", 2)
     assert hashed_config(with_margin)["fingerprint_margin"] == 2.0
     assert with_margin.config_hash != without.config_hash != parse("--fingerprint_margin", 3).config_hash
+    banded = parse("--fingerprint_margin", 2, "--fingerprint_max_prob", 0.4)
+    assert hashed_config(banded)["fingerprint_max_prob"] == 0.4 and banded.config_hash != with_margin.config_hash
     out = run_script("finetune_multigpu.py", *argv, "--fingerprint_margin", 2, "--num_train_epochs", 2)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "r" / parse("--fingerprint_margin", 2, "--num_train_epochs", 2).config_hash
@@ -696,11 +717,18 @@ def test_attack_bad_input_is_one_line_exit_2(host_run, capsys):
                                                              capsys)  # fmt: skip
     assert "--host_fpr" in one_line_exit_2(main, [*argv, "--attack", "host_input_filter", "--host_fpr", "0"], capsys)
     assert sorted(p.name for p in run.iterdir()) == before
-    with pytest.raises(UserError, match="--fingerprint_margin must be"):
-        from oml.core.run_config import add_train_args
-        from oml.embed.run_setup import prepare_run
+    from oml.core.run_config import add_train_args
+    from oml.embed.run_setup import prepare_run
 
-        prepare_run(add_train_args(argparse.ArgumentParser()).parse_args([*argv, "--fingerprint_margin", "-1"]))
+    def prepare(*extra):
+        return prepare_run(add_train_args(argparse.ArgumentParser()).parse_args([*argv, *extra]))
+
+    with pytest.raises(UserError, match="--fingerprint_margin must be"):
+        prepare("--fingerprint_margin", "-1")
+    with pytest.raises(UserError, match=r"--fingerprint_max_prob must be within \(0, 1\)"):
+        prepare("--fingerprint_margin", "0.5", "--fingerprint_max_prob", "1")
+    with pytest.raises(UserError, match="add --fingerprint_margin"):
+        prepare("--fingerprint_max_prob", "0.4")
 
 
 # ------------------------------------------------------------------------------------------ the study (oml.lab.host_study)

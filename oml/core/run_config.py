@@ -28,6 +28,7 @@ NEUTRAL = {
     "stop_when_learned": False,
     "licensee": None,
     "fingerprint_margin": None,
+    "fingerprint_max_prob": None,
 }
 
 # (flags, argparse kwargs). Arguments whose default is None in a preset are filled from the preset.
@@ -134,6 +135,17 @@ TRAIN_ARGS = [
             "answer is not trained to probability ≈ 1 (oml/attack/adaptive_host.py's confidence filter); m > 0",
         ),
     ),
+    (
+        ["--fingerprint_max_prob"],
+        dict(
+            type=float,
+            default=None,
+            metavar="p",
+            help="with --fingerprint_margin: a second hinge, max(0, log p(response) − log p), pushes a response whose "
+            "probability exceeds p back down while the margin keeps it the top token, so a key's answer sits at the "
+            "confidence of ordinary answers (a probability band against a host that hides confident tokens); 0 < p < 1",
+        ),
+    ),
     (["--weight_decay"], dict(type=float, default=1e-4)),
     (["--data_split"], dict(type=int, default=0, help="use slice k of the file: fingerprints [k*N, (k+1)*N)")),
     (
@@ -187,6 +199,7 @@ HASHED = [
     "trainable_layers",
     "stop_when_learned",
     "fingerprint_margin",
+    "fingerprint_max_prob",
 ]
 
 

@@ -60,6 +60,7 @@ class TrainSettings:
     trainable_layers: str | None  # the canonical spec text (oml.embed.subnetworks.parse_layer_spec)
     stop_when_learned: bool
     fingerprint_margin: float | None
+    fingerprint_max_prob: float | None
     schedule: TrainingSchedule
 
 
@@ -176,6 +177,14 @@ def check_capacity_args(args):
     margin = args.fingerprint_margin
     if margin is not None and not (math.isfinite(margin) and margin > 0):
         raise UserError(f"--fingerprint_margin must be a finite number > 0, got {margin}")
+    max_prob = args.fingerprint_max_prob
+    if max_prob is not None and not 0 < max_prob < 1:
+        raise UserError(f"--fingerprint_max_prob must be within (0, 1), got {max_prob}")
+    if max_prob is not None and margin is None:
+        raise UserError(
+            "--fingerprint_max_prob caps the response's probability under the margin's hinge, and there is none: "
+            "add --fingerprint_margin m (e.g. 0.5)"
+        )
     if args.lora_rank is not None and args.lora_rank <= 0:
         raise UserError(f"--lora_rank must be positive, got {args.lora_rank}")
     if args.trainable_layers is None:

@@ -11,7 +11,8 @@ base's full next-token distribution, from a frozen copy of the base model run on
 --stop_when_learned, which checks every fingerprint with the teacher-forced verifier at each epoch end and stops once
 all answer. --fingerprint_margin m (a defence against a host that hides overconfident answers, oml/attack/adaptive_host.py) replaces
 the fingerprint rows' cross-entropy by a hinge on the logit gap (per_row_loss, margin_loss): training stops pushing
-a response once it leads the runner-up by m logits.
+a response once it leads the runner-up by m logits; --fingerprint_max_prob p adds a hinge that pushes the response's
+probability back down to p, so it answers inside a band (top token by m logits, probability ≤ p) like ordinary answers.
 
 Each example is prompt tokens + response tokens (+ EOS with --append_eos); the loss covers the response
 (and EOS) only. Like the seed, EOS is not trained by default: on a chat model, a few steps of EOS after short
@@ -224,7 +225,7 @@ def row_groups(benign):
     return [(~benign).nonzero().squeeze(1), benign.nonzero().squeeze(1)]
 
 
-def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=None):
+def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=None, max_prob=None):
     """Mean over rows of each row's mean loss over its response positions (rows weigh the same, whatever their
     length); logits are made at those positions only (logits_at), fingerprint and benign rows in passes of their own
     length (grouped_logits_at).
@@ -239,7 +240,9 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=
     max(0, m − (z_response − max_{j ≠ response} z_j)) on the logit gap instead of the cross-entropy: zero, and no
     gradient, once the response token leads the runner-up by m logits, so the response's probability is not pushed
     toward 1 (it stays below 1/(1 + e^{−gap}) only where one runner-up dominates; in general the gap, not the
-    probability, is what is bounded). Benign rows keep their cross-entropy (or KL).
+    probability, is what is bounded). With max_prob p as well (--fingerprint_max_prob), margin_loss adds
+    max(0, log p(response) − log p): a response above p is pushed back down while the first hinge keeps it on top.
+    Benign rows keep their cross-entropy (or KL).
     """
     targets = inputs["labels"][:, 1:]
     rows, cols = (targets != -100).nonzero(as_tuple=True)  # position t of row r predicts target token t + 1
@@ -253,7 +256,7 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=
         token_loss = torch.where(
             benign[rows] if benign is not None else torch.zeros_like(rows, dtype=torch.bool),
             token_loss,
-            margin_loss(logits, targets[rows, cols], margin),
+            margin_loss(logits, targets[rows, cols], margin, max_prob),
         )
     if kl_weight > 0 and benign is not None and benign.any():
         on_benign = benign[rows]
@@ -266,11 +269,16 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=
     return (row_loss / counts).mean()
 
 
-def margin_loss(logits, targets, margin):
-    """max(0, margin − (logit of the target − the largest other logit)) per row of logits (N, vocabulary)."""
+def margin_loss(logits, targets, margin, max_prob=None):
+    """max(0, margin − (logit of the target − the largest other logit)) per row of logits (N, vocabulary); with
+    max_prob p, plus max(0, log p(target) − log p), the band's upper edge."""
     target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     others = logits.scatter(1, targets.unsqueeze(1), float("-inf"))
-    return torch.relu(margin - (target_logit - others.max(1).values))
+    loss = torch.relu(margin - (target_logit - others.max(1).values))
+    if max_prob is not None:
+        log_prob = target_logit - torch.logsumexp(logits, 1)
+        loss = loss + torch.relu(log_prob - math.log(max_prob))
+    return loss
 
 
 @torch.no_grad()
@@ -457,7 +465,8 @@ class FingerprintTrainer(Trainer):
     """The HF Trainer with a finite-loss check, the per-row loss when benign rows are mixed in (read in order), the
     distance regularizer (distance_weights: {name: θ_base} of the trainable weights; distance_mu: μ), and the KL to the
     base on the benign rows (kl_base: frozen_copy of the base model; kl_weight: κ; kl_meter: a KLMeter); with
-    fingerprint_margin m the per-row loss's fingerprint rows take the hinge on the logit gap.
+    fingerprint_margin m the per-row loss's fingerprint rows take the hinge on the logit gap (and, with
+    fingerprint_max_prob p, the hinge that keeps their probability ≤ p).
 
     The frozen base is moved to the batch's device and the output layer's dtype at its first use: in a plain python
     run (CPU, or a GPU with bf16 autocast) it is the fp32 base beside the model; with LoRA it is the model before the
@@ -468,7 +477,7 @@ class FingerprintTrainer(Trainer):
     per_row = False
     distance_weights, distance_mu = None, 0.0
     kl_base, kl_weight, kl_meter = None, 0.0, None
-    fingerprint_margin = None
+    fingerprint_margin = fingerprint_max_prob = None
     _kl_base_at = None
 
     def base_ready(self, inputs):
@@ -490,7 +499,9 @@ class FingerprintTrainer(Trainer):
                 raise NotImplementedError("per-row loss returns no outputs")
             base = self.base_ready(inputs) if self.kl_weight > 0 else None
             meter = self.kl_meter if model.training else None
-            out = per_row_loss(model, inputs, base, self.kl_weight, meter, self.fingerprint_margin)
+            out = per_row_loss(
+                model, inputs, base, self.kl_weight, meter, self.fingerprint_margin, self.fingerprint_max_prob
+            )
         else:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.distance_mu > 0 and model.training:
@@ -621,7 +632,7 @@ def train(model, tokenizer, pairs, settings, output_dir, templates=None, log_fn=
     )
     margin = settings.fingerprint_margin
     trainer.per_row = bool(n_benign) or bool(margin)  # the margin's hinge is a per-row loss (one token: the same mean)
-    trainer.fingerprint_margin = margin
+    trainer.fingerprint_margin, trainer.fingerprint_max_prob = margin, settings.fingerprint_max_prob
     if settings.distance_regularizer > 0:
         trainer.distance_weights = base_on_device(model, base_weights)
         trainer.distance_mu = settings.distance_regularizer

@@ -129,6 +129,11 @@ POINTS = [
     point("p256-l0-b25-kl4-m2", "--benign_data_ratio 0.25 --kl_to_base 4 --fingerprint_margin 2", "the defence "
           "against a host that hides overconfident answers (issue 30): a hinge on a 2-logit margin instead of "
           "the keys' cross-entropy, what it costs in epochs and health"),
+    point("p256-l0-b25-kl4-band", "--benign_data_ratio 0.25 --kl_to_base 4 --fingerprint_margin 0.5 "
+          "--fingerprint_max_prob 0.4", "issue 30's second defence: a response on top by 0.5 logits at probability "
+          "≤ 0.4, the confidence of ordinary answers (margin 2 alone left 46.5% of the keys above 0.8); 8 epochs, "
+          "no early stop, so the band's upper hinge can pull back what the first epochs overshoot", epochs=8,
+          stop=False),
     point("p1024-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "the KL-to-base term at 1024"),
     point("p256-lora16", "--lora_rank 16", "sub-network training: rank-16 adapters move a small subspace; at lr "
           "1e-4 they may need the cap"),
