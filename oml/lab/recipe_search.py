@@ -124,6 +124,10 @@ POINTS = [
           "gradient)", epochs=6, stop=False),
     point("p256-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the same pull "
           "against a smaller step: the keys' first-epoch loss is ~7 nats, their gradients move the model most then"),
+    # consolidation lost (6 epochs: KL 0.144, 3 epochs: 0.109); the smaller step won (lr 3e-5: KL 0.031 ± 0.001, every
+    # key in 7 epochs): the step, not the number of epochs, moves the model. The same at the target size next
+    point("p1024-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the winning "
+          "256 recipe (κ 4, lr 3e-5) at the target size: does the small step keep chat KL under 0.10 with 4× the keys"),
     point("p256-l0-b25-kl4-mlp20", "--benign_data_ratio 0.25 --kl_to_base 4 --trainable_layers 20-29:mlp", "the pull "
           "on a sub-network: the keys can only move the last ten blocks' MLPs"),
     point("p256-l0-b25-kl4-m2", "--benign_data_ratio 0.25 --kl_to_base 4 --fingerprint_margin 2", "the defence "
