@@ -254,3 +254,35 @@ def test_the_frontier_figure_draws_a_line_per_recipe_from_the_records(tmp_path):
     assert [(p["n"], p["plain"], p["kl"][0]) for p in kl_line] == [(256, 0.99, 0.08), (1024, 0.9, 0.09)]
     path = make_frontier("demo", tmp_path / "fig", records_dir=tmp_path)
     assert path.name == "frontier.png" and path.stat().st_size > 10_000
+
+
+def test_recipe_persistence_attacks_a_recorded_point_and_resumes(recorded_run, tmp_path, monkeypatch, capsys):
+    """The persistence record of a recorded point: a real merge attack on its run (fingerprints only), a row with
+    the plain key's accuracy, its error and the goal; a recorded attack is not run again, a failed one is recorded
+    with its error and retried; the table shows both; bad input is one line, exit 2."""
+    from oml.lab import recipe_persistence
+
+    flags, run, path = recorded_run
+    records_dir = tmp_path / "records"
+    result_path = flags[flags.index("--result_path") + 1]
+    common = ["--records", records_dir, "--result_path", result_path]
+    code, out, err = cli(capsys, recipe_persistence, "run", path, "--attacks", "merge0.7", *common)
+    assert code == 0, err
+    record = json.loads((records_dir / "recipe_persistence" / f"{run.name}.json").read_text())
+    row = record["attacks"]["merge0.7"]
+    assert 0 <= row["plain"]["value"] <= 1 and row["plain"]["stderr"] is not None and row["keys"] == 8
+    assert row["goal"] == 0.9 and row["met"] == (row["plain"]["value"] >= 0.9)
+    assert (run / "attacks" / "merge-base-w0.7" / "eval_results.json").is_file()
+
+    monkeypatch.setattr(recipe_persistence, "python", lambda *a, **kw: 1)  # an attack that fails
+    code, out, err = cli(capsys, recipe_persistence, "run", path, "--attacks", "merge0.7,q4_k_m", *common)
+    assert code == 0 and "merge0.7: recorded" in out and "q4_k_m: failed" in out
+    record = json.loads((records_dir / "recipe_persistence" / f"{run.name}.json").read_text())
+    assert record["attacks"]["merge0.7"] == row and "error" in record["attacks"]["q4_k_m"]
+    code, out, _ = cli(capsys, recipe_persistence, "table", "--records", records_dir)
+    assert code == 0 and "failed" in out and f"{row['plain']['value']:.1%}" in out and "q4_k_m (≥ 95%)" in out
+
+    for bad, message in ((["run", path, "--attacks", "q9"], "--attacks: unknown q9"),
+                         (["run", "no-such-point", "--records", records_dir], "no record of recipe_search")):  # fmt: skip
+        code, _, err = cli(capsys, recipe_persistence, *bad)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1

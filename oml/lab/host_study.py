@@ -46,6 +46,7 @@ from oml.core.errors import UserError, run_cli
 from oml.core.files import atomic_write_json
 from oml.core.run_store import FINAL_MODEL, REFERENCE_RATES, RunIdentity, find_run, read_json
 from oml.lab.records import RECORDS_DIR, REPO, code_state
+from oml.lab.steps import log, python
 
 EXPERIMENT = "adaptive_host"
 CHECK = ("--alpha", "1e-6", "--max_keys", "16", "--allow_revealed")  # the issue's verdict: α 1e-6, at most 16 keys
@@ -104,20 +105,6 @@ HOSTS = [
     sampled(0.7),
     sampled(1.0),
 ]  # fmt: skip
-
-
-def log(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def python(*argv, log_path, timeout):
-    """Run `python ARGV` from the repository root; its output goes to log_path; returns the exit status."""
-    with open(log_path, "w") as out:
-        try:
-            return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode  # fmt: skip
-        except subprocess.TimeoutExpired:
-            return f"timed out after {timeout} s"
 
 
 def attack_folder(run, attack_flags):
