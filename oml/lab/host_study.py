@@ -95,6 +95,7 @@ HOSTS = [
     confidence(0.9, first=True),
     confidence(0.8, first=True),
     confidence(0.5, first=True),
+    confidence(0.3, first=True),
     Host("input-fpr0.01", ("--attack", "host_input_filter", "--host_fpr", "0.01"), ("--filter", "input_filter"), "refuse prompts whose perplexity is above what 1% of real prompts reach"),
     Host("input-fpr0.05", ("--attack", "host_input_filter", "--host_fpr", "0.05"), ("--filter", "input_filter"), "the same, at 5% of real prompts refused"),
     Host("base-kl-fpr0.01", ("--attack", "host_base_detect", "--host_fpr", "0.01"), ("--filter", "base_detect"), "answer with the base where KL(served ‖ base) at the first answer position is "
