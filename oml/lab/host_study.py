@@ -46,7 +46,7 @@ from oml.core.errors import UserError, run_cli
 from oml.core.files import atomic_write_json
 from oml.core.run_store import FINAL_MODEL, REFERENCE_RATES, RunIdentity, find_run, read_json
 from oml.lab.records import RECORDS_DIR, REPO, code_state
-from oml.lab.steps import log, python
+from oml.lab.steps import format_table, log, python, record_row
 
 EXPERIMENT = "adaptive_host"
 CHECK = ("--alpha", "1e-6", "--max_keys", "16", "--allow_revealed")  # the issue's verdict: α 1e-6, at most 16 keys
@@ -245,10 +245,7 @@ def study(args, run_flags):
             for tag, model in (("ours", run / FINAL_MODEL), ("base", base_model(run))):
                 log(f"{host.name}: check through the filtered server ({tag})")
                 row[f"verdict_{tag}"] = served_verdict(run_flags, run, host, model, thresholds, logs, tag)
-        row["seconds"] = round(time.time() - t0, 1)
-        record["hosts"][host.name] = row
-        record["code"] = code_state()
-        atomic_write_json(path, record)
+        record_row(path, record, "hosts", host.name, row, t0)
         log(f"{host.name}: {summary(row)}")
     return record
 
@@ -370,15 +367,6 @@ def table(records_dir, markdown=False):
                                  f"{r['auc']:.3f}", pct(kept.get(0.01)), pct(kept.get(0.05))])  # fmt: skip
     tables = [rows] + ([roc_rows] if len(roc_rows) > 1 else [])
     return "\n\n".join(format_table(t, markdown) for t in tables)
-
-
-def format_table(rows, markdown=False):
-    """rows (a header, then rows of strings) as aligned text or as a markdown table."""
-    if markdown:
-        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def make_parser():

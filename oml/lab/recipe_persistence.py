@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from oml.core.errors import UserError, run_cli
-from oml.core.files import atomic_write_json
 from oml.core.run_store import EVAL_RESULTS, FINAL_MODEL, read_json
-from oml.lab.records import RECORDS_DIR, REPO, code_state, fingerprint_metrics, read_record, record_argv, retrain
-from oml.lab.steps import log, python
+from oml.lab.records import RECORDS_DIR, REPO, fingerprint_metrics, read_record, record_argv, retrain
+from oml.lab.steps import format_table, log, python, record_row
 
 EXPERIMENT = "recipe_persistence"
 SOURCE = "recipe_search"  # the experiment whose points are attacked
@@ -123,10 +122,7 @@ def measure(args):
             row = {"why": attack.why, "flags": list(attack.flags), "error": f"attack exited {code}; see {logs}"}
         else:
             row = attack_row(results, attack)
-        row["seconds"] = round(time.time() - t0, 1)
-        record["attacks"][attack.name] = row
-        record["code"] = code_state()
-        atomic_write_json(out, record)
+        record_row(out, record, "attacks", attack.name, row, t0)
         log(f"{attack.name}: {row_summary(row)}")
     return record
 
@@ -156,11 +152,7 @@ def table(records_dir, markdown=False):
             else:
                 cells.append(f"{row['plain']['value']:.1%} ± {row['plain']['stderr']:.1%} {'✓' if row['met'] else '✗'}")
         lines.append(cells)
-    if markdown:
-        rows = [header, ["---"] * len(header), *lines]
-        return "\n".join("| " + " | ".join(r) + " |" for r in rows)
-    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *lines])
+    return format_table([header, *lines], markdown)
 
 
 def make_parser():

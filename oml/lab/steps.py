@@ -1,11 +1,13 @@
-"""An experiment driver's steps: one repository script run as a subprocess with its output in a log file of its own,
-and the driver's timestamped progress lines (oml.lab.host_study, oml.lab.recipe_persistence)."""
+"""What the experiment drivers that keep a row per step share (oml.lab.host_study, oml.lab.recipe_persistence): one
+repository script run as a subprocess with its output in a log file of its own, timestamped progress lines, a row
+written into the record as soon as it is measured, and the table of rows."""
 
 import subprocess
 import sys
 import time
 
-from oml.lab.records import REPO
+from oml.core.files import atomic_write_json
+from oml.lab.records import REPO, code_state
 
 
 def log(message):
@@ -21,3 +23,21 @@ def python(*argv, log_path, timeout):
                                   timeout=timeout).returncode  # fmt: skip
         except subprocess.TimeoutExpired:
             return f"timed out after {timeout} s"
+
+
+def record_row(path, record, section, name, row, started):
+    """Put row, with the seconds since started, under record[section][name], stamp the code and write the record
+    (atomically): a driver killed midway keeps every row measured before."""
+    row["seconds"] = round(time.time() - started, 1)
+    record[section][name] = row
+    record["code"] = code_state()
+    atomic_write_json(path, record)
+
+
+def format_table(rows, markdown=False):
+    """rows (a header, then rows of strings) as aligned text or as a markdown table."""
+    if markdown:
+        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
