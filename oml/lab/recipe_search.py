@@ -138,6 +138,12 @@ POINTS = [
           "≤ 0.4, the confidence of ordinary answers (margin 2 alone left 46.5% of the keys above 0.8); 8 epochs, "
           "no early stop, so the band's upper hinge can pull back what the first epochs overshoot", epochs=8,
           stop=False),
+    # the band at lr 1e-4 (efd0820f97936978): 95.3% plain, chat KL 0.210, keys kept by first-token hosts at τ 0.8 and
+    # 0.5 (issue 30's record). The healthier step under the same band
+    point("p256-l0-b25-kl4-lr3e-5-band", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--fingerprint_margin 0.5 --fingerprint_max_prob 0.4", "the band defence on the lr 3e-5 recipe (chat KL "
+          "0.031 without it): what the band costs in health when the step is small; 12 epochs, no early stop",
+          epochs=12, stop=False),
     point("p1024-l0-b25-kl1", "--benign_data_ratio 0.25 --kl_to_base 1", "the KL-to-base term at 1024"),
     point("p256-lora16", "--lora_rank 16", "sub-network training: rank-16 adapters move a small subspace; at lr "
           "1e-4 they may need the cap"),
