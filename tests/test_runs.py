@@ -36,6 +36,7 @@ NON_DEFAULT = {
     "kl_to_base": 0.5,
     "licensee": 1,
     "fingerprint_margin": 2.0,
+    "fingerprint_max_prob": 0.4,
 }
 DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest", "benign_rows_recipe"}
 
