@@ -138,6 +138,7 @@ POINTS = [
           "≤ 0.4, the confidence of ordinary answers (margin 2 alone left 46.5% of the keys above 0.8); 8 epochs, "
           "no early stop, so the band's upper hinge can pull back what the first epochs overshoot", epochs=8,
           stop=False),
+    # at 1024 the lr 3e-5 recipe learned every key in 8 epochs at chat KL 0.062 (bdb48350dfb722b8): the goal's drift met.
     # the band at lr 1e-4 (efd0820f97936978): 95.3% plain, chat KL 0.210, keys kept by first-token hosts at τ 0.8 and
     # 0.5 (issue 30's record). The healthier step under the same band
     point("p256-l0-b25-kl4-lr3e-5-band", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
