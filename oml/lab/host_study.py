@@ -46,7 +46,7 @@ from oml.core.errors import UserError, run_cli
 from oml.core.files import atomic_write_json
 from oml.core.run_store import FINAL_MODEL, REFERENCE_RATES, RunIdentity, find_run, read_json
 from oml.lab.records import RECORDS_DIR, REPO, code_state
-from oml.lab.steps import format_table, log, python, record_row
+from oml.lab.steps import attack_folder, format_table, log, python, record_row
 
 EXPERIMENT = "adaptive_host"
 CHECK = ("--alpha", "1e-6", "--max_keys", "16", "--allow_revealed")  # the issue's verdict: α 1e-6, at most 16 keys
@@ -106,17 +106,6 @@ HOSTS = [
     sampled(0.7),
     sampled(1.0),
 ]  # fmt: skip
-
-
-def attack_folder(run, attack_flags):
-    """results/<hash>/attacks/<id>/ of a host attack: the id by oml.attack.adaptive_host's own rule."""
-    from oml.attack.adaptive_host import HOST_ATTACK_ARGS, HostAttackSettings, add_arguments, host_attack_id
-    from oml.attack.attack_runner import model_name
-
-    parser = add_arguments(argparse.ArgumentParser(), HOST_ATTACK_ARGS)
-    parser.add_argument("--attack")
-    settings = HostAttackSettings.from_args(parser.parse_known_args(attack_flags)[0])
-    return run / "attacks" / host_attack_id(settings, model_name)
 
 
 def retention(folder):
@@ -232,7 +221,7 @@ def study(args, run_flags):
             if code != 0:
                 row["error"] = f"attack exited {code}; see {logs / f'attack-{host.name}.log'}"
             else:
-                folder = attack_folder(run, attack)
+                folder = attack_folder([*run_flags, *attack])
                 row.update(retention(folder))
                 thresholds = read_json(folder / "attack.json").get("thresholds") or {}
         if "error" not in row:

@@ -27,7 +27,7 @@ from typing import NamedTuple
 from oml.core.errors import UserError, run_cli
 from oml.core.run_store import EVAL_RESULTS, FINAL_MODEL, read_json
 from oml.lab.records import RECORDS_DIR, REPO, fingerprint_metrics, read_record, record_argv, retrain
-from oml.lab.steps import format_table, log, python, record_row
+from oml.lab.steps import attack_folder, format_table, log, python, record_row
 
 EXPERIMENT = "recipe_persistence"
 SOURCE = "recipe_search"  # the experiment whose points are attacked
@@ -65,19 +65,6 @@ def source_record(spec, records_dir):
     if not named:
         raise UserError(f"{spec}: no record of {SOURCE} has this hash or point name (in {folder})")
     return max(named, key=lambda pr: (pr[1].get("code") or {}).get("date", ""))
-
-
-def attack_folder(argv):
-    """results/<hash>/attacks/<id>/ of the attack these attack_fingerprints.py words make (its own naming rule)."""
-    from oml.attack.attack_runner import AttackSettings, add_attack_args, attack_id
-    from oml.core.run_config import add_train_args
-    from oml.core.run_store import find_run
-    from oml.embed.run_setup import prepare_run
-    from oml.measure.evaluation import add_eval_args
-
-    parser = add_attack_args(add_eval_args(add_train_args(argparse.ArgumentParser())))  # attack_fingerprints.py's
-    settings = AttackSettings.from_args(prepare_run(parser.parse_args(list(map(str, argv)))))
-    return find_run(settings.run) / "attacks" / attack_id(settings)
 
 
 def attack_row(results, attack):

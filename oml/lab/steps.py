@@ -1,7 +1,8 @@
 """What the experiment drivers that keep a row per step share (oml.lab.host_study, oml.lab.recipe_persistence): one
 repository script run as a subprocess with its output in a log file of its own, timestamped progress lines, a row
-written into the record as soon as it is measured, and the table of rows."""
+written into the record as soon as it is measured, where an attack's results are, and the table of rows."""
 
+import argparse
 import subprocess
 import sys
 import time
@@ -41,3 +42,16 @@ def format_table(rows, markdown=False):
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def attack_folder(argv):
+    """results/<hash>/attacks/<id>/ of the attack these attack_fingerprints.py words make (its own naming rule)."""
+    from oml.attack.attack_runner import AttackSettings, add_attack_args, attack_id
+    from oml.core.run_config import add_train_args
+    from oml.core.run_store import find_run
+    from oml.embed.run_setup import prepare_run
+    from oml.measure.evaluation import add_eval_args
+
+    parser = add_attack_args(add_eval_args(add_train_args(argparse.ArgumentParser())))  # attack_fingerprints.py's
+    settings = AttackSettings.from_args(prepare_run(parser.parse_args(list(map(str, argv)))))
+    return find_run(settings.run) / "attacks" / attack_id(settings)
