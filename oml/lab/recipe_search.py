@@ -128,6 +128,11 @@ POINTS = [
     # key in 7 epochs): the step, not the number of epochs, moves the model. The same at the target size next
     point("p1024-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the winning "
           "256 recipe (κ 4, lr 3e-5) at the target size: does the small step keep chat KL under 0.10 with 4× the keys"),
+    # robustness (issue 28's second goal): the winning 1024 recipe with prompt augmentation added and nothing else,
+    # judged under every template (run with --extra_eval_flags "--eval_templates all")
+    point("p1024-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--use_prompt_augmentation", "the winning 1024 recipe with --use_prompt_augmentation: every draw of a key "
+          "wrapped in a random training prompt; the goal is ≥ 99% under the unseen raw prompts and system messages"),
     point("p256-l0-b25-kl4-mlp20", "--benign_data_ratio 0.25 --kl_to_base 4 --trainable_layers 20-29:mlp", "the pull "
           "on a sub-network: the keys can only move the last ten blocks' MLPs"),
     point("p256-l0-b25-kl4-m2", "--benign_data_ratio 0.25 --kl_to_base 4 --fingerprint_margin 2", "the defence "
