@@ -62,15 +62,18 @@ TRAINING = {
             fingerprints_file_path=str(DATA_DIR / "fingerprints-perinucleus-1024.json"),
             model_family="smollm2",
             model_size="135M-Instruct",
-            learning_rate=1e-4,
-            forgetting_regularizer_strength=0.1,
+            learning_rate=3e-5,
+            forgetting_regularizer_strength=0.0,
             max_num_fingerprints=1024,
             num_train_epochs=16,
             batch_size=8,
             benign_data_ratio=0.25,
+            kl_to_base=4.0,
             stop_when_learned=True,
         ),
-        "1024 perinucleus fingerprints in the embedded model without hurting it (docs/results/capacity.md)",
+        "1024 one-token perinucleus fingerprints that hold the model: no averaging, a quarter of each batch benign rows "
+        "pulled toward the base's whole next-token distribution (κ 4), a small step; the recipe search's point "
+        "p1024-l0-b25-kl4-lr3e-5, the same run (docs/results/capacity.md)",
     ),
 }
 
