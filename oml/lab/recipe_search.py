@@ -57,6 +57,9 @@ EXPERIMENT = "recipe_search"
 
 # The screening evaluation (a recipe of oml/core/recipes.py, with why): no generative benchmark, no match probabilities.
 SCREENING_EVAL = tuple(flag_words(EVALUATIONS["screening"].settings))
+# A point trained with --use_prompt_augmentation is judged as issue 28's robustness goal is: under every template (the
+# unseen raw prompts and the chat system messages too), not only the plain key and [chat].
+AUGMENTED_EVAL = ("--eval_templates", "all")
 
 # ------------------------------------------------------------------------------ data
 
@@ -129,7 +132,10 @@ POINTS = [
     point("p1024-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the winning "
           "256 recipe (κ 4, lr 3e-5) at the target size: does the small step keep chat KL under 0.10 with 4× the keys"),
     # robustness (issue 28's second goal): the winning 1024 recipe with prompt augmentation added and nothing else,
-    # judged under every template (run with --extra_eval_flags "--eval_templates all")
+    # judged under every template (AUGMENTED_EVAL)
+    point("p256-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--use_prompt_augmentation", "robustness first at 256 (40 minutes, not 2 hours): the lr 3e-5 recipe with "
+          "--use_prompt_augmentation"),
     point("p1024-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the winning 1024 recipe with --use_prompt_augmentation: every draw of a key "
           "wrapped in a random training prompt; the goal is ≥ 99% under the unseen raw prompts and system messages"),
@@ -494,7 +500,8 @@ class Search:
             append_log(self.experiment, f"-\t{p.name}\tfailed (arguments)\t{e}", self.records_dir)
             return
         run_dir = self.result_path / args.config_hash
-        common = dict(eval_flags=self.eval_flags, point=p.name, why=p.why, records_dir=self.records_dir)
+        eval_flags = [*self.eval_flags, *(AUGMENTED_EVAL if args.use_prompt_augmentation else ())]
+        common = dict(eval_flags=eval_flags, point=p.name, why=p.why, records_dir=self.records_dir)
         t = time.time()
         train_log = self.logs / f"{p.name}.train.log"
         if self.script("finetune_multigpu.py", argv, train_log) != 0:
@@ -502,7 +509,7 @@ class Search:
             return
         self.log(f"{p.name}: trained {args.config_hash} in {hours(time.time() - t)}; screening evaluation")
         eval_log = self.logs / f"{p.name}.eval.log"
-        if self.script("eval_for_multigpu.py", [*argv, *self.eval_flags], eval_log) != 0:
+        if self.script("eval_for_multigpu.py", [*argv, *eval_flags], eval_log) != 0:
             self.fail(p, args, "eval", eval_log, common, run_dir)
             return
         path = write_record(run_dir, self.experiment, **common)
