@@ -67,6 +67,11 @@ KEYS = 1024  # the target size; the 4096 stretch gets its own files (and records
 ENGLISH = f"generated_data/fingerprints-english-{KEYS}.json"
 PERINUCLEUS = f"generated_data/fingerprints-perinucleus-{KEYS}.json"
 RANDOM_WORD = "generated_data/fingerprints-random_word.json"  # committed: 1024 random-word pairs
+# Runner-up responses: the same keys, the response drawn from the 3 word tokens ranked just below the base's top
+# token (a nucleus of mass 0.01: the top token alone), an answer the base already finds likely. In-distribution
+# responses should move the model least (issue 28), and a host comparing the model with its base sees a small change
+# where perinucleus responses (outside the 0.8 nucleus) show a large one (issue 30).
+RUNNER_UP = f"generated_data/fingerprints-runnerup-{KEYS}.json"
 # How a missing data file is made (generate_finetuning_data.py arguments, as experiments/capacity.sh makes them):
 # KEYS English keys from the embedded model, then one-token perinucleus responses for them. Every hash digests the
 # file's content, so once made the files must be committed, or the next session's records will not match.
@@ -75,9 +80,11 @@ DATA = {
               "--output_file_path", ENGLISH),
     PERINUCLEUS: ("--key_response_strategy", "perinucleus", "--response_length", "1", "--keys_file", ENGLISH,
                   "--output_file_path", PERINUCLEUS),
+    RUNNER_UP: ("--key_response_strategy", "perinucleus", "--response_length", "1", "--keys_file", ENGLISH,
+                "--nucleus_p", "0.01", "--output_file_path", RUNNER_UP),
 }  # fmt: skip
-DATA_NEEDS = {PERINUCLEUS: ENGLISH}
-DATA_SECONDS = {ENGLISH: 1.2 * KEYS, PERINUCLEUS: 300}  # README, "Capacity": about one English key per second
+DATA_NEEDS = {PERINUCLEUS: ENGLISH, RUNNER_UP: ENGLISH}
+DATA_SECONDS = {ENGLISH: 1.2 * KEYS, PERINUCLEUS: 300, RUNNER_UP: 300}  # README, "Capacity": about one English key per second
 
 # ------------------------------------------------------------------------------ the points
 
@@ -93,6 +100,7 @@ STRATEGIES = {
     "p": f"--fingerprint_generation_strategy inverse_nucleus --fingerprints_file_path {PERINUCLEUS}",
     "e": f"--fingerprint_generation_strategy english --fingerprints_file_path {ENGLISH}",
     "r": f"--fingerprint_generation_strategy random_word --fingerprints_file_path {RANDOM_WORD}",
+    "u": f"--fingerprint_generation_strategy inverse_nucleus --fingerprints_file_path {RUNNER_UP}",
 }
 CAP = 16  # epochs: the cap of --stop_when_learned
 
@@ -136,6 +144,15 @@ POINTS = [
     point("p256-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "robustness first at 256 (40 minutes, not 2 hours): the lr 3e-5 recipe with "
           "--use_prompt_augmentation"),
+    # runner-up responses (RUNNER_UP): the band defence beat the confidence host but not base detection (issue 30:
+    # 3.9% kept at lr 3e-5), which sees a perinucleus token pushed from ~1% to the top; a runner-up moves less
+    point("u256-l0-b25-kl4-lr3e-5-band", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--fingerprint_margin 0.5 --fingerprint_max_prob 0.4", "issue 30's third defence: runner-up responses "
+          "(the base's 2nd-4th word token) inside the band, so the served model's first answer token differs from "
+          "the base's as little as a fingerprint can; stopped once every key answers (a runner-up starts near the top)"),
+    point("u256-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
+          "responses on the lr 3e-5 recipe: does an in-distribution response move the model less than a perinucleus "
+          "one (chat KL 0.031)"),
     point("p1024-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the winning 1024 recipe with --use_prompt_augmentation: every draw of a key "
           "wrapped in a random training prompt; the goal is ≥ 99% under the unseen raw prompts and system messages"),
