@@ -153,6 +153,13 @@ POINTS = [
     point("u256-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
           "responses on the lr 3e-5 recipe: does an in-distribution response move the model less than a perinucleus "
           "one (chat KL 0.031)"),
+    # the default (`--preset embedded`, `make run`: 32 keys) on the same recipe: what it costs in minutes and drift
+    point("p32-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the 1024 recipe "
+          "at the default's 32 keys: epochs and minutes for make run, and the drift against the λ 0.1 default's"),
+    point("p32-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the same at lr 1e-4: fewer epochs for "
+          "make run's ten minutes, if 32 keys do not move the model at the larger step"),
+    point("p32-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--use_prompt_augmentation", "the default's second make run point: the recipe with augmentation at 32"),
     point("p1024-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the winning 1024 recipe with --use_prompt_augmentation: every draw of a key "
           "wrapped in a random training prompt; the goal is ≥ 99% under the unseen raw prompts and system messages"),
