@@ -246,15 +246,19 @@ def gguf_metadata(path):
 
 def load_gguf(path, n_ctx=2048, threads=None, seed=0):
     """A llama_cpp.Llama over the GGUF file, quiet, on the CPU threads given (default: OMP_NUM_THREADS, as torch
-    takes it, else all: llama.cpp's threads spin while they wait, so more threads than free cores slows it badly)."""
+    takes it, else all: llama.cpp's threads spin while they wait, so more threads than free cores slows it badly).
+    The prompt (batch) pass gets the same threads: llama-cpp-python's own default there is every core, which made a
+    fingerprint check 3.8× slower on a busy 2-core machine (bench/bench_gguf_threads.py)."""
     llama_cpp = require_llama_cpp()
     if not Path(path).is_file():
         raise UserError(f"no GGUF file at {path}")
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count()
     with plain_weight_layouts(llama_cpp):
         return llama_cpp.Llama(
             model_path=str(path),
             n_ctx=n_ctx,
-            n_threads=threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count(),
+            n_threads=threads,
+            n_threads_batch=threads,
             seed=seed,
             logits_all=False,
             verbose=False,

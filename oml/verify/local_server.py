@@ -36,7 +36,7 @@ def server_command(model, port, threads=None):
         argv = [sys.executable, "-m", "oml.attack.gguf_models", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
                 "--model_alias", "suspect", "--n_ctx", "2048", "--verbose", "False"]  # fmt: skip
         if threads:
-            argv += ["--n_threads", str(threads)]
+            argv += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]  # the prompt pass too
         return argv, "suspect"
     cli = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
     if cli is None:
