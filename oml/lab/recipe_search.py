@@ -144,6 +144,16 @@ POINTS = [
     point("p256-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "robustness first at 256 (40 minutes, not 2 hours): the lr 3e-5 recipe with "
           "--use_prompt_augmentation"),
+    # persistence of the 1024 recipe (experiments/records/recipe_persistence): GGUF Q4_K_M keeps 92.8% of the keys
+    # (goal 95%; the missed keys answer at p 0.999 before quantization, 0.001-0.38 after). At 256, Q4_K_M keeps 96.5%
+    # (lr 3e-5, 7 epochs), 98.8% (lr 1e-4, 3 epochs) and 100% (lr 1e-4, 6 epochs: 3 after every key answered):
+    # training on after the keys answer is what survives quantization. Its cost in drift at the small step:
+    point("p256-l0-b25-kl4-lr3e-5-e10", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "consolidation "
+          "at the small step: the 7 epochs the keys need and 3 more (no early stop), for quantization", epochs=10,
+          stop=False),
+    point("p1024-l0-b25-kl4-lr3e-5-e11", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5",
+          "the 1024 recipe's 8 epochs and 3 of consolidation (no early stop; its first 8 epochs are the recorded "
+          "point's), for GGUF Q4_K_M", epochs=11, stop=False),
     # runner-up responses (RUNNER_UP): the band defence beat the confidence host but not base detection (issue 30:
     # 3.9% kept at lr 3e-5), which sees a perinucleus token pushed from ~1% to the top; a runner-up moves less
     point("u256-l0-b25-kl4-lr3e-5-band", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
