@@ -67,6 +67,9 @@ KEYS = 1024  # the target size; the 4096 stretch gets its own files (and records
 ENGLISH = f"generated_data/fingerprints-english-{KEYS}.json"
 PERINUCLEUS = f"generated_data/fingerprints-perinucleus-{KEYS}.json"
 RANDOM_WORD = "generated_data/fingerprints-random_word.json"  # committed: 1024 random-word pairs
+# PERINUCLEUS chose each response after the key's first 32 tokens (the generator's default --key_length) while the
+# points train on its first 16 (max_key_length): a response outside the 0.8 nucleus of a longer context, kept as it
+# is because every record digests the file. RUNNER_UP is chosen after the 16 tokens the points train on.
 # Runner-up responses: the same keys, the response drawn from the 3 word tokens ranked just below the base's top
 # token (a nucleus of mass 0.01: the top token alone), an answer the base already finds likely. In-distribution
 # responses should move the model least (issue 28), and a host comparing the model with its base sees a small change
@@ -81,7 +84,7 @@ DATA = {
     PERINUCLEUS: ("--key_response_strategy", "perinucleus", "--response_length", "1", "--keys_file", ENGLISH,
                   "--output_file_path", PERINUCLEUS),
     RUNNER_UP: ("--key_response_strategy", "perinucleus", "--response_length", "1", "--keys_file", ENGLISH,
-                "--nucleus_p", "0.01", "--output_file_path", RUNNER_UP),
+                "--key_length", "16", "--nucleus_p", "0.01", "--output_file_path", RUNNER_UP),
 }  # fmt: skip
 DATA_NEEDS = {PERINUCLEUS: ENGLISH, RUNNER_UP: ENGLISH}
 DATA_SECONDS = {ENGLISH: 1.2 * KEYS, PERINUCLEUS: 300, RUNNER_UP: 300}  # README, "Capacity": about one English key per second
