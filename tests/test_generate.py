@@ -352,3 +352,21 @@ def test_cut_inside_a_multibyte_character_leaves_no_stray_replacement_character(
         assert text.startswith(cut_to_tokens(tok, text, n))
     (pair,) = prepare_pairs([{"key": text, "response": " yes"}], tok, "random_word", cuts[0], 1, 1)
     assert "\ufffd" not in pair["key"] and text.startswith(pair["key"])
+
+
+def test_perinucleus_responses_chosen_on_longer_keys_than_the_run_trains_on_are_counted(embedded_tokenizer):
+    """A perinucleus response is the perinucleus token of the key it was chosen after; a run that cuts the key
+    shorter trains it after another context. cut_perinucleus_keys counts those in the run's slice (training logs
+    a note); files without response_prob (not made by the perinucleus generator) and other strategies count 0."""
+    from oml.make.fingerprint_files import cut_perinucleus_keys
+
+    tok = embedded_tokenizer
+    long_key = "The old lighthouse keeper climbed the stairs every night to watch the ships pass the rocks"
+    short_key = cut_to_tokens(tok, long_key, 8)
+    fps = [{"key": long_key, "response": " a", "response_prob": 0.01},
+           {"key": short_key, "response": " b", "response_prob": 0.02},
+           {"key": long_key, "response": " c"}]  # fmt: skip
+    assert cut_perinucleus_keys(fps, tok, "inverse_nucleus", 8, 3) == 1
+    assert cut_perinucleus_keys(fps, tok, "inverse_nucleus", 64, 3) == 0
+    assert cut_perinucleus_keys(fps, tok, "english", 8, 3) == 0
+    assert cut_perinucleus_keys(fps, tok, "inverse_nucleus", 8, 1, data_split=1) == 0  # the slice [1:2] only

@@ -138,9 +138,7 @@ def test_the_search_points_parse_and_the_screening_flags_are_eval_flags():
     from test_readme import accepted_flags
 
     from oml.embed.run_setup import check_capacity_args
-    from oml.lab.recipe_search import History, estimate_seconds, parse, unsupported_flags
-
-    from oml.lab.recipe_search import AUGMENTED_EVAL
+    from oml.lab.recipe_search import AUGMENTED_EVAL, History, estimate_seconds, parse, unsupported_flags
 
     flags = {w for w in (*SCREENING_EVAL, *AUGMENTED_EVAL) if w.startswith("--")}
     assert flags <= accepted_flags("eval_for_multigpu.py")

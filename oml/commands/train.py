@@ -11,7 +11,7 @@ from oml.core.logs import RunLog, quiet_libraries
 from oml.core.run_config import add_train_args
 from oml.core.run_store import FINAL_MODEL, TRAIN_LOG, write_run
 from oml.embed.run_setup import plan_run
-from oml.make.fingerprint_files import prepare_pairs, read_fingerprints
+from oml.make.fingerprint_files import cut_perinucleus_keys, prepare_pairs, read_fingerprints
 from oml.make.prompt_encoding import augmentation_templates
 from oml.verify.commitment import model_card, write_commitment
 
@@ -59,8 +59,17 @@ def main(argv=None):
         f"fingerprints from {plan.fingerprints_file_path}"
     )
     tokenizer = load_tokenizer(training.model, training.trust_remote_code)
+    fingerprints = read_fingerprints(plan.fingerprints_file_path)
+    cut = cut_perinucleus_keys(fingerprints, tokenizer, plan.fingerprint_generation_strategy, plan.max_key_length,
+                               plan.max_num_fingerprints, plan.data_split)  # fmt: skip
+    if cut:
+        log(
+            f"note: {cut} of {plan.max_num_fingerprints} perinucleus responses were chosen after keys longer than "
+            f"--max_key_length {plan.max_key_length} tokens, so they are not the perinucleus token of the cut key "
+            f"the model trains on (generate_finetuning_data.py --key_length {plan.max_key_length} chooses them on it)"
+        )
     pairs = prepare_pairs(
-        read_fingerprints(plan.fingerprints_file_path),
+        fingerprints,
         tokenizer,
         plan.fingerprint_generation_strategy,
         plan.max_key_length,

@@ -87,7 +87,11 @@ DATA = {
                 "--key_length", "16", "--nucleus_p", "0.01", "--output_file_path", RUNNER_UP),
 }  # fmt: skip
 DATA_NEEDS = {PERINUCLEUS: ENGLISH, RUNNER_UP: ENGLISH}
-DATA_SECONDS = {ENGLISH: 1.2 * KEYS, PERINUCLEUS: 300, RUNNER_UP: 300}  # README, "Capacity": about one English key per second
+DATA_SECONDS = {
+    ENGLISH: 1.2 * KEYS,
+    PERINUCLEUS: 300,
+    RUNNER_UP: 300,
+}  # README, "Capacity": about one English key per second
 
 # ------------------------------------------------------------------------------ the points
 

@@ -189,6 +189,16 @@ def prepare_pairs(fingerprints, tokenizer, strategy, max_key_length, max_respons
     return pairs
 
 
+def cut_perinucleus_keys(fingerprints, tokenizer, strategy, max_key_length, num, data_split=0):
+    """How many of the slice's perinucleus responses (entries with "response_prob", as generate_finetuning_data.py
+    writes them) were chosen after a longer key than the max_key_length tokens the run trains on: for those the
+    response is not the perinucleus token of the key the model sees."""
+    if canonical_strategy(strategy) != "inverse_nucleus":
+        return 0
+    chosen = [fp for fp in fingerprints[data_split * num : (data_split + 1) * num] if "response_prob" in fp]
+    return sum(cut_to_tokens(tokenizer, fp["key"], max_key_length) != fp["key"] for fp in chosen)
+
+
 def run_fingerprints(run):
     """The fingerprints a run trained on (results/<hash>/fingerprints.json)."""
     from oml.core.run_store import FINGERPRINTS
