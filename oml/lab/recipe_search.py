@@ -177,6 +177,10 @@ POINTS = [
           "make run's ten minutes, if 32 keys do not move the model at the larger step"),
     point("p32-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the default's second make run point: the recipe with augmentation at 32"),
+    # u256-l0-b25-kl4-lr3e-5: every key in 3 epochs, chat KL 0.027, Q4_K_M 99.6%, merge 0.7 99.6% (perinucleus at the
+    # same step: 96.5%, 60.5%): a runner-up needs a small change that a merge does not undo. At the target size:
+    point("u1024-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
+          "responses at 1024: the capacity goal's drift and the deployment goals with one recipe"),
     point("p1024-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the winning 1024 recipe with --use_prompt_augmentation: every draw of a key "
           "wrapped in a random training prompt; the goal is ≥ 99% under the unseen raw prompts and system messages"),
