@@ -277,7 +277,7 @@ FRONTIER_ACCURACY = 0.95  # a point counts on the frontier where the plain key a
 def frontier_lines(records):
     """{(strategy, recipe label): [{"n", "plain", "kl": (value, stderr), "delta": (value, stderr)}, ...] by N} from
     the ok records; a measure a point lacks is (None, None)."""
-    from oml.lab.records import recipe_label
+    from oml.lab.records import fingerprints_label, recipe_label
 
     lines = {}
     for r in records:
@@ -285,7 +285,7 @@ def frontier_lines(records):
             continue
         metrics = r.get("metrics") or {}
         drift, utility = metrics.get("chat_drift") or {}, metrics.get("utility") or {}
-        key = (r["hashed"].get("fingerprint_generation_strategy"), recipe_label(r["hashed"]))
+        key = (fingerprints_label(r), recipe_label(r["hashed"]))
         lines.setdefault(key, []).append({
             "n": r["hashed"]["max_num_fingerprints"],
             "plain": ((metrics.get("fingerprints") or {}).get("plain") or {}).get("value"),

@@ -376,6 +376,17 @@ def _pm(value, stderr, fmt):
     return format(value, fmt) + ("" if stderr is None else " ± " + format(stderr, fmt.lstrip("+")))
 
 
+def fingerprints_label(record):
+    """The strategy, and the fingerprints file's name without its size where the run names one: perinucleus and
+    runner-up responses share the strategy (inverse_nucleus) and differ only in their file."""
+    strategy = record["hashed"].get("fingerprint_generation_strategy")
+    path = (record.get("args") or {}).get("fingerprints_file_path")
+    if not path:
+        return strategy
+    name = re.sub(r"^fingerprints-|-\d+$", "", Path(path).stem)
+    return f"{strategy} ({name})" if name and name not in str(strategy) else strategy
+
+
 def table_row(record):
     hashed = record["hashed"]
     metrics = record.get("metrics") or {}
@@ -391,7 +402,7 @@ def table_row(record):
         "N": hashed.get("max_num_fingerprints"),
         "point": record.get("point") or "–",
         "recipe": recipe_label(hashed),
-        "strategy": hashed.get("fingerprint_generation_strategy"),
+        "strategy": fingerprints_label(record),
         "status": record["status"],
         "plain %": _pct(fps.get("plain")),
         "raw %": _pct(fps.get("raw_prompts")),
