@@ -248,7 +248,7 @@ def load_gguf(path, n_ctx=2048, threads=None, seed=0):
     """A llama_cpp.Llama over the GGUF file, quiet, on the CPU threads given (default: OMP_NUM_THREADS, as torch
     takes it, else all: llama.cpp's threads spin while they wait, so more threads than free cores slows it badly).
     The prompt (batch) pass gets the same threads: llama-cpp-python's own default there is every core, which made a
-    fingerprint check 3.8× slower on a busy 2-core machine (bench/bench_gguf_threads.py)."""
+    fingerprint check 2.2–4.3× slower per key on a busy 2-core machine (bench/bench_gguf_threads.py)."""
     llama_cpp = require_llama_cpp()
     if not Path(path).is_file():
         raise UserError(f"no GGUF file at {path}")
