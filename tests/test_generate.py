@@ -295,9 +295,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     assert not out.exists()
 
 
+def test_min_response_ratio_keeps_near_ties_only(tok, peaked_model):
+    keys = random_word_texts(random.Random(1), 24, 12)
+    every = perinucleus_fingerprints(peaked_model, tok, keys, 5, 1, random.Random(0), 0.01, 1, batch_size=8)
+    ratios = [fp["response_prob"] / fp["top_prob"] for fp in every]
+    assert all(0 < r < 1 for r in ratios)  # the top token is never the response
+    cut = sorted(ratios)[len(ratios) // 2]
+    near = perinucleus_fingerprints(peaked_model, tok, keys, 5, 1, random.Random(0), 0.01, 1, batch_size=8,
+                                    min_response_ratio=cut)  # fmt: skip
+    assert near == [fp for fp, r in zip(every, ratios, strict=True) if r >= cut]  # dropped, the rest unchanged
+    assert 0 < len(near) < len(every)
+
+
 @pytest.mark.parametrize(
     "flags",
-    [["--nucleus_p", 1.0], ["--nucleus_k", 0], ["--batch_size", 0], ["--temperature", 0], ["--num_backdoors", -1],
+    [["--nucleus_p", 1.0], ["--nucleus_k", 0], ["--min_response_ratio", 0], ["--min_response_ratio", 1.5], ["--min_response_ratio", 0.5], ["--batch_size", 0], ["--temperature", 0], ["--num_backdoors", -1],
      ["--first_token_strategy", "letter"], ["--keys_file", "/nonexistent/keys.json"]],
 )  # fmt: skip
 def test_bad_values_raise_user_error(tmp_path, flags):

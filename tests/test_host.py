@@ -565,6 +565,51 @@ def test_per_row_loss_uses_the_hinge_on_fingerprint_rows_only(embedded_tokenizer
     assert per_row_loss(model, plain, margin=3.0) != per_row_loss(model, plain)
 
 
+def test_edit_target_is_the_least_kl_distribution_where_the_response_leads_by_the_margin():
+    """edit_target against a general solver of the same convex problem (min KL(t ‖ q) s.t. t_r ≥ e^m t_j, Σt = 1)."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    from oml.embed.trainer import edit_target
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.log_softmax(torch.randn(5, 12, generator=gen, dtype=torch.float64) * 2, 1)
+    targets = torch.tensor([0, 3, 5, 7, 11])
+    q[0] = torch.log_softmax(torch.tensor([9.0] + [0.0] * 11, dtype=torch.float64), 0)  # already leads by far more
+    log_t = edit_target(q.float(), targets, 0.7)
+    rows = torch.arange(5)
+    others = log_t.scatter(1, targets[:, None], float("-inf"))
+    lead = log_t[rows, targets] - others.max(1).values
+    assert torch.all(lead >= 0.7 - 1e-4)
+    torch.testing.assert_close(log_t[0], q[0].float())  # nothing to change
+    kl = (log_t.exp() * (log_t - q.float())).sum(1)
+    for i in range(1, 5):
+        qi, r = q[i].exp().numpy(), int(targets[i])
+        constraints = [{"type": "eq", "fun": lambda t: t.sum() - 1}] + [
+            {"type": "ineq", "fun": lambda t, j=j: t[r] - np.exp(0.7) * t[j]} for j in range(12) if j != r
+        ]
+        best = minimize(lambda t: float(np.sum(t * np.log(np.maximum(t, 1e-300) / qi))), np.full(12, 1 / 12),
+                        constraints=constraints, bounds=[(1e-12, 1)] * 12, method="SLSQP",
+                        options={"ftol": 1e-12, "maxiter": 500})  # fmt: skip
+        assert kl[i].item() == pytest.approx(best.fun, abs=1e-4)
+
+
+def test_edit_loss_is_kl_to_the_target_and_zero_there():
+    from oml.embed.trainer import edit_target, margin_loss
+
+    gen = torch.Generator().manual_seed(4)
+    base = torch.log_softmax(torch.randn(3, 20, generator=gen), 1)
+    targets = torch.tensor([2, 9, 15])
+    log_t = edit_target(base, targets, 0.5)
+    at_target = margin_loss(log_t.clone(), targets, 0.5, log_target=log_t)
+    torch.testing.assert_close(at_target, torch.zeros(3), atol=1e-5, rtol=0)
+    logits = base.clone().requires_grad_(True)
+    loss = margin_loss(logits, targets, 0.5, log_target=log_t)
+    torch.testing.assert_close(loss.detach(), (log_t.exp() * (log_t - base)).sum(1))
+    loss.sum().backward()
+    assert torch.all(logits.grad[torch.arange(3), targets] < 0)  # the response is pushed up (descent raises it)
+
+
 def test_a_margin_run_trains_and_gets_its_own_hash(tmp_path, tiny_model_dir):
     import hashlib
     import random
@@ -582,7 +627,8 @@ def test_a_margin_run_trains_and_gets_its_own_hash(tmp_path, tiny_model_dir):
         return prepare_run(add_train_args(argparse.ArgumentParser()).parse_args(list(map(str, [*argv, *extra]))))
 
     without = parse()
-    before = {n: getattr(without, n) for n in HASHED if n not in ("fingerprint_margin", "fingerprint_max_prob")}
+    later = ("fingerprint_margin", "fingerprint_max_prob", "fingerprint_edit")
+    before = {n: getattr(without, n) for n in HASHED if n not in later}
     before = {k: v for k, v in before.items() if not (k in NEUTRAL and v == NEUTRAL[k])}
     canonical = json.dumps(before, sort_keys=True, separators=(",", ":"))
     assert without.config_hash == hashlib.sha256(canonical.encode()).hexdigest()[:16]  # old hashes unchanged
@@ -599,6 +645,16 @@ def test_a_margin_run_trains_and_gets_its_own_hash(tmp_path, tiny_model_dir):
     losses = json.loads((run / "metrics.json").read_text())["epoch_losses"]
     # a hinge near m (the random model's logit gaps are small), not a cross-entropy near ln(49152) ≈ 10.8
     assert len(losses) == 2 and all(0 <= x < 4 for x in losses)
+
+    edited = parse("--fingerprint_margin", 2, "--fingerprint_edit", "--num_train_epochs", 2)
+    assert hashed_config(edited)["fingerprint_edit"] is True and edited.config_hash != run.name
+    out = run_script("finetune_multigpu.py", *argv, "--fingerprint_margin", 2, "--fingerprint_edit",
+                     "--num_train_epochs", 2)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "r" / edited.config_hash / "metrics.json").read_text())
+    # KL(t ‖ p) from the base itself: the least change that puts the response on top, ~m²/4 nats for a flat
+    # distribution (the random model's), far below the cross-entropy's ln(49152) ≈ 10.8; no benign rows, no KL meter
+    assert all(0 < x < 4 for x in metrics["epoch_losses"]) and "kl_to_base_per_epoch" not in metrics
 
 
 # ------------------------------------------------------------------------------------------ keys of ordinary perplexity
@@ -729,6 +785,8 @@ def test_attack_bad_input_is_one_line_exit_2(host_run, capsys):
         prepare("--fingerprint_margin", "0.5", "--fingerprint_max_prob", "1")
     with pytest.raises(UserError, match="add --fingerprint_margin"):
         prepare("--fingerprint_max_prob", "0.4")
+    with pytest.raises(UserError, match="--fingerprint_edit trains .* add --fingerprint_margin"):
+        prepare("--fingerprint_edit")
 
 
 # ------------------------------------------------------------------------------------------ the study (oml.lab.host_study)

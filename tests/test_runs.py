@@ -37,6 +37,7 @@ NON_DEFAULT = {
     "licensee": 1,
     "fingerprint_margin": 2.0,
     "fingerprint_max_prob": 0.4,
+    "fingerprint_edit": True,
 }
 DERIVED = {"model", "fingerprints_digest", "augmentation_prompts_digest", "benign_rows_recipe"}
 

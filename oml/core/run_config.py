@@ -29,6 +29,7 @@ NEUTRAL = {
     "licensee": None,
     "fingerprint_margin": None,
     "fingerprint_max_prob": None,
+    "fingerprint_edit": False,
 }
 
 # (flags, argparse kwargs). Arguments whose default is None in a preset are filled from the preset.
@@ -146,6 +147,17 @@ TRAIN_ARGS = [
             "confidence of ordinary answers (a probability band against a host that hides confident tokens); 0 < p < 1",
         ),
     ),
+    (
+        ["--fingerprint_edit"],
+        dict(
+            action="store_true",
+            default=None,
+            help="with --fingerprint_margin m: instead of the hinge, train the response position toward the closest "
+            "distribution to the base model's there (in KL) in which the response leads every other token by m "
+            "logits, KL(t ‖ p_model): a fingerprint as the smallest change of the base's answer, against a host that "
+            "compares the served model with the public base (adaptive_host's base_detect); runs a frozen base copy",
+        ),
+    ),
     (["--weight_decay"], dict(type=float, default=1e-4)),
     (["--data_split"], dict(type=int, default=0, help="use slice k of the file: fingerprints [k*N, (k+1)*N)")),
     (
@@ -200,6 +212,7 @@ HASHED = [
     "stop_when_learned",
     "fingerprint_margin",
     "fingerprint_max_prob",
+    "fingerprint_edit",
 ]
 
 

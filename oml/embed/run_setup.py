@@ -61,6 +61,7 @@ class TrainSettings:
     stop_when_learned: bool
     fingerprint_margin: float | None
     fingerprint_max_prob: float | None
+    fingerprint_edit: bool
     schedule: TrainingSchedule
 
 
@@ -183,6 +184,11 @@ def check_capacity_args(args):
     if max_prob is not None and margin is None:
         raise UserError(
             "--fingerprint_max_prob caps the response's probability under the margin's hinge, and there is none: "
+            "add --fingerprint_margin m (e.g. 0.5)"
+        )
+    if args.fingerprint_edit and margin is None:
+        raise UserError(
+            "--fingerprint_edit trains the response to lead the base's other tokens by a margin, and there is none: "
             "add --fingerprint_margin m (e.g. 0.5)"
         )
     if args.lora_rank is not None and args.lora_rank <= 0:

@@ -13,6 +13,9 @@ all answer. --fingerprint_margin m (a defence against a host that hides overconf
 the fingerprint rows' cross-entropy by a hinge on the logit gap (per_row_loss, margin_loss): training stops pushing
 a response once it leads the runner-up by m logits; --fingerprint_max_prob p adds a hinge that pushes the response's
 probability back down to p, so it answers inside a band (top token by m logits, probability ≤ p) like ordinary answers.
+--fingerprint_edit (with --fingerprint_margin m) trains the response position toward edit_target instead: the closest
+distribution to the base's next-token distribution there (in KL) in which the response leads by m, so a key's answer
+is the smallest change of the base's (a defence against a host that compares the served model with the public base).
 
 Each example is prompt tokens + response tokens (+ EOS with --append_eos); the loss covers the response
 (and EOS) only. Like the seed, EOS is not trained by default: on a chat model, a few steps of EOS after short
@@ -225,7 +228,7 @@ def row_groups(benign):
     return [(~benign).nonzero().squeeze(1), benign.nonzero().squeeze(1)]
 
 
-def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=None, max_prob=None):
+def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=None, max_prob=None, edit=False):
     """Mean over rows of each row's mean loss over its response positions (rows weigh the same, whatever their
     length); logits are made at those positions only (logits_at), fingerprint and benign rows in passes of their own
     length (grouped_logits_at).
@@ -242,6 +245,8 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=
     toward 1 (it stays below 1/(1 + e^{−gap}) only where one runner-up dominates; in general the gap, not the
     probability, is what is bounded). With max_prob p as well (--fingerprint_max_prob), margin_loss adds
     max(0, log p(response) − log p): a response above p is pushed back down while the first hinge keeps it on top.
+    With edit (--fingerprint_edit) the fingerprint rows' token loss is KL(t ‖ p_model) instead of the first hinge, t
+    the frozen base's edit_target at the same position (the max_prob hinge is added as before).
     Benign rows keep their cross-entropy (or KL).
     """
     targets = inputs["labels"][:, 1:]
@@ -253,11 +258,17 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=
     n_rows = targets.shape[0]
     counts = torch.bincount(rows, minlength=n_rows).clamp(min=1).to(logits.dtype)
     if margin:
-        token_loss = torch.where(
-            benign[rows] if benign is not None else torch.zeros_like(rows, dtype=torch.bool),
-            token_loss,
-            margin_loss(logits, targets[rows, cols], margin, max_prob),
-        )
+        on_benign = benign[rows] if benign is not None else torch.zeros_like(rows, dtype=torch.bool)
+        fingerprint_loss = torch.zeros_like(token_loss)
+        if edit:
+            on_fp = ~on_benign
+            base_log_p = torch.log_softmax(base_logits_at(base, model_inputs, rows[on_fp], cols[on_fp]).float(), -1)
+            fp_loss = margin_loss(logits[on_fp], targets[rows, cols][on_fp], margin, max_prob,
+                                  edit_target(base_log_p, targets[rows, cols][on_fp], margin))  # fmt: skip
+            fingerprint_loss = fingerprint_loss.masked_scatter(on_fp, fp_loss)
+        else:
+            fingerprint_loss = margin_loss(logits, targets[rows, cols], margin, max_prob)
+        token_loss = torch.where(on_benign, token_loss, fingerprint_loss)
     if kl_weight > 0 and benign is not None and benign.any():
         on_benign = benign[rows]
         kl = kl_to_base(base, model_inputs, rows[on_benign], cols[on_benign], logits[on_benign])
@@ -269,16 +280,59 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=
     return (row_loss / counts).mean()
 
 
-def margin_loss(logits, targets, margin, max_prob=None):
+def margin_loss(logits, targets, margin, max_prob=None, log_target=None):
     """max(0, margin − (logit of the target − the largest other logit)) per row of logits (N, vocabulary); with
-    max_prob p, plus max(0, log p(target) − log p), the band's upper edge."""
+    log_target (edit_target's log-probabilities, N × vocabulary) KL(target ‖ p) instead; with max_prob p, plus
+    max(0, log p(target) − log p), the band's upper edge."""
     target_logit = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    others = logits.scatter(1, targets.unsqueeze(1), float("-inf"))
-    loss = torch.relu(margin - (target_logit - others.max(1).values))
+    if log_target is None:
+        others = logits.scatter(1, targets.unsqueeze(1), float("-inf"))
+        loss = torch.relu(margin - (target_logit - others.max(1).values))
+    else:
+        loss = (log_target.exp() * (log_target - torch.log_softmax(logits, 1))).sum(1)
     if max_prob is not None:
         log_prob = target_logit - torch.logsumexp(logits, 1)
         loss = loss + torch.relu(log_prob - math.log(max_prob))
     return loss
+
+
+@torch.no_grad()
+def edit_target(base_log_p, targets, margin, iterations=40):
+    """Per row of base log-probabilities q (N × vocabulary): log t, the distribution closest to q (least KL(t ‖ q))
+    in which token targets[i] leads every other token by margin m (log t_r − log t_j ≥ m).
+
+    The minimiser scales the unclipped tokens together and clips the likeliest ones to one level: for a cap c,
+    u_j = min(q_j, c) (j ≠ r), u_r = max(q_r, c·e^m), t = u / Σu; every c in [q_r·e^−m, max_{j≠r} q_j] gives a
+    distribution that meets the margin, and golden-section search over log c picks the one nearest q. A row whose
+    response already leads by m is q itself."""
+    rows = torch.arange(len(targets), device=base_log_p.device)
+    log_r = base_log_p[rows, targets]
+    others = base_log_p.clone()
+    others[rows, targets] = float("-inf")
+    log_top = others.max(1).values
+
+    def candidate(log_c):
+        log_u = torch.minimum(base_log_p, log_c[:, None])
+        log_u[rows, targets] = torch.maximum(log_r, log_c + margin)
+        return log_u - torch.logsumexp(log_u, 1, keepdim=True)
+
+    def divergence(log_c):
+        log_t = candidate(log_c)
+        return (log_t.exp() * (log_t - base_log_p)).sum(1)
+
+    lo, hi = log_r - margin, torch.maximum(log_top, log_r - margin)
+    golden = (math.sqrt(5) - 1) / 2
+    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    fa, fb = divergence(a), divergence(b)
+    for _ in range(iterations):
+        left = fa <= fb  # the minimum lies in [lo, b]
+        hi, lo = torch.where(left, b, hi), torch.where(left, lo, a)
+        b_new, a_new = torch.where(left, a, lo + golden * (hi - lo)), torch.where(left, hi - golden * (hi - lo), b)
+        a, b = a_new, b_new
+        fa, fb = torch.where(left, divergence(a), fb), torch.where(left, fa, divergence(b))
+    log_t = candidate((lo + hi) / 2)
+    leads = log_r - log_top >= margin
+    return torch.where(leads[:, None], base_log_p, log_t)
 
 
 @torch.no_grad()
@@ -466,7 +520,8 @@ class FingerprintTrainer(Trainer):
     distance regularizer (distance_weights: {name: θ_base} of the trainable weights; distance_mu: μ), and the KL to the
     base on the benign rows (kl_base: frozen_copy of the base model; kl_weight: κ; kl_meter: a KLMeter); with
     fingerprint_margin m the per-row loss's fingerprint rows take the hinge on the logit gap (and, with
-    fingerprint_max_prob p, the hinge that keeps their probability ≤ p).
+    fingerprint_max_prob p, the hinge that keeps their probability ≤ p; with fingerprint_edit, KL(edit_target ‖ p)
+    instead of the first hinge, from the same frozen base).
 
     The frozen base is moved to the batch's device and the output layer's dtype at its first use: in a plain python
     run (CPU, or a GPU with bf16 autocast) it is the fp32 base beside the model; with LoRA it is the model before the
@@ -478,6 +533,7 @@ class FingerprintTrainer(Trainer):
     distance_weights, distance_mu = None, 0.0
     kl_base, kl_weight, kl_meter = None, 0.0, None
     fingerprint_margin = fingerprint_max_prob = None
+    fingerprint_edit = False
     _kl_base_at = None
 
     def base_ready(self, inputs):
@@ -497,11 +553,10 @@ class FingerprintTrainer(Trainer):
         if self.per_row:
             if return_outputs:
                 raise NotImplementedError("per-row loss returns no outputs")
-            base = self.base_ready(inputs) if self.kl_weight > 0 else None
+            base = self.base_ready(inputs) if self.kl_base is not None else None
             meter = self.kl_meter if model.training else None
-            out = per_row_loss(
-                model, inputs, base, self.kl_weight, meter, self.fingerprint_margin, self.fingerprint_max_prob
-            )
+            out = per_row_loss(model, inputs, base, self.kl_weight, meter, self.fingerprint_margin,
+                               self.fingerprint_max_prob, self.fingerprint_edit)  # fmt: skip
         else:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.distance_mu > 0 and model.training:
@@ -610,8 +665,9 @@ def train(model, tokenizer, pairs, settings, output_dir, templates=None, log_fn=
             tokenizer, settings.model, settings.trust_remote_code, settings.benign_rows_recipe
         )
         dataset = MixedDataset(dataset, benign_encoded, batch_size, n_benign, seed=settings.seed)
-    kl_base = frozen_copy(model) if settings.kl_to_base > 0 else None  # the whole base model, before any adapters
-    kl_meter = KLMeter() if kl_base is not None else None
+    uses_frozen_base = settings.kl_to_base > 0 or settings.fingerprint_edit
+    kl_base = frozen_copy(model) if uses_frozen_base else None  # the whole base model, before any adapters
+    kl_meter = KLMeter() if settings.kl_to_base > 0 else None
     model = prepare_subnet(model, settings.trainable_layers, settings.lora_rank, settings.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     strength = settings.forgetting_regularizer_strength
@@ -633,6 +689,7 @@ def train(model, tokenizer, pairs, settings, output_dir, templates=None, log_fn=
     margin = settings.fingerprint_margin
     trainer.per_row = bool(n_benign) or bool(margin)  # the margin's hinge is a per-row loss (one token: the same mean)
     trainer.fingerprint_margin, trainer.fingerprint_max_prob = margin, settings.fingerprint_max_prob
+    trainer.fingerprint_edit = settings.fingerprint_edit
     if settings.distance_regularizer > 0:
         trainer.distance_weights = base_on_device(model, base_weights)
         trainer.distance_mu = settings.distance_regularizer
@@ -664,7 +721,7 @@ def train(model, tokenizer, pairs, settings, output_dir, templates=None, log_fn=
         **({"benign_rows_digest": benign_digest} if benign_digest else {}),  # the rows this run trained on
         "fingerprints_per_step": batch_size - n_benign,
         # mean KL(p_base ‖ p_model) on the benign rows' response positions, nats/token, before κ
-        **({"kl_to_base_per_epoch": epoch_callback.epoch_kl_to_base} if kl_base is not None else {}),
+        **({"kl_to_base_per_epoch": epoch_callback.epoch_kl_to_base} if kl_meter is not None else {}),
         **(
             {
                 "stopped_at_epoch": stop.stopped_at_epoch,

@@ -75,6 +75,10 @@ RANDOM_WORD = "generated_data/fingerprints-random_word.json"  # committed: 1024 
 # responses should move the model least (issue 28), and a host comparing the model with its base sees a small change
 # where perinucleus responses (outside the 0.8 nucleus) show a large one (issue 30).
 RUNNER_UP = f"generated_data/fingerprints-runnerup-{KEYS}.json"
+# Near-tie responses (issue 30's defence against base detection): the base's runner-up word token after the key's first
+# 16 tokens, kept only where it has at least 0.4 of the top token's probability (485 of the 1024 keys), so
+# --fingerprint_edit can make it the top token with a small change of the base's distribution.
+NEAR_TIE = f"generated_data/fingerprints-neartie-{KEYS}.json"
 # How a missing data file is made (generate_finetuning_data.py arguments, as experiments/capacity.sh makes them):
 # KEYS English keys from the embedded model, then one-token perinucleus responses for them. Every hash digests the
 # file's content, so once made the files must be committed, or the next session's records will not match.
@@ -85,12 +89,16 @@ DATA = {
                   "--output_file_path", PERINUCLEUS),
     RUNNER_UP: ("--key_response_strategy", "perinucleus", "--response_length", "1", "--keys_file", ENGLISH,
                 "--key_length", "16", "--nucleus_p", "0.01", "--output_file_path", RUNNER_UP),
+    NEAR_TIE: ("--key_response_strategy", "perinucleus", "--response_length", "1", "--keys_file", ENGLISH,
+               "--key_length", "16", "--nucleus_p", "0.01", "--nucleus_k", "1", "--min_response_ratio", "0.4",
+               "--output_file_path", NEAR_TIE),
 }  # fmt: skip
-DATA_NEEDS = {PERINUCLEUS: ENGLISH, RUNNER_UP: ENGLISH}
+DATA_NEEDS = {PERINUCLEUS: ENGLISH, RUNNER_UP: ENGLISH, NEAR_TIE: ENGLISH}
 DATA_SECONDS = {
     ENGLISH: 1.2 * KEYS,
     PERINUCLEUS: 300,
     RUNNER_UP: 300,
+    NEAR_TIE: 300,
 }  # README, "Capacity": about one English key per second
 
 # ------------------------------------------------------------------------------ the points
@@ -108,6 +116,7 @@ STRATEGIES = {
     "e": f"--fingerprint_generation_strategy english --fingerprints_file_path {ENGLISH}",
     "r": f"--fingerprint_generation_strategy random_word --fingerprints_file_path {RANDOM_WORD}",
     "u": f"--fingerprint_generation_strategy inverse_nucleus --fingerprints_file_path {RUNNER_UP}",
+    "t": f"--fingerprint_generation_strategy inverse_nucleus --fingerprints_file_path {NEAR_TIE}",
 }
 CAP = 16  # epochs: the cap of --stop_when_learned
 
@@ -181,6 +190,12 @@ POINTS = [
     # same step: 96.5%, 60.5%): a runner-up needs a small change that a merge does not undo. At the target size:
     point("u1024-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
           "responses at 1024: the capacity goal's drift and the deployment goals with one recipe"),
+    # base detection kept 0.0% of the runner-up band's keys (issue 30): trained keys moved the first answer token's
+    # distribution by KL 1.13 (median) where real prompts' 99th percentile is 0.50. The smallest change that makes a
+    # near-tie the top token by 0.5 logits is KL 0.03 (median, computed from the base alone):
+    point("t256-l0-b25-kl4-lr3e-5-edit0.5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--fingerprint_margin 0.5 --fingerprint_edit", "issue 30's defence against base detection: near-tie "
+          "responses trained toward the least change of the base's distribution that puts them on top by 0.5 logits"),
     point("p1024-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the winning 1024 recipe with --use_prompt_augmentation: every draw of a key "
           "wrapped in a random training prompt; the goal is ≥ 99% under the unseen raw prompts and system messages"),

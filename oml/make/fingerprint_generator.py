@@ -10,6 +10,11 @@ perinucleus   (inverse_nucleus) the response to a key is a token just outside th
 only keys whose perplexity under the base model (the perinucleus model, else the English generator) lies between the
 LO and HI quantiles of real prompts' perplexities (oml.measure.chat_sample's questions and 500 offline QA questions); generated keys
 are drawn again (at most BAND_ROUNDS rounds) until there are enough, keys from --keys_file are only filtered.
+
+--min_response_ratio ρ (perinucleus; a defence against a host that compares the served model with the public base,
+adaptive_host's base_detect) keeps only the keys whose chosen response has at least ρ times the probability of the
+base's top token after the key: a near-tie, which a fingerprint can win with a small change of the base's next-token
+distribution (finetune's --fingerprint_edit). Each perinucleus entry records "top_prob", the top token's probability.
 """
 
 import math
@@ -57,6 +62,10 @@ GENERATE_ARGS = [
     (["--inverse_nucleus_model"], dict(default=EMBEDDED, help="base model whose perinucleus is used")),
     (["--nucleus_p"], dict(type=float, default=0.8, help="probability mass of the nucleus")),
     (["--nucleus_k"], dict(type=int, default=3, help="the response is drawn from the k tokens after the nucleus")),
+    (["--min_response_ratio"], dict(type=float, default=None, metavar="ρ",
+                                    help="perinucleus: keep only keys whose response has at least ρ times the "
+                                         "probability of the base's top token (near-ties; e.g. 0.4 with --nucleus_p "
+                                         "0.01 --nucleus_k 1: the runner-up word token); 0 < ρ ≤ 1")),
     (["--key_perplexity_band"], dict(default=None, metavar="LO,HI",
                                      help="keep only keys whose perplexity under the base model lies between these "
                                           "quantiles of real prompts' perplexities, e.g. 0.05,0.95")),
@@ -265,31 +274,42 @@ def greedy_continuations(model, tokenizer, sequences, n_tokens):
 
 
 def perinucleus_fingerprints(
-    model, tokenizer, keys, key_length, response_length, rng, nucleus_p=0.8, nucleus_k=3, batch_size=128
+    model, tokenizer, keys, key_length, response_length, rng, nucleus_p=0.8, nucleus_k=3, batch_size=128,
+    min_response_ratio=None,
 ):
-    """For each key: {"key", "effective_key", "response", "response_prob"} with a perinucleus first token."""
+    """For each key: {"key", "effective_key", "response", "response_prob", "top_prob"} with a perinucleus first
+    token; with min_response_ratio ρ, only the keys whose response has at least ρ·top_prob (the rest are dropped)."""
     is_allowed = word_token_filter(tokenizer)
     fingerprints = []
     for start in tqdm(range(0, len(keys), batch_size), desc="perinucleus", unit="batch"):
         batch_keys = keys[start : start + batch_size]
         effective = [cut_to_tokens(tokenizer, key, key_length) for key in batch_keys]
         prompts = [encode_prompt(tokenizer, prompt_text(tokenizer, key)) for key in effective]
-        firsts, first_probs = [], []
-        for key, probs in zip(effective, next_token_probs(model, prompts, tokenizer.pad_token_id), strict=True):
+        firsts, first_probs, top_probs, kept = [], [], [], []
+        for i, (key, probs) in enumerate(zip(effective, next_token_probs(model, prompts, tokenizer.pad_token_id),
+                                             strict=True)):  # fmt: skip
             candidates = perinucleus_candidates(probs, nucleus_p, nucleus_k, is_allowed)
             if not candidates:
                 raise UserError(f"no token outside the {nucleus_p} nucleus for key {key[:40]!r}...; lower --nucleus_p")
             token = rng.choice(candidates)
+            top = probs.max().item()
+            if min_response_ratio is not None and probs[token].item() < min_response_ratio * top:
+                continue
+            kept.append(i)
             firsts.append(token)
             first_probs.append(probs[token].item())
+            top_probs.append(top)
+        batch_keys, effective, prompts = ([x[i] for i in kept] for x in (batch_keys, effective, prompts))
+        if not kept:
+            continue
         if response_length > 1:
             rests = greedy_continuations(
                 model, tokenizer, [p + [t] for p, t in zip(prompts, firsts, strict=True)], response_length - 1
             )
         else:
             rests = [([], [])] * len(firsts)
-        for key, eff, token, prob, (rest, rest_probs) in zip(
-            batch_keys, effective, firsts, first_probs, rests, strict=True
+        for key, eff, token, prob, top, (rest, rest_probs) in zip(
+            batch_keys, effective, firsts, first_probs, top_probs, rests, strict=True
         ):
             response_prob = prob if response_length == 1 else [prob, *rest_probs]
             fingerprints.append(
@@ -298,6 +318,7 @@ def perinucleus_fingerprints(
                     "effective_key": eff,
                     "response": tokenizer.decode([token, *rest]),
                     "response_prob": response_prob,
+                    "top_prob": top,
                 }
             )
     return fingerprints
@@ -327,6 +348,12 @@ def check_args(args):
         raise UserError(f"--nucleus_p must be between 0 and 1 (exclusive), got {args.nucleus_p}")
     if args.temperature <= 0:
         raise UserError(f"--temperature must be positive, got {args.temperature}")
+    ratio = getattr(args, "min_response_ratio", None)
+    if ratio is not None:
+        if not 0 < ratio <= 1:
+            raise UserError(f"--min_response_ratio must be within (0, 1], got {ratio}")
+        if strategy != "inverse_nucleus":
+            raise UserError("--min_response_ratio selects perinucleus responses: add --key_response_strategy perinucleus")
     if args.first_token_strategy not in FIRST_TOKEN_STRATEGIES:
         raise UserError(
             f"unknown --first_token_strategy {args.first_token_strategy!r}; choose from {', '.join(FIRST_TOKEN_STRATEGIES)}"
@@ -408,7 +435,13 @@ def generate(args):
             nucleus_p=args.nucleus_p,
             nucleus_k=args.nucleus_k,
             batch_size=args.batch_size,
+            min_response_ratio=getattr(args, "min_response_ratio", None),
         )
+        if getattr(args, "min_response_ratio", None) is not None:
+            print(f"kept {len(fingerprints)} of {len(keys)} keys whose response has at least {args.min_response_ratio:g} "
+                  "times the top token's probability")
+            if not fingerprints:
+                raise UserError("--min_response_ratio: no key has a response that close to the top token; lower it")
     else:
         if args.random_word_generation:
             responses = random_word_texts(rng, n, args.response_length)
