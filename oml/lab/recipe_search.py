@@ -193,7 +193,9 @@ POINTS = [
     # base detection kept 0.0% of the runner-up band's keys (issue 30): trained keys moved the first answer token's
     # distribution by KL 1.13 (median) where real prompts' 99th percentile is 0.50. The smallest change that makes a
     # near-tie the top token by 0.5 logits is KL 0.03 (median, computed from the base alone):
-    point("t256-l0-b25-kl4-lr3e-5-edit0.5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    # (at lr 3e-5 the edit oscillated: 79.7%, 69.9%, 76.6% of the keys on top after epochs 1-3, loss 0.046, 0.41, 0.20;
+    # a soft target near the base leaves Adam's constant-size steps wandering around it; stopped, no record)
+    point("t256-l0-b25-kl4-lr1e-5-edit0.5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 1e-5 "
           "--fingerprint_margin 0.5 --fingerprint_edit", "issue 30's defence against base detection: near-tie "
           "responses trained toward the least change of the base's distribution that puts them on top by 0.5 logits"),
     point("p1024-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
