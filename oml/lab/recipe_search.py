@@ -195,9 +195,12 @@ POINTS = [
     # near-tie the top token by 0.5 logits is KL 0.03 (median, computed from the base alone):
     # (at lr 3e-5 the edit oscillated: 79.7%, 69.9%, 76.6% of the keys on top after epochs 1-3, loss 0.046, 0.41, 0.20;
     # a soft target near the base leaves Adam's constant-size steps wandering around it; stopped, no record)
-    point("t256-l0-b25-kl4-lr1e-5-edit0.5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 1e-5 "
+    # (at 1e-5, stopped when learned: 80.5%, 74.6%, 82.4% on top after epochs 1-3; the soft target is never reached by
+    # every key at once, so --stop_when_learned would run all 16 epochs: a fixed 6 instead)
+    point("t256-l0-b25-kl4-lr1e-5-edit0.5-e6", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 1e-5 "
           "--fingerprint_margin 0.5 --fingerprint_edit", "issue 30's defence against base detection: near-tie "
-          "responses trained toward the least change of the base's distribution that puts them on top by 0.5 logits"),
+          "responses trained toward the least change of the base's distribution that puts them on top by 0.5 logits",
+          epochs=6, stop=False),
     point("p1024-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the winning 1024 recipe with --use_prompt_augmentation: every draw of a key "
           "wrapped in a random training prompt; the goal is ≥ 99% under the unseen raw prompts and system messages"),
