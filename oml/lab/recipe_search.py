@@ -190,6 +190,11 @@ POINTS = [
     # same step: 96.5%, 60.5%): a runner-up needs a small change that a merge does not undo. At the target size:
     point("u1024-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
           "responses at 1024: the capacity goal's drift and the deployment goals with one recipe"),
+    # (stopped when learned it sat at 1023 of 1024 keys from epoch 3 to 5, benign rows' KL 0.056 -> 0.107: killed, no
+    # record; the goal is 98%, so a fixed 3 epochs)
+    point("u1024-l0-b25-kl4-lr3e-5-e3", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
+          "responses at 1024 for the 3 epochs that put 1023 of 1024 on top: the capacity goal's drift and the "
+          "deployment goals with one recipe", epochs=3, stop=False),
     # base detection kept 0.0% of the runner-up band's keys (issue 30): trained keys moved the first answer token's
     # distribution by KL 1.13 (median) where real prompts' 99th percentile is 0.50. The smallest change that makes a
     # near-tie the top token by 0.5 logits is KL 0.03 (median, computed from the base alone):
