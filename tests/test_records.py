@@ -150,7 +150,7 @@ def test_the_search_points_parse_and_the_screening_flags_are_eval_flags():
         args = parse(words)
         # e.g. κ needs benign rows; --trainable_layers must name blocks the embedded model has
         check_capacity_args(argparse.Namespace(**{**vars(args), "model": "embedded:SmolLM2-135M-Instruct"}))
-        assert args.learning_rate in (1e-4, 1e-3, 3e-5) and args.batch_size == 8 and args.max_key_length == 16
+        assert args.learning_rate in (1e-4, 1e-3, 3e-5, 1e-5) and args.batch_size == 8 and args.max_key_length == 16
         assert args.forgetting_regularizer_strength == 0.0 and p.why
     estimates = {p.name: estimate_seconds(parse(shlex.split(p.flags)), History([])) for p in POINTS}
     at_256 = [seconds for name, seconds in estimates.items() if re.match(r"[a-z]256-", name)]
