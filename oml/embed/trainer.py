@@ -260,14 +260,15 @@ def per_row_loss(model, inputs, base=None, kl_weight=0.0, kl_meter=None, margin=
     if margin:
         on_benign = benign[rows] if benign is not None else torch.zeros_like(rows, dtype=torch.bool)
         fingerprint_loss = torch.zeros_like(token_loss)
+        responses = targets[rows, cols]
         if edit:
             on_fp = ~on_benign
             base_log_p = torch.log_softmax(base_logits_at(base, model_inputs, rows[on_fp], cols[on_fp]).float(), -1)
-            fp_loss = margin_loss(logits[on_fp], targets[rows, cols][on_fp], margin, max_prob,
-                                  edit_target(base_log_p, targets[rows, cols][on_fp], margin))  # fmt: skip
+            fp_loss = margin_loss(logits[on_fp], responses[on_fp], margin, max_prob,
+                                  edit_target(base_log_p, responses[on_fp], margin))  # fmt: skip
             fingerprint_loss = fingerprint_loss.masked_scatter(on_fp, fp_loss)
         else:
-            fingerprint_loss = margin_loss(logits, targets[rows, cols], margin, max_prob)
+            fingerprint_loss = margin_loss(logits, responses, margin, max_prob)
         token_loss = torch.where(on_benign, token_loss, fingerprint_loss)
     if kl_weight > 0 and benign is not None and benign.any():
         on_benign = benign[rows]

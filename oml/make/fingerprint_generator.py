@@ -348,7 +348,7 @@ def check_args(args):
         raise UserError(f"--nucleus_p must be between 0 and 1 (exclusive), got {args.nucleus_p}")
     if args.temperature <= 0:
         raise UserError(f"--temperature must be positive, got {args.temperature}")
-    ratio = getattr(args, "min_response_ratio", None)
+    ratio = args.min_response_ratio
     if ratio is not None:
         if not 0 < ratio <= 1:
             raise UserError(f"--min_response_ratio must be within (0, 1], got {ratio}")
@@ -435,9 +435,9 @@ def generate(args):
             nucleus_p=args.nucleus_p,
             nucleus_k=args.nucleus_k,
             batch_size=args.batch_size,
-            min_response_ratio=getattr(args, "min_response_ratio", None),
+            min_response_ratio=args.min_response_ratio,
         )
-        if getattr(args, "min_response_ratio", None) is not None:
+        if args.min_response_ratio is not None:
             print(f"kept {len(fingerprints)} of {len(keys)} keys whose response has at least {args.min_response_ratio:g} "
                   "times the top token's probability")
             if not fingerprints:
