@@ -188,10 +188,9 @@ POINTS = [
           "--use_prompt_augmentation", "the default's second make run point: the recipe with augmentation at 32"),
     # u256-l0-b25-kl4-lr3e-5: every key in 3 epochs, chat KL 0.027, Q4_K_M 99.6%, merge 0.7 99.6% (perinucleus at the
     # same step: 96.5%, 60.5%): a runner-up needs a small change that a merge does not undo. At the target size:
-    point("u1024-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
-          "responses at 1024: the capacity goal's drift and the deployment goals with one recipe"),
-    # (stopped when learned it sat at 1023 of 1024 keys from epoch 3 to 5, benign rows' KL 0.056 -> 0.107: killed, no
-    # record; the goal is 98%, so a fixed 3 epochs)
+    # (u1024-l0-b25-kl4-lr3e-5, stopped when learned, sat at 1023 of 1024 keys from epoch 3 to 5 while the benign rows'
+    # KL rose 0.056 -> 0.107: killed, no record, and left out here so a resumed search does not run it again; the goal
+    # is 98%, so a fixed 3 epochs)
     point("u1024-l0-b25-kl4-lr3e-5-e3", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
           "responses at 1024 for the 3 epochs that put 1023 of 1024 on top: the capacity goal's drift and the "
           "deployment goals with one recipe", epochs=3, stop=False),
