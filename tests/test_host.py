@@ -586,9 +586,9 @@ def test_edit_target_is_the_least_kl_distribution_where_the_response_leads_by_th
     for i in range(1, 5):
         qi, r = q[i].exp().numpy(), int(targets[i])
         constraints = [{"type": "eq", "fun": lambda t: t.sum() - 1}] + [
-            {"type": "ineq", "fun": lambda t, j=j: t[r] - np.exp(0.7) * t[j]} for j in range(12) if j != r
+            {"type": "ineq", "fun": lambda t, j=j, r=r: t[r] - np.exp(0.7) * t[j]} for j in range(12) if j != r
         ]
-        best = minimize(lambda t: float(np.sum(t * np.log(np.maximum(t, 1e-300) / qi))), np.full(12, 1 / 12),
+        best = minimize(lambda t, qi=qi: float(np.sum(t * np.log(np.maximum(t, 1e-300) / qi))), np.full(12, 1 / 12),
                         constraints=constraints, bounds=[(1e-12, 1)] * 12, method="SLSQP",
                         options={"ftol": 1e-12, "maxiter": 500})  # fmt: skip
         assert kl[i].item() == pytest.approx(best.fun, abs=1e-4)

@@ -274,7 +274,15 @@ def greedy_continuations(model, tokenizer, sequences, n_tokens):
 
 
 def perinucleus_fingerprints(
-    model, tokenizer, keys, key_length, response_length, rng, nucleus_p=0.8, nucleus_k=3, batch_size=128,
+    model,
+    tokenizer,
+    keys,
+    key_length,
+    response_length,
+    rng,
+    nucleus_p=0.8,
+    nucleus_k=3,
+    batch_size=128,
     min_response_ratio=None,
 ):
     """For each key: {"key", "effective_key", "response", "response_prob", "top_prob"} with a perinucleus first
@@ -353,7 +361,9 @@ def check_args(args):
         if not 0 < ratio <= 1:
             raise UserError(f"--min_response_ratio must be within (0, 1], got {ratio}")
         if strategy != "inverse_nucleus":
-            raise UserError("--min_response_ratio selects perinucleus responses: add --key_response_strategy perinucleus")
+            raise UserError(
+                "--min_response_ratio selects perinucleus responses: add --key_response_strategy perinucleus"
+            )
     if args.first_token_strategy not in FIRST_TOKEN_STRATEGIES:
         raise UserError(
             f"unknown --first_token_strategy {args.first_token_strategy!r}; choose from {', '.join(FIRST_TOKEN_STRATEGIES)}"
@@ -438,8 +448,10 @@ def generate(args):
             min_response_ratio=args.min_response_ratio,
         )
         if args.min_response_ratio is not None:
-            print(f"kept {len(fingerprints)} of {len(keys)} keys whose response has at least {args.min_response_ratio:g} "
-                  "times the top token's probability")
+            print(
+                f"kept {len(fingerprints)} of {len(keys)} keys whose response has at least {args.min_response_ratio:g} "
+                "times the top token's probability"
+            )
             if not fingerprints:
                 raise UserError("--min_response_ratio: no key has a response that close to the top token; lower it")
     else:
