@@ -507,6 +507,21 @@ def test_host_attacks_measure_retention_and_cost(host_run):
     # a key answered by the base (a random model of its own) loses its response; the others keep it
     assert plain["accuracy"] == pytest.approx(1 - host["keys_to_base"])
 
+    # the owner's setting: the host holds another public model (--host_base); here the served model itself, so
+    # nothing differs from it, nothing is flagged and every key answers
+    served = str(run / "final_model")
+    out = run_script("attack_fingerprints.py", *argv, "--attack", "host_base_detect", "--host_fpr", 0.5, *small,
+                     "--host_base", served, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (folder,) = [
+        f for f in (run / "attacks").iterdir() if f.name.startswith("host_base_detect-kl-fpr0.5-q2-final_model")
+    ]
+    assert json.loads((folder / "attack.json").read_text())["base"] == served
+    results = json.loads((folder / "eval_results.json").read_text())
+    assert results["host"]["base"] == served and results["host"]["templates"]["{}"]["keys_to_base"] == 0.0
+    (plain,) = [t for t in results["fingerprint_accuracy"]["templates"] if t["template"] == "{}"]
+    assert plain["accuracy"] == 1.0
+
 
 # ------------------------------------------------------------------------------------------ --fingerprint_margin
 
@@ -772,6 +787,9 @@ def test_attack_bad_input_is_one_line_exit_2(host_run, capsys):
     assert "--tau must be within (0, 1)" in one_line_exit_2(main, [*argv, "--attack", "host_confidence", "--tau", "1"],
                                                              capsys)  # fmt: skip
     assert "--host_fpr" in one_line_exit_2(main, [*argv, "--attack", "host_input_filter", "--host_fpr", "0"], capsys)
+    assert "--host_base is the public model of host_base_detect" in one_line_exit_2(
+        main, [*argv, "--attack", "host_confidence", "--host_base", "x"], capsys
+    )
     assert sorted(p.name for p in run.iterdir()) == before
     from oml.core.run_config import add_train_args
     from oml.embed.run_setup import prepare_run
@@ -879,6 +897,14 @@ def test_the_host_study_p0_step_roc_section_and_table(host_run, tmp_path, monkey
     (run / REFERENCE_RATES).write_text(json.dumps(greedy_rates))
     assert host_study.ensure_p0(argv, run, host_study.HOSTS[0], tmp_path) is None  # greedy, not measured: measured now
     assert "--measure_p0" in calls[0] and calls[0][-2:] == ["--reference_models", "base"]
+    # the owner's setting: p0 on the run's base and on the public model the host holds; the server's base is it
+    (run / REFERENCE_RATES).write_text(json.dumps(greedy_rates))
+    calls.clear()
+    assert host_study.ensure_p0(argv, run, host_study.HOSTS[0], tmp_path, public="public/model") is None
+    assert calls[0][-3:] == ["--reference_models", "base", "public/model"]
+    base_kl = next(h for h in host_study.HOSTS if h.name == "base-kl-fpr0.01")
+    assert host_study.serve_flags(base_kl, "public/model", {"{}": 0.25})[-4:] == ["--threshold", "0.25", "--base",
+                                                                                   "public/model"]  # fmt: skip
     (run / REFERENCE_RATES).write_text(json.dumps(rates))
     calls.clear()
 

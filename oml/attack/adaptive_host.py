@@ -798,6 +798,10 @@ HOST_ATTACK_ARGS = FILTER_ARGS + [
                                 help="host attacks: offline QA questions that measure the attacker's cost (and as many "
                                      "others that calibrate the threshold)")),
     (["--host_answer_tokens"], dict(type=int, default=24, help="host attacks: tokens of each cost answer")),
+    (["--host_base"], dict(default=None, metavar="MODEL",
+                           help="host_base_detect: the public model the host holds and answers flagged prompts with "
+                                "(default: the model the run was fingerprinted from; set it when that was the "
+                                "owner's own model, --model_path)")),
 ]  # fmt: skip
 
 COST_NOTE = {
@@ -820,6 +824,11 @@ class HostAttackSettings:
     host_fpr: float  # the share of real prompts a calibrated threshold flags
     host_questions: int
     host_answer_tokens: int
+    host_base: "str | None"  # host_base_detect: the public model the host holds (None: the run's base model)
+
+    def base_for(self, run_base):
+        """The model base detection compares with and answers flagged prompts with."""
+        return self.host_base or run_base
 
     @classmethod
     def from_args(cls, args):
@@ -833,6 +842,8 @@ def check_host_attack(settings):
         raise UserError(f"--host_fpr must be within (0, 1), got {settings.host_fpr}")
     if settings.host_questions <= 0 or settings.host_answer_tokens <= 0:
         raise UserError("--host_questions and --host_answer_tokens must be positive")
+    if settings.host_base and settings.filter.name != "base_detect":
+        raise UserError("--host_base is the public model of host_base_detect; drop it for other host attacks")
 
 
 def host_attack_id(settings, model_name):
@@ -846,7 +857,7 @@ def host_attack_id(settings, model_name):
         if f.name == "input_filter":
             tag = (model_name(f.filter_model) if f.filter_model else "self") + "-" + tag
         else:
-            tag = f"{f.base_score}-{tag}"
+            tag = f"{f.base_score}-{tag}" + (f"-{model_name(settings.host_base)}" if settings.host_base else "")
     if settings.host_questions != 100:
         tag += f"-q{settings.host_questions}"
     return f"{settings.attack}-{tag}"
@@ -863,7 +874,7 @@ def host_settings_record(settings, base_model):
         if f.name == "input_filter":
             record["filter_model"] = f.filter_model
         else:
-            record.update(base=base_model, base_score=f.base_score)
+            record.update(base=settings.base_for(base_model), base_score=f.base_score)
     return record
 
 
@@ -909,7 +920,8 @@ def host_loaded(settings, run):
     trust = settings.trust_remote_code
     model, tokenizer = load_model_and_tokenizer(str(Path(run) / FINAL_MODEL), trust_remote_code=trust)
     placeholder = math.inf if settings.host.filter.name in ("input_filter", "base_detect") else None
-    return host_for(settings.host.filter, model, tokenizer, settings.base_model, trust, placeholder), tokenizer
+    base = settings.host.base_for(settings.base_model)
+    return host_for(settings.host.filter, model, tokenizer, base, trust, placeholder), tokenizer
 
 
 def make_host_attack(settings, run, log_fn=print):

@@ -15,6 +15,11 @@ row holds the verdicts only. A host with check flags adds them to check_fingerpr
 measured first, once per run and rule (check_fingerprints.py --measure_p0 with the same rule flags,
 --reference_models base: sampled locally, seeded, at the same temperature and top_p).
 
+The owner's setting: a run fingerprinted from the owner's own model (--model_path) while the host holds only a
+public base (--public_base MODEL). Base detection then compares with, and answers flagged queries with, the public
+model (the attack's --host_base, the server's --base); the "base" verdict is the public model's, and p0 is measured on
+both the run's base and the public one.
+
 Thresholds of the input filter and of base detection are the ones the attack calibrated (the plain-key template's,
 as the completions route sends a key). The study's numbers go to a record, experiments/records/adaptive_host/<hash>.json
 (committed: the run itself is retrained from the recipe search's record when needed), one row per host, written
@@ -100,6 +105,8 @@ HOSTS = [
     Host("input-fpr0.05", ("--attack", "host_input_filter", "--host_fpr", "0.05"), ("--filter", "input_filter"), "the same, at 5% of real prompts refused"),
     Host("base-kl-fpr0.01", ("--attack", "host_base_detect", "--host_fpr", "0.01"), ("--filter", "base_detect"), "answer with the base where KL(served ‖ base) at the first answer position is "
          "above what 1% of real prompts reach"),
+    Host("base-kl-fpr0.05", ("--attack", "host_base_detect", "--host_fpr", "0.05"), ("--filter", "base_detect"),
+         "the same at 5% of real prompts handed to the base"),
     Host("base-ratio-fpr0.05", ("--attack", "host_base_detect", "--base_score", "ratio", "--host_fpr", "0.05"),
          ("--filter", "base_detect", "--base_score", "ratio"),
          "answer with the base where the served top token is far likelier than under the base (5% of real prompts)"),
@@ -122,15 +129,22 @@ def retention(folder):
     return out
 
 
-def served_verdict(run_flags, run, host, model, thresholds, logs, tag):
-    """check_fingerprints.py's result for `model` served behind host's filter (a dict, or {"error": ...})."""
-    from oml.verify.local_server import free_port, wait_listening
-
+def serve_flags(host, public, thresholds):
+    """python -m oml.attack.adaptive_host serve's filter flags for a host: the attack's calibrated threshold (the
+    plain-key template's) and, for base detection, the public model."""
     serve = list(host.serve)
     if "--filter" in serve and serve[serve.index("--filter") + 1] in ("input_filter", "base_detect"):
         serve += ["--threshold", str(thresholds["{}"])]
     if "base_detect" in serve:
-        serve += ["--base", base_model(run)]
+        serve += ["--base", public]
+    return serve
+
+
+def served_verdict(run_flags, host, model, public, thresholds, logs, tag):
+    """check_fingerprints.py's result for `model` served behind host's filter (a dict, or {"error": ...})."""
+    from oml.verify.local_server import free_port, wait_listening
+
+    serve = serve_flags(host, public, thresholds)
     port = free_port()
     server_log = open(logs / f"serve-{host.name}-{tag}.log", "w")  # noqa: SIM115
     server = subprocess.Popen([sys.executable, "-m", "oml.attack.adaptive_host", "serve", "--model", str(model),
@@ -162,16 +176,18 @@ def check_rule_key(check_flags):
     return p0_key(flags)
 
 
-def ensure_p0(run_flags, run, host, logs):
+def ensure_p0(run_flags, run, host, logs, public=None):
     """Measure p0 for a host's check rule (greedy, or sampled) unless the run has it: check_fingerprints.py
-    --measure_p0 with the same rule flags on the base model. Returns None when done (or not needed), else an error."""
+    --measure_p0 with the same rule flags on the base model (and on the public model when the host holds another).
+    Returns None when done (or not needed), else an error."""
     key = check_rule_key(host.check)
     if key in (read_json(run / REFERENCE_RATES) or {}).get("measurements", {}):
         log(f"{host.name}: p0 for {key} measured")
         return None
     log(f"{host.name}: measuring p0 for {key} on the base model")
     log_path = logs / f"p0-{key.replace(':', '-')}.log"
-    code = python("check_fingerprints.py", *run_flags, "--measure_p0", *host.check, "--reference_models", "base",
+    references = ["base"] + ([public] if public and public != base_model(run) else [])
+    code = python("check_fingerprints.py", *run_flags, "--measure_p0", *host.check, "--reference_models", *references,
                   log_path=log_path, timeout=P0_SECONDS)  # fmt: skip
     return None if code == 0 else f"p0 measurement exited {code}; see {log_path}"
 
@@ -194,7 +210,9 @@ def open_record(args, run_flags):
     path = record_path(run.name, args.records)
     record = json.loads(path.read_text()) if path.is_file() else {
         "format": 1, "experiment": EXPERIMENT, "hash": run.name, "point": args.point, "run_flags": run_flags,
-        "check": list(CHECK), "hosts": {}}  # fmt: skip
+        "check": list(CHECK), "public_base": args.public_base, "hosts": {}}  # fmt: skip
+    if record.get("public_base") != args.public_base:
+        raise UserError(f"{path} was measured with --public_base {record.get('public_base')}; a study keeps one")
     logs = run / "host" / "study"
     logs.mkdir(parents=True, exist_ok=True)
     return run, path, record, logs
@@ -206,6 +224,7 @@ def study(args, run_flags):
     unknown = set(args.hosts or ()) - {h.name for h in HOSTS}
     if unknown:
         raise UserError(f"--hosts: unknown {', '.join(sorted(unknown))} (known: {', '.join(h.name for h in HOSTS)})")
+    public = args.public_base or base_model(run)
     for host in chosen:
         row = record["hosts"].get(host.name)
         if measured(row) and not args.again:
@@ -216,6 +235,8 @@ def study(args, run_flags):
         if host.attack:
             log(f"{host.name}: attack_fingerprints.py {' '.join(host.attack)}")
             attack = [*host.attack, *args.attack_flags]
+            if args.public_base and "host_base_detect" in attack:
+                attack += ["--host_base", args.public_base]
             code = python("attack_fingerprints.py", *run_flags, *attack,
                           log_path=logs / f"attack-{host.name}.log", timeout=None)  # fmt: skip
             if code != 0:
@@ -227,13 +248,13 @@ def study(args, run_flags):
         if "error" not in row:
             if host.check:
                 row["check"] = list(host.check)
-            error = ensure_p0(run_flags, run, host, logs)
+            error = ensure_p0(run_flags, run, host, logs, public)
             if error:
                 row["error"] = error
         if "error" not in row:
-            for tag, model in (("ours", run / FINAL_MODEL), ("base", base_model(run))):
+            for tag, model in (("ours", run / FINAL_MODEL), ("base", public)):
                 log(f"{host.name}: check through the filtered server ({tag})")
-                row[f"verdict_{tag}"] = served_verdict(run_flags, run, host, model, thresholds, logs, tag)
+                row[f"verdict_{tag}"] = served_verdict(run_flags, host, model, public, thresholds, logs, tag)
         record_row(path, record, "hosts", host.name, row, t0)
         log(f"{host.name}: {summary(row)}")
     return record
@@ -296,6 +317,7 @@ def study_roc(args, run_flags):
         flags = ["--run", run.name, "--result_path", run.parent, "--filter", filter_name, "--real_prompts",
                  args.real_prompts, "--max_keys", args.roc_keys, "--output_file", output]  # fmt: skip
         flags += ["--keys_file", keys_file] if keys_file else []
+        flags += ["--base", args.public_base] if args.public_base and filter_name == "base_detect" else []
         log(f"roc {name}")
         code = python("-m", "oml.attack.adaptive_host", "roc", *flags, log_path=logs / f"roc-{tag}.log",
                       timeout=ROC_SECONDS)  # fmt: skip
@@ -377,6 +399,11 @@ def make_parser():
     roc.add_argument("--peer_data", default=str(PEER_DATA), help="other models' key files (every *.json under it)")
     show = sub.add_parser("table", help="every record's hosts (and ROCs) as tables")
     show.add_argument("--markdown", action="store_true")
+    for p in (run, roc):
+        p.add_argument("--public_base", default=None, metavar="MODEL",
+                       help="the public model the host holds when the run was fingerprinted from the owner's own "
+                            "model (--model_path): base detection uses it, and its verdict must be 'not shown' "
+                            "(default: the run's base model)")  # fmt: skip
     for p in (run, roc, show):
         p.add_argument("--records", default=str(RECORDS_DIR), help="records folder (default experiments/records)")
     return parser

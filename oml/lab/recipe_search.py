@@ -194,6 +194,9 @@ POINTS = [
     point("u1024-l0-b25-kl4-lr3e-5-e3", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
           "responses at 1024 for the 3 epochs that put 1023 of 1024 on top: the capacity goal's drift and the "
           "deployment goals with one recipe", epochs=3, stop=False),
+    point("u1024-l0-b25-kl4-lr3e-5-e3-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--use_prompt_augmentation", "the robustness goal: the same recipe with --use_prompt_augmentation added and "
+          "nothing else (judge it with --extra_eval_flags '--eval_templates all')", epochs=3, stop=False),
     # base detection kept 0.0% of the runner-up band's keys (issue 30): trained keys moved the first answer token's
     # distribution by KL 1.13 (median) where real prompts' 99th percentile is 0.50. The smallest change that makes a
     # near-tie the top token by 0.5 logits is KL 0.03 (median, computed from the base alone):
