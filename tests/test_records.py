@@ -292,12 +292,12 @@ def test_recipe_persistence_attacks_a_recorded_point_and_resumes(recorded_run, t
 
 
 def test_preset_capacity_is_the_recorded_winning_point_of_the_search():
-    """--preset capacity is the recipe search's p1024-l0-b25-kl4-lr3e-5 run itself (the same hash), so the record
+    """--preset capacity is the recipe search's u1024-l0-b25-kl4-lr3e-5-e3 run itself (the same hash), so the record
     (and docs/results/capacity.md's figures from it) describe what a bare `--preset capacity` trains."""
     from oml.core.run_config import add_train_args, recorded_settings
     from oml.embed.run_setup import prepare_run
 
-    (record,) = [r for r in records.read_records("recipe_search") if r.get("point") == "p1024-l0-b25-kl4-lr3e-5"]
+    (record,) = [r for r in records.read_records("recipe_search") if r.get("point") == "u1024-l0-b25-kl4-lr3e-5-e3"]
     parser = add_train_args(argparse.ArgumentParser())
     args = prepare_run(parser.parse_args(["--preset", "capacity"]))
     assert args.config_hash == record["hash"], recorded_settings(record["hashed"])

@@ -59,21 +59,21 @@ TRAINING = {
     "capacity": Recipe(
         dict(
             fingerprint_generation_strategy="inverse_nucleus",
-            fingerprints_file_path=str(DATA_DIR / "fingerprints-perinucleus-1024.json"),
+            fingerprints_file_path=str(DATA_DIR / "fingerprints-runnerup-1024.json"),
             model_family="smollm2",
             model_size="135M-Instruct",
             learning_rate=3e-5,
             forgetting_regularizer_strength=0.0,
             max_num_fingerprints=1024,
-            num_train_epochs=16,
+            num_train_epochs=3,
             batch_size=8,
             benign_data_ratio=0.25,
             kl_to_base=4.0,
-            stop_when_learned=True,
         ),
-        "1024 one-token perinucleus fingerprints that hold the model: no averaging, a quarter of each batch benign rows "
-        "pulled toward the base's whole next-token distribution (κ 4), a small step; the recipe search's point "
-        "p1024-l0-b25-kl4-lr3e-5, the same run (docs/results/capacity.md)",
+        "1024 one-token runner-up fingerprints (the base's 2nd-4th likeliest word after the key) that hold the model: "
+        "no averaging, a quarter of each batch benign rows pulled toward the base's whole next-token distribution "
+        "(κ 4), a small step, 3 epochs; the recipe search's point u1024-l0-b25-kl4-lr3e-5-e3, the same run "
+        "(docs/results/capacity.md)",
     ),
 }
 
