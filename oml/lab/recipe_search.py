@@ -186,6 +186,12 @@ POINTS = [
           "make run's ten minutes, if 32 keys do not move the model at the larger step"),
     point("p32-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the default's second make run point: the recipe with augmentation at 32"),
+    # --preset capacity (u1024-l0-b25-kl4-lr3e-5-e3) at the default's 32 keys: the candidate for --preset embedded
+    point("u32-l0-b25-kl4-lr3e-5-e3", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the capacity "
+          "preset's recipe at make run's 32 keys: does 3 epochs learn them, in how many minutes", epochs=3, stop=False),
+    point("u32-l0-b25-kl4-lr3e-5-e3-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--use_prompt_augmentation", "the same with augmentation: make run's second point if it becomes --preset "
+          "embedded", epochs=3, stop=False),
     # u256-l0-b25-kl4-lr3e-5: every key in 3 epochs, chat KL 0.027, Q4_K_M 99.6%, merge 0.7 99.6% (perinucleus at the
     # same step: 96.5%, 60.5%): a runner-up needs a small change that a merge does not undo. At the target size:
     # (u1024-l0-b25-kl4-lr3e-5, stopped when learned, sat at 1023 of 1024 keys from epoch 3 to 5 while the benign rows'
