@@ -203,6 +203,11 @@ POINTS = [
     point("u1024-l0-b25-kl4-lr3e-5-e3-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the robustness goal: the same recipe with --use_prompt_augmentation added and "
           "nothing else (judge it with --extra_eval_flags '--eval_templates all')", epochs=3, stop=False),
+    # ...-e3-aug: plain 92.2%, raw prompts 80.8%, [chat] 95.8%, chat + system 97.3%, chat KL 0.081; the loss still fell
+    # (3.57, 1.59, 0.67 by epoch): every draw wraps the key in another prompt, so the keys need more epochs
+    point("u1024-l0-b25-kl4-lr3e-5-e6-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--use_prompt_augmentation", "the robustness goal with the epochs augmentation needs (3 left 8% of the keys "
+          "and 19% under raw prompts); judge it with --extra_eval_flags '--eval_templates all'", epochs=6, stop=False),
     # base detection kept 0.0% of the runner-up band's keys (issue 30): trained keys moved the first answer token's
     # distribution by KL 1.13 (median) where real prompts' 99th percentile is 0.50. The smallest change that makes a
     # near-tie the top token by 0.5 logits is KL 0.03 (median, computed from the base alone):
