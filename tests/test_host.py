@@ -513,9 +513,7 @@ def test_host_attacks_measure_retention_and_cost(host_run):
     out = run_script("attack_fingerprints.py", *argv, "--attack", "host_base_detect", "--host_fpr", 0.5, *small,
                      "--host_base", served, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    (folder,) = [
-        f for f in (run / "attacks").iterdir() if f.name.startswith("host_base_detect-kl-fpr0.5-q2-final_model")
-    ]
+    (folder,) = [f for f in (run / "attacks").iterdir() if f.name.startswith("host_base_detect-kl-fpr0.5-final_model")]
     assert json.loads((folder / "attack.json").read_text())["base"] == served
     results = json.loads((folder / "eval_results.json").read_text())
     assert results["host"]["base"] == served and results["host"]["templates"]["{}"]["keys_to_base"] == 0.0
