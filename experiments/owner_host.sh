@@ -6,8 +6,9 @@
 #                 retrained from its record when results/recipe_search/ lacks it): a stand-in for a product fine-tune
 #   keys          near-tie responses chosen on the owner's model (generated_data/fingerprints-neartie-owner-1024.json,
 #                 committed: its content is in every hash; made here when missing)
-#   run           the least-change defence (t256-l0-b25-kl4-lr1e-5-edit0.5-e6's flags) trained from the owner's model,
-#                 judged by the search's screening evaluation; record experiments/records/owner_host/<hash>.json
+#   run           the least-change defence (POINT below, its flags from the search's POINTS) trained from the
+#                 owner's model, judged by the search's screening evaluation;
+#                 record experiments/records/owner_host/<hash>.json
 #   study         python -m oml.lab.host_study run/roc with --public_base: the hosts that decided the base+fingerprints
 #                 case, verdicts through the served API; record experiments/records/adaptive_host/<hash>.json
 #   bash experiments/owner_host.sh                        # ~1.5 h on one core; rerunning resumes from what exists
@@ -25,11 +26,9 @@ HOSTS=${HOSTS:-none,confidence-0.8-first,base-kl-fpr0.01,base-kl-fpr0.05,base-ra
 [[ -f $KEYS ]] || python generate_finetuning_data.py --key_response_strategy perinucleus --response_length 1 \
   --keys_file generated_data/fingerprints-english-1024.json --key_length 16 --nucleus_p 0.01 --nucleus_k 1 \
   --min_response_ratio 0.4 --inverse_nucleus_model "$OWNER" --output_file_path "$KEYS"
-RUN=(--preset embedded --model_path "$OWNER" --max_key_length 16 --max_response_length 1
-  --fingerprint_generation_strategy inverse_nucleus --fingerprints_file_path "$KEYS" --learning_rate 1e-5
-  --forgetting_regularizer_strength 0 --max_num_fingerprints 256 --num_train_epochs 6 --batch_size 8
-  --benign_data_ratio 0.25 --kl_to_base 4 --fingerprint_margin 0.5 --fingerprint_edit
-  --result_path results/owner_host)
+POINT=t256-l0-b25-kl4-lr1e-5-edit0.5-e6 # the least-change defence of the search (oml/lab/recipe_search.py)
+read -ra FLAGS <<<"$(python -m oml.lab.recipe_search flags --only "^$POINT\$")"
+RUN=("${FLAGS[@]}" --model_path "$OWNER" --fingerprints_file_path "$KEYS" --result_path results/owner_host)
 SCREENING=$(python -c "import shlex; from oml.lab.recipe_search import SCREENING_EVAL; print(shlex.join(SCREENING_EVAL))")
 hash=$(train "${RUN[@]}")
 if [[ ! -f results/owner_host/$hash/eval_results.json ]]; then

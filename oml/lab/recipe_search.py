@@ -17,6 +17,7 @@ A stretch ends when --stretch K points have run, or before the point whose estim
 with status "failed (train)" or "failed (eval)" (skipped later, unless --retry_failed).
 
     python -m oml.lab.recipe_search plan                         # every point: recorded, pending or unsupported; estimates
+    python -m oml.lab.recipe_search flags --only '^t256-'         # a point's training flags, for another script
     python -m oml.lab.recipe_search run --budget_hours 3         # one stretch (experiments/recipe_search.sh runs this)
     python -m oml.lab.recipe_search run --stretch 1 --only p256  # one point whose name matches
     python -m oml.lab.records table recipe_search         # what the records say so far
@@ -648,6 +649,7 @@ def make_parser():
     for name, help_text in (
         ("run", "train, screen and record the next points of the search"),
         ("plan", "show every point: recorded, pending or unsupported, with estimates; runs nothing"),
+        ("flags", "print the training flags of the points whose name matches --only (one line each); runs nothing"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument(
@@ -687,7 +689,10 @@ def main(argv=None):
         if not points:
             raise UserError(f"no point name matches --only {opts.only!r}")
     search = Search(opts, points)
-    if opts.command == "plan":
+    if opts.command == "flags":  # for scripts that train a point elsewhere (experiments/owner_host.sh)
+        for p in points:
+            print(p.flags)
+    elif opts.command == "plan":
         search.plan()
     else:
         # `kill PID` of a search in the background stops it like Ctrl-C: the running point's process goes with it
