@@ -193,6 +193,13 @@ POINTS = [
     point("u32-l0-b25-kl4-lr3e-5-e3-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the same with augmentation: make run's second point if it becomes --preset "
           "embedded", epochs=3, stop=False),
+    # u32-...-e3: 100% of 32 keys, chat KL 0.018, 1 minute of training; with augmentation the loss was still 3.3 after
+    # 3 epochs (18 steps: each key wrapped in only 3 prompts). The default needs one epoch count for both:
+    point("u32-l0-b25-kl4-lr3e-5-e10", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the capacity "
+          "preset's recipe at 32 keys for 10 epochs: the drift of the epochs augmentation needs", epochs=10, stop=False),
+    point("u32-l0-b25-kl4-lr3e-5-e10-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--use_prompt_augmentation", "the same with augmentation: 10 prompts per key (judge it with "
+          "--extra_eval_flags '--eval_templates all')", epochs=10, stop=False),
     # u256-l0-b25-kl4-lr3e-5: every key in 3 epochs, chat KL 0.027, Q4_K_M 99.6%, merge 0.7 99.6% (perinucleus at the
     # same step: 96.5%, 60.5%): a runner-up needs a small change that a merge does not undo. At the target size:
     # (u1024-l0-b25-kl4-lr3e-5, stopped when learned, sat at 1023 of 1024 keys from epoch 3 to 5 while the benign rows'
