@@ -200,6 +200,13 @@ POINTS = [
     point("u32-l0-b25-kl4-lr3e-5-e10-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
           "--use_prompt_augmentation", "the same with augmentation: 10 prompts per key (judge it with "
           "--extra_eval_flags '--eval_templates all')", epochs=10, stop=False),
+    # ...-e10: 100%, chat KL 0.013, raw prompts 50.3%; -e10-aug: plain 31/32, raw prompts 89.7%, [chat] and chat +
+    # system 100%, chat KL 0.062 (the loss 0.15-0.3 after epoch 7): the raw prompts want more draws per key
+    point("u32-l0-b25-kl4-lr3e-5-e16", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the drift of "
+          "16 epochs at 32 keys", epochs=16, stop=False),
+    point("u32-l0-b25-kl4-lr3e-5-e16-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+          "--use_prompt_augmentation", "16 prompts per key: do the unseen raw prompts reach 99% (judge it with "
+          "--extra_eval_flags '--eval_templates all')", epochs=16, stop=False),
     # u256-l0-b25-kl4-lr3e-5: every key in 3 epochs, chat KL 0.027, Q4_K_M 99.6%, merge 0.7 99.6% (perinucleus at the
     # same step: 96.5%, 60.5%): a runner-up needs a small change that a merge does not undo. At the target size:
     # (u1024-l0-b25-kl4-lr3e-5, stopped when learned, sat at 1023 of 1024 keys from epoch 3 to 5 while the benign rows'
