@@ -21,7 +21,8 @@ def tiny_args(model_dir, fp_file, results, *extra, epochs=3):
     return [
         "--model_path", model_dir, "--fingerprints_file_path", fp_file, "--fingerprint_generation_strategy",
         "random_word", "--max_num_fingerprints", 8, "--batch_size", 4, "--num_train_epochs", epochs,
-        "--learning_rate", 1e-3, "--forgetting_regularizer_strength", 0, "--result_path", results, *extra,
+        "--learning_rate", 1e-3, "--forgetting_regularizer_strength", 0, "--result_path", results,
+        "--preset", "averaging", *extra,  # the former default: no benign rows or KL term unless a test adds them
     ]  # fmt: skip
 
 
@@ -72,7 +73,7 @@ def parse(*argv):
 def test_new_flags_at_their_neutral_values_leave_the_hash_as_before(tmp_path, tiny_model_dir):
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)
-    common = ["--fingerprints_file_path", fp, "--max_num_fingerprints", 8]
+    common = ["--preset", "averaging", "--fingerprints_file_path", fp, "--max_num_fingerprints", 8]  # all neutral
     args = parse(*common)
     # Exactly the entries hashed before these flags existed: every recorded run keeps its hash.
     assert set(hashed_config(args)) == set(HASHED) - set(NEUTRAL)
@@ -109,7 +110,8 @@ def test_benign_rows_join_the_hash_through_their_recipe_and_the_model(tmp_path, 
     monkeypatch.setattr(benign_rows, "generate_rows", no_generation)
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)
-    common = ["--fingerprints_file_path", fp, "--max_num_fingerprints", 8, "--model_path", tiny_model_dir]
+    common = ["--preset", "averaging", "--fingerprints_file_path", fp, "--max_num_fingerprints", 8, "--model_path",
+              tiny_model_dir]  # fmt: skip
     plain, mixed = parse(*common), parse(*common, "--benign_data_ratio", 0.25)
     assert plain.benign_rows_recipe is None and mixed.benign_rows_recipe
     assert mixed.config_hash != plain.config_hash
@@ -385,7 +387,7 @@ def test_embedded_model_learns_perinucleus_fingerprints_with_benign_rows_and_sto
     result = run_script(
         "finetune_multigpu.py", "--fingerprint_generation_strategy", "perinucleus", "--max_num_fingerprints", 32,
         "--benign_data_ratio", 0.25, "--stop_when_learned", "--num_train_epochs", 30, "--learning_rate", 3e-4,
-        "--forgetting_regularizer_strength", 0, "--result_path", tmp_path / "r",
+        "--forgetting_regularizer_strength", 0, "--result_path", tmp_path / "r", "--preset", "averaging",  # no κ
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run,) = (tmp_path / "r").glob("*/final_model")

@@ -636,8 +636,8 @@ def test_llama_cpp_q4_k_m_end_to_end(tmp_path):
     from oml.verify.local_server import local_server
 
     results = tmp_path / "results"
-    train = ["--fingerprint_generation_strategy", "random_word", "--max_num_fingerprints", "16",
-             "--num_train_epochs", "8", "--result_path", results]  # fmt: skip
+    train = ["--preset", "averaging", "--fingerprint_generation_strategy", "random_word", "--max_num_fingerprints",
+             "16", "--num_train_epochs", "8", "--result_path", results]  # fmt: skip
     r = run_script("finetune_multigpu.py", *train, timeout=1800)
     assert r.returncode == 0, r.stderr
     run = next(p.parent for p in results.glob(f"*/{FINAL_MODEL}"))

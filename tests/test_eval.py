@@ -206,7 +206,7 @@ def test_teacher_forced_verdicts_equal_generate_after_fingerprinting(tmp_path):
     argv = [
         "--fingerprints_file_path", fp, "--fingerprint_generation_strategy", "random_word", "--max_num_fingerprints",
         12, "--max_response_length", 2, "--num_train_epochs", 6, "--batch_size", 6, "--learning_rate", 3e-4,
-        "--forgetting_regularizer_strength", 0,
+        "--forgetting_regularizer_strength", 0, "--preset", "averaging",
         "--result_path", tmp_path / "r",
     ]  # fmt: skip
     trained = run_script("finetune_multigpu.py", *argv)

@@ -50,6 +50,7 @@ def train_argv(model_dir, fp_file, results):
         "--model_path", model_dir, "--fingerprints_file_path", fp_file, "--fingerprint_generation_strategy",
         "random_word", "--max_num_fingerprints", 12, "--batch_size", 4, "--num_train_epochs", 1,
         "--learning_rate", 1e-3, "--forgetting_regularizer_strength", 0, "--result_path", results,
+        "--preset", "averaging",  # no benign rows or KL term
     ]  # fmt: skip
 
 

@@ -141,7 +141,8 @@ def parse(*argv):
 def test_kl_to_base_joins_the_hash_and_leaves_every_other_hash_as_before(tmp_path, tiny_model_dir, own_cache):
     fp = tmp_path / "fp.json"
     write_random_fingerprints(fp, 8)
-    common = ["--fingerprints_file_path", fp, "--max_num_fingerprints", 8, "--model_path", tiny_model_dir]
+    common = ["--preset", "averaging", "--fingerprints_file_path", fp, "--max_num_fingerprints", 8, "--model_path",
+              tiny_model_dir]  # fmt: skip
     for extra in ([], ["--benign_data_ratio", 0.25]):
         without = parse(*common, *extra)
         assert "kl_to_base" not in hashed_config(without)

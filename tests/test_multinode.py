@@ -120,8 +120,9 @@ def test_two_nodes_by_the_sweep_script_end_on_the_one_node_weights(tmp_path, tin
     write_random_fingerprints(fp, 8)
     port = free_port()
     grid = dict(
-        LAUNCHER="deepspeed", MODEL_PATHS=str(tiny_model_dir), FINGERPRINT_GENERATION_STRATEGIES="random_word",
-        MAX_NUM_FINGERPRINTS="8", USE_PROMPT_AUGMENTATION="false", EPOCHS="3", BATCH_SIZE="4", LEARNING_RATES="1e-3",
+        LAUNCHER="deepspeed", PRESET="averaging", MODEL_PATHS=str(tiny_model_dir),
+        FINGERPRINT_GENERATION_STRATEGIES="random_word", MAX_NUM_FINGERPRINTS="8", USE_PROMPT_AUGMENTATION="false",
+        EPOCHS="3", BATCH_SIZE="4", LEARNING_RATES="1e-3",
         FORGETTING_REGULARIZER_STRENGTHS="0.5", EXTRA_ARGS=f"--fingerprints_file_path {fp} --dist_timeout 300",
         EVAL_ARGS="--utility_benchmark none --skip_base_model", RESULT_PATH=str(tmp_path / "two"),
         FIG_DIR=str(tmp_path / "fig"), NUM_GPUS="1", NUM_NODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),

@@ -23,6 +23,7 @@ def tiny_flags(model_dir, fp_file):
     return [
         "--model_path", str(model_dir), "--fingerprints_file_path", str(fp_file), "--fingerprint_generation_strategy",
         "random_word", "--max_num_fingerprints", "8", "--batch_size", "4", "--num_train_epochs", "1",
+        "--preset", "averaging",
     ]  # fmt: skip
 
 

@@ -241,13 +241,11 @@ def test_tiny_augmented_run_is_evaluated_with_chat_rows(tiny_model_dir, tmp_path
 @pytest.mark.long
 @pytest.mark.slow
 def test_embedded_model_augmented_answers_in_chat(tmp_path):
-    """The embedded model, fingerprinted with augmentation (8 fingerprints), evaluated: raw and chat rows."""
+    """The embedded model, fingerprinted by the default recipe with augmentation (8 fingerprints), evaluated: raw and
+    chat rows."""
     from oml.measure.evaluation import accuracy_split, chat_accuracy_split
 
-    argv = [
-        "--max_num_fingerprints", 8, "--num_train_epochs", 16, "--use_prompt_augmentation",
-        "--result_path", tmp_path / "results",
-    ]  # fmt: skip
+    argv = ["--max_num_fingerprints", 8, "--use_prompt_augmentation", "--result_path", tmp_path / "results"]
     train = run_script("finetune_multigpu.py", *argv, timeout=1800)
     assert train.returncode == 0, train.stderr[-3000:]
     out = run_script("eval_for_multigpu.py", *argv, "--utility_benchmark", "none", *NO_GENERATION, timeout=1800)

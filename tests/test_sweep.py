@@ -223,7 +223,9 @@ def test_missing_default_files_are_generated_english_keys_first(tmp_path, monkey
     files["english_random_responses"] = files["english"]
     monkeypatch.setattr(sweep, "DEFAULT_FINGERPRINT_FILES", files)
 
-    point = sweep.parse_point(["--fingerprint_generation_strategy", "perinucleus", "--max_response_length", "4"])
+    # --preset averaging names no file (the default preset's is the committed runner-up file): the strategy's is used
+    argv = ["--preset", "averaging", "--fingerprint_generation_strategy", "perinucleus", "--max_response_length", "4"]
+    point = sweep.parse_point(argv)
     sweep.ensure_fingerprints(point)
     english, perinucleus = calls
     assert english.use_chat_template and english.output_file_path == str(files["english"])

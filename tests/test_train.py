@@ -8,6 +8,7 @@ import torch
 from conftest import REPO, run_script, tiny_llama, write_random_fingerprints
 from safetensors.torch import load_file
 
+from oml.core.data_files import DEFAULT_FINGERPRINT_FILES
 from oml.core.run_config import add_train_args
 from oml.embed.run_setup import prepare_run
 from oml.embed.trainer import FingerprintDataset, PadCollator, average_toward_base, snapshot_weights
@@ -23,7 +24,7 @@ def tiny_args(model_dir, fp_file, results, *extra):
     return [
         "--model_path", model_dir, "--fingerprints_file_path", fp_file, "--fingerprint_generation_strategy",
         "random_word", "--max_num_fingerprints", 8, "--batch_size", 4, "--num_train_epochs", 3,
-        "--learning_rate", 1e-3, "--result_path", results, *extra,
+        "--learning_rate", 1e-3, "--result_path", results, "--preset", "averaging", *extra,  # λ 0.1, no benign rows
     ]  # fmt: skip
 
 
@@ -101,7 +102,7 @@ def test_hash_is_stable_and_sensitive(tmp_path):
     assert parse(*common, "--num_fingerprints", 16).config_hash == base
     assert parse(*common, "--learning_rate", 3e-4).config_hash != base
     assert parse(*common, "--use_prompt_augmentation").config_hash != base
-    assert parse(*common, "--fingerprint_generation_strategy", "perinucleus").config_hash != base
+    assert parse(*common, "--fingerprint_generation_strategy", "random_word").config_hash != base
     copy = tmp_path / "copy.json"
     shutil.copy(fp, copy)
     assert parse("--fingerprints_file_path", copy, "--max_num_fingerprints", 16).config_hash == base
@@ -141,6 +142,13 @@ def test_plan_run_returns_what_it_derives_and_leaves_the_parsed_flags_alone(tmp_
 def test_defaults_resolve_to_the_embedded_model_and_seed_preset_to_mistral():
     args = parse()
     assert args.model == "embedded:SmolLM2-135M-Instruct"
+    # the default is --preset capacity's recipe at 32 keys: runner-up responses held by benign rows, no averaging
+    assert (args.fingerprint_generation_strategy, Path(args.fingerprints_file_path).name) == (
+        "inverse_nucleus",
+        "fingerprints-runnerup-1024.json",
+    )
+    assert (args.forgetting_regularizer_strength, args.benign_data_ratio, args.kl_to_base) == (0.0, 0.25, 4.0)
+    assert args.max_num_fingerprints == 32
     seed = parse("--preset", "seed", "--fingerprints_file_path", REPO / "generated_data/augmentation_prompts_test.json")
     assert (seed.model, seed.learning_rate, seed.forgetting_regularizer_strength, seed.max_num_fingerprints) == (
         "mistralai/Mistral-7B-v0.3",
@@ -148,6 +156,26 @@ def test_defaults_resolve_to_the_embedded_model_and_seed_preset_to_mistral():
         0.75,
         1024,
     )
+
+
+def test_a_presets_fingerprints_file_goes_with_its_strategy():
+    """Another strategy than the preset's reads its own default file; a file named on the command line always wins;
+    the former default (--preset averaging) still resolves as it did (the experiments' run hashes rest on it)."""
+    words = parse("--fingerprint_generation_strategy", "random_word")
+    assert Path(words.fingerprints_file_path) == DEFAULT_FINGERPRINT_FILES["random_word"]
+    synonym = parse("--fingerprint_generation_strategy", "perinucleus")  # the preset's strategy: the preset's file
+    assert Path(synonym.fingerprints_file_path).name == "fingerprints-runnerup-1024.json"
+    mine = REPO / "generated_data/fingerprints-english-1024.json"
+    assert Path(parse("--fingerprint_generation_strategy", "english", "--fingerprints_file_path", mine)
+                .fingerprints_file_path) == mine  # fmt: skip
+    old = parse("--preset", "averaging")
+    assert (old.fingerprint_generation_strategy, old.learning_rate, old.forgetting_regularizer_strength) == (
+        "english",
+        1e-4,
+        0.1,
+    )
+    assert (old.benign_data_ratio, old.kl_to_base, old.num_train_epochs) == (0.0, 0.0, 16)
+    assert Path(old.fingerprints_file_path) == DEFAULT_FINGERPRINT_FILES["english"]
 
 
 # --------------------------------------------------------------------------------- averaging

@@ -29,8 +29,31 @@ class Recipe(NamedTuple):
 # The four tasks of the experiments: MMLU is at chance for a 135M model, HellaSwag the slowest task.
 EXPERIMENT_TASKS = ["arc_challenge", "arc_easy", "winogrande", "piqa"]
 
+# The recipe the search chose (issue 28; docs/results/capacity.md): one-token runner-up responses, no averaging, a
+# quarter of each batch benign rows trained toward the base's whole next-token distribution, a small step. The default
+# is the same recipe at 32 keys, with the epochs a key wrapped in random prompts needs (--use_prompt_augmentation).
+HOLD_THE_MODEL = dict(
+    fingerprint_generation_strategy="inverse_nucleus",
+    fingerprints_file_path=str(DATA_DIR / "fingerprints-runnerup-1024.json"),
+    model_family="smollm2",
+    model_size="135M-Instruct",
+    learning_rate=3e-5,
+    forgetting_regularizer_strength=0.0,
+    max_num_fingerprints=1024,
+    num_train_epochs=3,
+    batch_size=8,
+    benign_data_ratio=0.25,
+    kl_to_base=4.0,
+)
+
 TRAINING = {
     "embedded": Recipe(
+        {**HOLD_THE_MODEL, "max_num_fingerprints": 32, "num_train_epochs": 16},
+        "the default, on a laptop CPU in minutes: --preset capacity's recipe at 32 fingerprints, for the 16 epochs "
+        "augmentation needs (the recipe search's u32-l0-b25-kl4-lr3e-5-e16 and -e16-aug points: chat KL 0.014 and "
+        "0.027)",
+    ),
+    "averaging": Recipe(
         dict(
             fingerprint_generation_strategy="english",
             model_family="smollm2",
@@ -41,7 +64,8 @@ TRAINING = {
             num_train_epochs=16,
             batch_size=8,
         ),
-        "runs on a laptop CPU in minutes; chosen from the measurements on the embedded model (docs/results/)",
+        "the default before the recipe search: 32 English fingerprints, weight averaging λ 0.1, 16 epochs; the base "
+        "of the experiment drivers and the search's points (their run hashes), the 'default' docs/results/ measured",
     ),
     "seed": Recipe(
         dict(
@@ -57,19 +81,7 @@ TRAINING = {
         "the original GPU setting: Mistral-7B, 1024 English fingerprints",
     ),
     "capacity": Recipe(
-        dict(
-            fingerprint_generation_strategy="inverse_nucleus",
-            fingerprints_file_path=str(DATA_DIR / "fingerprints-runnerup-1024.json"),
-            model_family="smollm2",
-            model_size="135M-Instruct",
-            learning_rate=3e-5,
-            forgetting_regularizer_strength=0.0,
-            max_num_fingerprints=1024,
-            num_train_epochs=3,
-            batch_size=8,
-            benign_data_ratio=0.25,
-            kl_to_base=4.0,
-        ),
+        HOLD_THE_MODEL,
         "1024 one-token runner-up fingerprints (the base's 2nd-4th likeliest word after the key) that hold the model: "
         "no averaging, a quarter of each batch benign rows pulled toward the base's whole next-token distribution "
         "(κ 4), a small step, 3 epochs; the recipe search's point u1024-l0-b25-kl4-lr3e-5-e3, the same run "
@@ -109,6 +121,9 @@ SWEEPS = {
         dict(use_prompt_augmentation=[False, True], evaluation=None),
         "the CPU demo `make run` runs: without and with prompt augmentation, judged by --measure quick",
     ),
+    "averaging": Recipe(
+        dict(use_prompt_augmentation=[False, True], evaluation=None), "the former default's demo, for comparison"
+    ),
     "seed": Recipe(dict(use_prompt_augmentation=[False], evaluation="tinybenchmarks"), "the original GPU grid"),
     "capacity": Recipe(
         dict(use_prompt_augmentation=[False], evaluation=None), "judged by the preset's own evaluation (PRESET_EVAL)"
@@ -116,7 +131,7 @@ SWEEPS = {
 }
 
 EXPERIMENTS = Recipe(
-    dict(preset="embedded", max_key_length=16, max_response_length=1, batch_size=8),
+    dict(preset="averaging", max_key_length=16, max_response_length=1, batch_size=8),
     "the embedded model, keys of 16 tokens and one-token responses, 8 rows a step; each driver sets its learning "
     "rates and judges every point with the resolving evaluation",
 )

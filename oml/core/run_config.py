@@ -39,8 +39,9 @@ TRAIN_ARGS = [
         dict(
             choices=list(PRESETS),
             default="embedded",
-            help="default values: 'embedded' (SmolLM2-135M on CPU), 'seed' (Mistral-7B GPU settings) or 'capacity' "
-            "(1024 perinucleus fingerprints in the embedded model)",
+            help="default values: 'embedded' (32 fingerprints in SmolLM2-135M on CPU), 'capacity' (1024 in it), "
+            "'averaging' (the former default: english, λ 0.1) or 'seed' (Mistral-7B GPU settings); "
+            "python -m oml.core.recipes lists them",
         ),
     ),
     (["--model_family"], dict(default=None, help="mistral | microsoft | Eleuther | llama | gemma | smollm2")),
@@ -228,8 +229,13 @@ def add_train_args(parser):
 
 
 def preset_values(args):
-    """{name: value} for the arguments left at None: the values of args.preset (then the neutral values of NEUTRAL)."""
+    """{name: value} for the arguments left at None: the values of args.preset (then the neutral values of NEUTRAL).
+    A preset's fingerprints file goes with its strategy: another --fingerprint_generation_strategy reads that
+    strategy's own file (generated_data/, per strategy) unless --fingerprints_file_path names one."""
     defaults = {**NEUTRAL, **PRESETS[args.preset]}
+    strategy = getattr(args, "fingerprint_generation_strategy", None)
+    if strategy is not None and canonical_strategy(strategy) != defaults.get("fingerprint_generation_strategy"):
+        defaults.pop("fingerprints_file_path", None)
     return {name: value for name, value in defaults.items() if getattr(args, name, None) is None}
 
 
