@@ -42,7 +42,8 @@ RECORD_DIR = REPO / "experiments" / "records" / "licensee_tracing"
 LICENSEES = (0, 1, 2)
 # The recipe: perinucleus keys, one-token responses (the capacity measurements' reliable setting), no forgetting
 # regularizer (λ 0 learns them in a few epochs), lr 1e-4, stopped at the first epoch end where every key answers.
-RECIPE = ["--max_key_length", "16", "--max_response_length", "1", "--learning_rate", "1e-4",
+# The former default's base (--preset averaging: no benign rows), as measured; the experiment's hashes rest on it.
+RECIPE = ["--preset", "averaging", "--max_key_length", "16", "--max_response_length", "1", "--learning_rate", "1e-4",
           "--forgetting_regularizer_strength", "0", "--stop_when_learned", "--num_train_epochs", "16",
           "--batch_size", "8"]  # fmt: skip
 TRACE_TIMEOUT = 600  # seconds one check_fingerprints.py --trace may take
