@@ -208,6 +208,17 @@ def test_prepare_gives_the_trainers_hash_and_rejects_typos(tmp_path):
         sweep.prepare([*argv, "--num_epochs", "4"])
 
 
+def test_prepare_prints_the_hash_alone_on_a_fresh_machine(tmp_path):
+    """launch_multigpu.sh reads the run hash from `sweep prepare`'s stdout: with an empty cache the embedded model is
+    converted first, and DeepSpeed's accelerator notice printed then must not end up in the hash."""
+    env = {**os.environ, "OML_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "oml.lab.sweep", "prepare", "--", "--max_num_fingerprints", "32"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1 and len(lines[0]) == 16 and int(lines[0], 16) >= 0, out.stdout
+
+
 def test_missing_default_files_are_generated_english_keys_first(tmp_path, monkeypatch):
     """A perinucleus point needs the English keys: both files get made, in that order, with matching options."""
     calls = []

@@ -449,7 +449,11 @@ def main(argv=None):
     point_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.command == "prepare":
-        print(prepare(point_args))
+        # stdout carries the hash alone (launch_multigpu.sh reads it): a library's notice while the model is first
+        # converted (DeepSpeed's accelerator line) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            run_hash = prepare(point_args)
+        print(run_hash)
     elif args.command == "preset-grid":
         print(preset_grid(args.preset))
     elif args.command == "experiments-env":
