@@ -3,7 +3,8 @@ fresh results folder (the base model's caches cold), and optionally `make test`.
 
 The clone is of the committed HEAD (uncommitted changes are not in it); it uses this checkout's .venv (so the times are
 "after `make venv`", as the README states them) and a cache folder of its own (OML_CACHE_DIR), as a fresh machine has:
-the embedded model is converted and the base model's benign rows are made inside the timed `make run`. Run it on an idle machine: every number is wall time.
+the embedded model is converted and the base model's benign rows are made inside the timed `make run`. Run it on an
+idle machine: every number is wall time.
 
     python bench/bench_first_minutes.py                 # make run, rerun, first evaluation
     python bench/bench_first_minutes.py --test          # and make test

@@ -120,6 +120,8 @@ STRATEGIES = {
     "t": f"--fingerprint_generation_strategy inverse_nucleus --fingerprints_file_path {NEAR_TIE}",
 }
 CAP = 16  # epochs: the cap of --stop_when_learned
+# The recipe that holds the model at lr 3e-5 (β 0.25 benign rows, KL κ 4): most points below start from it.
+HOLD = "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5"
 
 
 def point(name, recipe, why, epochs=CAP, stop=True):
@@ -150,61 +152,61 @@ POINTS = [
     point("p256-l0-b25-kl4-e6", "--benign_data_ratio 0.25 --kl_to_base 4", "consolidation: all 6 epochs at κ 4 (3 more "
           "than κ 4 needed), the pull working on after every key answers (their loss near 0, the KL term is most of the "
           "gradient)", epochs=6, stop=False),
-    point("p256-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the same pull "
+    point("p256-l0-b25-kl4-lr3e-5", HOLD, "the same pull "
           "against a smaller step: the keys' first-epoch loss is ~7 nats, their gradients move the model most then"),
     # consolidation lost (6 epochs: KL 0.144, 3 epochs: 0.109); the smaller step won (lr 3e-5: KL 0.031 ± 0.001, every
     # key in 7 epochs): the step, not the number of epochs, moves the model. The same at the target size next
-    point("p1024-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the winning "
+    point("p1024-l0-b25-kl4-lr3e-5", HOLD, "the winning "
           "256 recipe (κ 4, lr 3e-5) at the target size: does the small step keep chat KL under 0.10 with 4× the keys"),
     # robustness (issue 28's second goal): the winning 1024 recipe with prompt augmentation added and nothing else,
     # judged under every template (AUGMENTED_EVAL)
-    point("p256-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("p256-l0-b25-kl4-lr3e-5-aug", HOLD + " "
           "--use_prompt_augmentation", "robustness first at 256 (40 minutes, not 2 hours): the lr 3e-5 recipe with "
           "--use_prompt_augmentation"),
     # persistence of the 1024 recipe (experiments/records/recipe_persistence): GGUF Q4_K_M keeps 92.8% of the keys
     # (goal 95%; the missed keys answer at p 0.999 before quantization, 0.001-0.38 after). At 256, Q4_K_M keeps 96.5%
     # (lr 3e-5, 7 epochs), 98.8% (lr 1e-4, 3 epochs) and 100% (lr 1e-4, 6 epochs: 3 after every key answered):
     # training on after the keys answer is what survives quantization. Its cost in drift at the small step:
-    point("p256-l0-b25-kl4-lr3e-5-e10", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "consolidation "
+    point("p256-l0-b25-kl4-lr3e-5-e10", HOLD, "consolidation "
           "at the small step: the 7 epochs the keys need and 3 more (no early stop), for quantization", epochs=10,
           stop=False),
-    point("p1024-l0-b25-kl4-lr3e-5-e11", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5",
+    point("p1024-l0-b25-kl4-lr3e-5-e11", HOLD,
           "the 1024 recipe's 8 epochs and 3 of consolidation (no early stop; its first 8 epochs are the recorded "
           "point's), for GGUF Q4_K_M", epochs=11, stop=False),
     # runner-up responses (RUNNER_UP): the band defence beat the confidence host but not base detection (issue 30:
     # 3.9% kept at lr 3e-5), which sees a perinucleus token pushed from ~1% to the top; a runner-up moves less
-    point("u256-l0-b25-kl4-lr3e-5-band", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("u256-l0-b25-kl4-lr3e-5-band", HOLD + " "
           "--fingerprint_margin 0.5 --fingerprint_max_prob 0.4", "issue 30's third defence: runner-up responses "
           "(the base's 2nd-4th word token) inside the band, so the served model's first answer token differs from "
           "the base's as little as a fingerprint can; stopped once every key answers (a runner-up starts near the top)"),
-    point("u256-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
+    point("u256-l0-b25-kl4-lr3e-5", HOLD, "runner-up "
           "responses on the lr 3e-5 recipe: does an in-distribution response move the model less than a perinucleus "
           "one (chat KL 0.031)"),
     # the default (`--preset embedded`, `make run`: 32 keys) on the same recipe: what it costs in minutes and drift
-    point("p32-l0-b25-kl4-lr3e-5", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the 1024 recipe "
+    point("p32-l0-b25-kl4-lr3e-5", HOLD, "the 1024 recipe "
           "at the default's 32 keys: epochs and minutes for make run, and the drift against the λ 0.1 default's"),
     point("p32-l0-b25-kl4", "--benign_data_ratio 0.25 --kl_to_base 4", "the same at lr 1e-4: fewer epochs for "
           "make run's ten minutes, if 32 keys do not move the model at the larger step"),
-    point("p32-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("p32-l0-b25-kl4-lr3e-5-aug", HOLD + " "
           "--use_prompt_augmentation", "the default's second make run point: the recipe with augmentation at 32"),
     # --preset capacity (u1024-l0-b25-kl4-lr3e-5-e3) at the default's 32 keys: the candidate for --preset embedded
-    point("u32-l0-b25-kl4-lr3e-5-e3", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the capacity "
+    point("u32-l0-b25-kl4-lr3e-5-e3", HOLD, "the capacity "
           "preset's recipe at make run's 32 keys: does 3 epochs learn them, in how many minutes", epochs=3, stop=False),
-    point("u32-l0-b25-kl4-lr3e-5-e3-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("u32-l0-b25-kl4-lr3e-5-e3-aug", HOLD + " "
           "--use_prompt_augmentation", "the same with augmentation: make run's second point if it becomes --preset "
           "embedded", epochs=3, stop=False),
     # u32-...-e3: 100% of 32 keys, chat KL 0.018, 1 minute of training; with augmentation the loss was still 3.3 after
     # 3 epochs (18 steps: each key wrapped in only 3 prompts). The default needs one epoch count for both:
-    point("u32-l0-b25-kl4-lr3e-5-e10", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the capacity "
+    point("u32-l0-b25-kl4-lr3e-5-e10", HOLD, "the capacity "
           "preset's recipe at 32 keys for 10 epochs: the drift of the epochs augmentation needs", epochs=10, stop=False),
-    point("u32-l0-b25-kl4-lr3e-5-e10-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("u32-l0-b25-kl4-lr3e-5-e10-aug", HOLD + " "
           "--use_prompt_augmentation", "the same with augmentation: 10 prompts per key (judge it with "
           "--extra_eval_flags '--eval_templates all')", epochs=10, stop=False),
     # ...-e10: 100%, chat KL 0.013, raw prompts 50.3%; -e10-aug: plain 31/32, raw prompts 89.7%, [chat] and chat +
     # system 100%, chat KL 0.062 (the loss 0.15-0.3 after epoch 7): the raw prompts want more draws per key
-    point("u32-l0-b25-kl4-lr3e-5-e16", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "the drift of "
+    point("u32-l0-b25-kl4-lr3e-5-e16", HOLD, "the drift of "
           "16 epochs at 32 keys", epochs=16, stop=False),
-    point("u32-l0-b25-kl4-lr3e-5-e16-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("u32-l0-b25-kl4-lr3e-5-e16-aug", HOLD + " "
           "--use_prompt_augmentation", "16 prompts per key: do the unseen raw prompts reach 99% (judge it with "
           "--extra_eval_flags '--eval_templates all')", epochs=16, stop=False),
     # u256-l0-b25-kl4-lr3e-5: every key in 3 epochs, chat KL 0.027, Q4_K_M 99.6%, merge 0.7 99.6% (perinucleus at the
@@ -212,15 +214,15 @@ POINTS = [
     # (u1024-l0-b25-kl4-lr3e-5, stopped when learned, sat at 1023 of 1024 keys from epoch 3 to 5 while the benign rows'
     # KL rose 0.056 -> 0.107: killed, no record, and left out here so a resumed search does not run it again; the goal
     # is 98%, so a fixed 3 epochs)
-    point("u1024-l0-b25-kl4-lr3e-5-e3", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5", "runner-up "
+    point("u1024-l0-b25-kl4-lr3e-5-e3", HOLD, "runner-up "
           "responses at 1024 for the 3 epochs that put 1023 of 1024 on top: the capacity goal's drift and the "
           "deployment goals with one recipe", epochs=3, stop=False),
-    point("u1024-l0-b25-kl4-lr3e-5-e3-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("u1024-l0-b25-kl4-lr3e-5-e3-aug", HOLD + " "
           "--use_prompt_augmentation", "the robustness goal: the same recipe with --use_prompt_augmentation added and "
           "nothing else (judge it with --extra_eval_flags '--eval_templates all')", epochs=3, stop=False),
     # ...-e3-aug: plain 92.2%, raw prompts 80.8%, [chat] 95.8%, chat + system 97.3%, chat KL 0.081; the loss still fell
     # (3.57, 1.59, 0.67 by epoch): every draw wraps the key in another prompt, so the keys need more epochs
-    point("u1024-l0-b25-kl4-lr3e-5-e6-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("u1024-l0-b25-kl4-lr3e-5-e6-aug", HOLD + " "
           "--use_prompt_augmentation", "the robustness goal with the epochs augmentation needs (3 left 8% of the keys "
           "and 19% under raw prompts); judge it with --extra_eval_flags '--eval_templates all'", epochs=6, stop=False),
     # base detection kept 0.0% of the runner-up band's keys (issue 30): trained keys moved the first answer token's
@@ -234,7 +236,7 @@ POINTS = [
           "--fingerprint_margin 0.5 --fingerprint_edit", "issue 30's defence against base detection: near-tie "
           "responses trained toward the least change of the base's distribution that puts them on top by 0.5 logits",
           epochs=6, stop=False),
-    point("p1024-l0-b25-kl4-lr3e-5-aug", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("p1024-l0-b25-kl4-lr3e-5-aug", HOLD + " "
           "--use_prompt_augmentation", "the winning 1024 recipe with --use_prompt_augmentation: every draw of a key "
           "wrapped in a random training prompt; the goal is ≥ 99% under the unseen raw prompts and system messages"),
     point("p256-l0-b25-kl4-mlp20", "--benign_data_ratio 0.25 --kl_to_base 4 --trainable_layers 20-29:mlp", "the pull "
@@ -250,7 +252,7 @@ POINTS = [
     # at 1024 the lr 3e-5 recipe learned every key in 8 epochs at chat KL 0.062 (bdb48350dfb722b8): the goal's drift met.
     # the band at lr 1e-4 (efd0820f97936978): 95.3% plain, chat KL 0.210, keys kept by first-token hosts at τ 0.8 and
     # 0.5 (issue 30's record). The healthier step under the same band
-    point("p256-l0-b25-kl4-lr3e-5-band", "--benign_data_ratio 0.25 --kl_to_base 4 --learning_rate 3e-5 "
+    point("p256-l0-b25-kl4-lr3e-5-band", HOLD + " "
           "--fingerprint_margin 0.5 --fingerprint_max_prob 0.4", "the band defence on the lr 3e-5 recipe (chat KL "
           "0.031 without it): what the band costs in health when the step is small; 12 epochs, no early stop",
           epochs=12, stop=False),

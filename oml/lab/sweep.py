@@ -98,8 +98,7 @@ def ensure_file(path, generate_args):
 
     argv = [*map(str, generate_args), "--output_file_path", str(path)]
     print(f"{path} is missing: generating it with generate_finetuning_data.py {' '.join(argv)}", file=sys.stderr)
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the run hash
-        generate(parse_generate_args(argv))
+    generate(parse_generate_args(argv))  # its output goes to stderr: `sweep prepare` keeps stdout for the hash
 
 
 def prepare(argv):
@@ -449,8 +448,8 @@ def main(argv=None):
     point_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.command == "prepare":
-        # stdout carries the hash alone (launch_multigpu.sh reads it): a library's notice while the model is first
-        # converted (DeepSpeed's accelerator line) goes to stderr
+        # stdout carries the hash alone (launch_multigpu.sh reads it): the generator's output, and a library's notice
+        # while the model is first converted (DeepSpeed's accelerator line), go to stderr
         with contextlib.redirect_stdout(sys.stderr):
             run_hash = prepare(point_args)
         print(run_hash)
